@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.fxquant-installed
+TORCH   := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench setup graphviz clean
+
+setup: $(STAMP) graphviz
+
+# torch first (the CPU build pip finds on these machines), then the package with its dev extra.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's graphviz gives the `dot` binary that fxquant.visualize renders with.
+graphviz:
+	@command -v dot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q graphviz; }
+
+demo: setup
+	$(VPY) examples/static_ptq_resnet.py
+
+test: setup
+	$(VPY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+bench: setup
+	$(VPY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""fxquant: graph-mode quantization compiler for PyTorch."""
