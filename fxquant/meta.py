@@ -58,14 +58,31 @@ class SharedSpec:
 OutputSpec = Union[QSpec, SharedSpec, None]
 
 
+@dataclass(frozen=True)
+class ValueInfo:
+    """What a node produced when the model ran on the example inputs."""
+
+    kind: str  # "tensor", "tensors" (tuple/list of tensors), "other"
+    dtype: Optional[torch.dtype] = None
+    shape: Optional[tuple[int, ...]] = None
+    python_type: str = ""
+
+    @property
+    def is_float_tensor(self) -> bool:
+        return self.kind == "tensor" and self.dtype in (torch.float32, torch.float64,
+                                                        torch.float16, torch.bfloat16)
+
+
 @dataclass
 class QNodeInfo:
     """Everything fxquant knows and decided about one node."""
 
     module_path: str = ""
+    role: str = "op"  # "op" | "input" | "output" | "observer" | "quantize" | "dequantize" | "attr"
     original: Any = None  # the op as the user wrote it: a module class, function or method name
     source: Optional[str] = None  # "model.py:42 in forward: x = self.conv(x)"
     debug_handle: Optional[int] = None
+    value: Optional["ValueInfo"] = None  # what the node produced on the example inputs
     fused_from: tuple[str, ...] = ()  # module paths / op names merged into this node by fuse
     group: Optional[int] = None  # id of a functional pattern group (add-relu, ...)
     group_root: bool = True  # False: interior node of a group, no output observation

@@ -83,3 +83,43 @@ def annotate_trace_meta(gm: fx.GraphModule) -> None:
         if node.op.startswith("call_"):
             handle += 1
             info.debug_handle = handle
+
+
+class _ValueRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        qinfo(n).value = value_info(out)
+        return out
+
+
+def value_info(out: Any) -> "ValueInfo":
+    from fxquant.meta import ValueInfo
+
+    if isinstance(out, torch.Tensor):
+        return ValueInfo("tensor", out.dtype, tuple(out.shape), "Tensor")
+    if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+        return ValueInfo("tensors", out[0].dtype, None, type(out).__name__)
+    return ValueInfo("other", None, None, type(out).__name__)
+
+
+def record_values(gm: fx.GraphModule, example_inputs: Optional[tuple[Any, ...]]) -> bool:
+    """Run the traced model once on ``example_inputs`` (eval mode, no grad) and record on each
+    node what it produced, so that shapes, integer tensors and Python values are never quantized.
+    Returns False when no example inputs were given."""
+    if example_inputs is None:
+        return False
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    states = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _ValueRecorder(gm).run(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - re-raised with advice
+        raise FxQuantError(f"the traced model failed on example_inputs: {type(e).__name__}: {e}",
+                           hint="pass example_inputs that the float model accepts: a tuple of "
+                                "positional arguments to forward") from e
+    finally:
+        for m, t in states.items():
+            m.training = t
+    return True

@@ -1,0 +1,111 @@
+"""fuse: pattern-match chains of ops and merge them.
+
+Module chains (conv-bn-relu, linear-relu, bn-relu, convtranspose-bn, ...) become one fused
+float module at the path of the first module; BatchNorm is folded in eval mode. Functional
+chains that a backend runs as one kernel (add-relu) are marked as a group: the interior node
+is not observed, the root (last) node carries the output quantization.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from fxquant.fusion import GroupFusion, ModuleFusion, default_group_fusions, default_module_fusions
+from fxquant.meta import inherit, qinfo, record
+from fxquant.patterns import find_matches
+from fxquant.pipeline import PassContext, PassResult
+
+_group_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Fuse:
+    name: ClassVar[str] = "fuse"
+    requires: ClassVar[frozenset[str]] = frozenset({"normalized"})
+    provides: ClassVar[frozenset[str]] = frozenset({"fused"})
+    module_fusions: tuple[ModuleFusion, ...] = field(default_factory=default_module_fusions)
+    group_fusions: tuple[GroupFusion, ...] = field(default_factory=default_group_fusions)
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        training = bool(ctx.get("is_qat", gm.training))
+        modules = dict(gm.named_modules())
+        by_pattern = {f.pattern: f for f in self.module_fusions}
+        for pattern, match in find_matches(gm.graph, list(by_pattern), modules):
+            if _fuse_modules(gm, by_pattern[pattern], match.nodes, modules, training):
+                stats["fused"] += 1
+        modules = dict(gm.named_modules())
+        by_group = {f.pattern: f for f in self.group_fusions}
+        for pattern, match in find_matches(gm.graph, list(by_group), modules):
+            _mark_group(by_group[pattern], match.nodes)
+            stats["grouped"] += 1
+        if stats:
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, bool(stats), dict(stats))
+
+
+def _module_call_count(graph: fx.Graph, target: str) -> int:
+    return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def _fuse_modules(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...],
+                  modules: dict[str, nn.Module], training: bool) -> bool:
+    first = nodes[0]
+    mods = [modules[n.target] for n in nodes if n.op == "call_module"]
+    calls = [_module_call_count(gm.graph, n.target) for n in nodes if n.op == "call_module"]
+    if any(c != 1 for c in calls):
+        record(first, Fuse.name, "not_fused", f"{fusion.description}: a module of the chain is "
+               f"called more than once, so it cannot be replaced by a fused module")
+        return False
+    fused = fusion.build(mods, training)
+    if fused is None:
+        record(first, Fuse.name, "not_fused", f"{fusion.description}: no fused module in "
+               f"{'training' if training else 'eval'} mode")
+        return False
+    _set_submodule(gm, first.target, fused)
+    root = nodes[-1]
+    with gm.graph.inserting_before(root):
+        new = gm.graph.call_module(first.target, (first.args[0],) + tuple(first.args[1:]),
+                                   dict(first.kwargs))
+    info = inherit(new, first)
+    info.fused_from = tuple(_describe(n) for n in nodes)
+    folded = " (BatchNorm folded into the weights)" if ("BatchNorm" in fusion.description
+                                                         and not training) else ""
+    record(new, Fuse.name, "fuse", f"{fusion.description} → {type(fused).__name__}{folded}",
+           pattern=fusion.pattern.name, members=info.fused_from)
+    root.replace_all_uses_with(new)
+    for n in reversed(nodes):
+        gm.graph.erase_node(n)
+    return True
+
+
+def _describe(node: fx.Node) -> str:
+    info = qinfo(node)
+    if node.op == "call_module":
+        return str(node.target)
+    return f"{info.module_path + ':' if info.module_path else ''}{node.name}"
+
+
+def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    setattr(parent, attr, module)
+
+
+def _mark_group(fusion: GroupFusion, nodes: tuple[fx.Node, ...]) -> None:
+    gid = next(_group_ids)
+    for i, n in enumerate(nodes):
+        info = qinfo(n)
+        info.group = gid
+        info.group_root = i == len(nodes) - 1
+    record(nodes[-1], Fuse.name, "fuse", f"{fusion.description} run as one kernel ({fusion.kernel})",
+           pattern=fusion.pattern.name, kernel=fusion.kernel)
+    for n in nodes[:-1]:
+        record(n, Fuse.name, "fuse", f"part of {fusion.description}; its output stays inside the "
+               f"fused kernel and is not quantized", pattern=fusion.pattern.name)

@@ -1,0 +1,137 @@
+"""normalize: one spelling per op.
+
+``x.relu()`` / ``F.relu`` / ``torch.relu`` / ``nn.ReLU`` become ``F.relu``; ``x + y`` /
+``torch.add`` / ``x += y`` / ``x.add_(y)`` become ``torch.add`` (tensors only: ``x.size(0) + 1``
+stays Python); ``torch.concat`` becomes ``torch.cat``; ``nn.Flatten`` / ``x.flatten`` become
+``torch.flatten``. In-place spellings become out-of-place and every later reader of the
+mutated tensor reads the result instead, which is what it saw in eager mode. Dropout and
+``nn.Identity`` are removed when the model is not training.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxquant.meta import inherit, qinfo, record
+from fxquant.ops import (DROPOUT_FUNCTIONS, DROPOUT_MODULES, IDENTITY_MODULES, Spelling,
+                         module_is_inplace, spelling_for)
+from fxquant.patterns import op_is, target_name
+from fxquant.pipeline import PassContext, PassResult
+
+_COMMUTATIVE = (torch.add, torch.mul)
+
+
+@dataclass(frozen=True)
+class Normalize:
+    name: ClassVar[str] = "normalize"
+    requires: ClassVar[frozenset[str]] = frozenset({"traced"})
+    provides: ClassVar[frozenset[str]] = frozenset({"normalized"})
+    remove_dropout: Optional[bool] = None  # None: remove when the model is in eval mode
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        modules = dict(gm.named_modules())
+        remove = (not gm.training) if self.remove_dropout is None else self.remove_dropout
+        stats: Counter[str] = Counter()
+        for node in list(gm.graph.nodes):
+            if remove and _is_identity_at_inference(node, modules):
+                _remove_identity(gm, node, modules)
+                stats["removed"] += 1
+                continue
+            spelling = spelling_for(node.op, node.target, modules.get(node.target)
+                                    if node.op == "call_module" else None)
+            if spelling is not None and _rewrite(gm, node, spelling, modules):
+                stats["rewritten"] += 1
+        if stats:
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, bool(stats), dict(stats))
+
+
+def _is_identity_at_inference(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return op_is(node, DROPOUT_MODULES + IDENTITY_MODULES + DROPOUT_FUNCTIONS, modules)
+
+
+def _remove_identity(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> None:
+    src = node.args[0]
+    what = type(modules[node.target]).__name__ if node.op == "call_module" else target_name(node.target)
+    if isinstance(src, fx.Node):
+        record(src, Normalize.name, "remove_identity",
+               f"removed {what} '{qinfo(node).module_path or node.name}' after this op: "
+               f"identity at inference (eval mode)")
+    node.replace_all_uses_with(src)
+    gm.graph.erase_node(node)
+
+
+def _tensor_valued(node: fx.Node) -> bool:
+    value = qinfo(node).value
+    return value is not None and value.kind == "tensor"
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str, nn.Module]) -> bool:
+    if sp.tensor_only and not _tensor_valued(node):
+        return False
+    new_args = _canonical_args(node, sp, modules)
+    if new_args is None:
+        return False
+    args, kwargs = new_args
+    if node.op == "call_function" and node.target is sp.canonical and args == node.args \
+            and kwargs == node.kwargs:
+        return False
+    inplace = sp.inplace or _inplace_kwarg(node) or (
+        node.op == "call_module" and module_is_inplace(modules.get(node.target)))
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(sp.canonical, args, kwargs)
+    written = (type(modules[node.target]).__name__ if node.op == "call_module"
+               else target_name(node.target))
+    inherit(new, node, Normalize.name, "normalize",
+            f"{written} rewritten as {target_name(sp.canonical)}" + (" (out of place)" if inplace else ""))
+    node.replace_all_uses_with(new)
+    if inplace and isinstance(node.args[0], fx.Node):
+        _repoint_later_readers(gm.graph, node.args[0], new)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _inplace_kwarg(node: fx.Node) -> bool:
+    return bool(node.kwargs.get("inplace", False)) or (
+        node.op == "call_function" and len(node.args) > 1 and node.args[1] is True
+        and getattr(node.target, "__name__", "") == "relu")
+
+
+def _repoint_later_readers(graph: fx.Graph, mutated: fx.Node, result: fx.Node) -> None:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for user in list(mutated.users):
+        if user is not result and order[user] > order[result]:
+            user.replace_input_with(mutated, result)
+
+
+def _canonical_args(node: fx.Node, sp: Spelling, modules: dict[str, nn.Module]
+                    ) -> Optional[tuple[tuple[Any, ...], dict[str, Any]]]:
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "inplace"}
+    if sp.canonical is torch.cat:
+        return _cat_args(node)
+    if node.op == "call_module":
+        extra, kw = sp.module_args(modules[node.target]) if sp.module_args else ((), {})
+        return (node.args[0], *extra, *node.args[1:]), {**kw, **kwargs}
+    args = tuple(node.args)
+    if sp.canonical is torch.nn.functional.relu:
+        return (args[0],), {}
+    if sp.canonical in _COMMUTATIVE:
+        if kwargs.get("alpha", 1) != 1 or "out" in kwargs or len(args) != 2:
+            return None  # add with alpha / out=: left as written
+        a, b = args
+        if not isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            a, b = b, a  # 2 + x -> torch.add(x, 2)
+        return (a, b), {}
+    return args, kwargs
+
+
+def _cat_args(node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    tensors = node.args[0] if node.args else node.kwargs["tensors"]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+    return (tensors, dim), {}
