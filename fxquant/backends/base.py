@@ -1,0 +1,148 @@
+"""Backend tables: which ops a backend quantizes, how their qparams are chosen, and how the
+reference (q/dq + float op) pattern of each is lowered to the backend's kernel.
+
+A backend is data: a name, the torch engine that runs it, and an ordered tuple of
+:class:`Rule`. A new backend, or a new fused kernel, is a table entry plus a lowering
+function; the passes never change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxquant.errors import FxQuantError
+from fxquant.patterns import NoMatch, Op
+
+# qparams policies
+WEIGHTED = "weighted"  # activation input + quantized weight + own output qparams
+OWN = "own"  # quantized inputs, own output qparams (add, cat with different inputs, ...)
+SHARED = "shared"  # output shares the input's qparams (pooling, reshape, relu ...)
+FIXED = "fixed"  # output qparams fixed by the op's range (sigmoid, tanh, softmax)
+DYNAMIC = "dynamic"  # weights quantized ahead of time, activations at run time
+WEIGHT_ONLY = "weight_only"  # embeddings: weights quantized, activations are indices
+
+
+@dataclass
+class LowerCtx:
+    """What a lowering function gets: the graph, the node (reference op or group root), the
+    quantized tensors that feed its dequantized inputs, and its output qparams."""
+
+    gm: fx.GraphModule
+    node: fx.Node
+    modules: Mapping[str, nn.Module]
+    qinputs: dict[int, fx.Node]  # arg index -> node producing the quantized tensor
+    out_scale: float = 1.0
+    out_zero_point: int = 0
+    out_dtype: torch.dtype = torch.quint8
+    group: tuple[fx.Node, ...] = ()  # the nodes of a fused functional group, root last
+
+    @property
+    def module(self) -> nn.Module:
+        return self.modules[self.node.target]
+
+    def set_module(self, new: nn.Module) -> None:
+        from fxquant.passes.fuse import _set_submodule
+
+        _set_submodule(self.gm, self.node.target, new)
+
+
+Lowered = Union[fx.Node, NoMatch]
+LowerFn = Callable[[LowerCtx], Lowered]
+CheckFn = Callable[[fx.Node, Mapping[str, nn.Module], Any], Union[bool, NoMatch]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one op is quantized on a backend.
+
+    ``op``: which nodes (after fusion) the rule is for. ``qparams``: the policy above.
+    ``inputs``: which arguments are quantized activations: "first" (arg 0) or "tensors"
+    (every float-tensor argument, including those inside a list, as for cat).
+    ``check``: backend constraints on the node/qconfig (returns NoMatch(reason) to decline).
+    ``lower``: rewrites the reference pattern into the kernel call. ``kernel``: its name.
+    """
+
+    name: str
+    op: Op
+    qparams: str
+    kernel: str
+    lower: Optional[LowerFn] = None
+    inputs: str = "first"
+    fixed: Optional[tuple[float, int]] = None
+    check: Optional[CheckFn] = None
+    notes: str = ""
+
+    def accepts(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
+                ) -> Union[bool, NoMatch]:
+        ok = self.op.matches(node, modules)
+        if not ok:
+            return ok
+        if self.check is not None:
+            return self.check(node, modules, qconfig)
+        return True
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    engine: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+
+    def rule_for(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
+                 ) -> tuple[Optional[Rule], Optional[str]]:
+        """The first rule that accepts the node, or (None, reason why none did)."""
+        declined: Optional[str] = None
+        for rule in self.rules:
+            if not rule.op.matches(node, modules):
+                continue
+            ok = rule.accepts(node, modules, qconfig)
+            if ok:
+                return rule, None
+            declined = declined or (ok.reason if isinstance(ok, NoMatch) else None)
+        return None, declined
+
+    def rule_named(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+    def extended(self, *rules: Rule, name: Optional[str] = None) -> "Backend":
+        """A copy with extra rules tried first (how users add patterns and kernels)."""
+        return replace(self, rules=tuple(rules) + self.rules, name=name or self.name)
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get_backend(name: Union[str, Backend]) -> Backend:
+    if isinstance(name, Backend):
+        return name
+    _load_builtin()
+    if name == "auto":
+        from fxquant.qconfig import resolve_backend
+
+        name = resolve_backend("auto")
+    if name not in _REGISTRY:
+        raise FxQuantError(f"unknown backend '{name}'",
+                           hint=f"use one of {sorted(_REGISTRY)} or register_backend(...) your own")
+    return _REGISTRY[name]
+
+
+def registered_backends() -> tuple[str, ...]:
+    _load_builtin()
+    return tuple(sorted(_REGISTRY))
+
+
+def _load_builtin() -> None:
+    from fxquant.backends import fbgemm, onednn, qnnpack, x86  # noqa: F401 - registers

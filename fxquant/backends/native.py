@@ -1,0 +1,169 @@
+"""The op table shared by torch's native CPU backends (fbgemm, x86, qnnpack, onednn).
+
+Each backend file takes these rules and adds or removes what its kernels differ on.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxquant.backends.base import (FIXED, OWN, SHARED, WEIGHTED, LowerCtx, Lowered, Rule)
+from fxquant.backends.reference_ops import weighted_core
+from fxquant.nn import fused
+from fxquant.nn import quantized as q
+from fxquant.patterns import NoMatch, Op
+
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+
+
+# ---------------------------------------------------------------- lowering functions
+def lower_weighted(ctx: LowerCtx) -> Lowered:
+    """dequantize -> reference conv/linear (-> relu inside a fused module) -> quantize
+    becomes one quantized module with prepacked weights."""
+    core, container = weighted_core(ctx.module)
+    qcls = _QUANTIZED_WEIGHTED.get((type(container) if container is not None else None,
+                                    _float_class(core)))
+    if qcls is None:
+        return NoMatch(f"no quantized module for {type(ctx.module).__name__}")
+    ctx.set_module(qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point))
+    return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
+
+
+def _float_class(mod: nn.Module) -> type:
+    return next(c for c in type(mod).__mro__ if c.__module__.startswith("torch.nn.modules"))
+
+
+def lower_batch_norm(ctx: LowerCtx) -> Lowered:
+    mod = ctx.module
+    qcls = {nn.BatchNorm2d: q.BatchNorm2d, nn.BatchNorm3d: q.BatchNorm3d,
+            fused.BNReLU2d: q.BNReLU2d, fused.BNReLU3d: q.BNReLU3d}[type(mod)]
+    ctx.set_module(qcls.from_float(mod, None, ctx.out_scale, ctx.out_zero_point))
+    return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
+
+
+def lower_same_op(ctx: LowerCtx) -> Lowered:
+    """The op runs as written on the quantized tensor (pooling, relu, flatten, ...): the kernel
+    keeps the input's scale and zero point, which the shared observer made the output's."""
+    node = ctx.node
+    args = list(node.args)
+    args[0] = ctx.qinputs[0]
+    return ctx.gm.graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
+
+
+def lower_binary(kernel: Any, kernel_relu: Any):
+    def lower(ctx: LowerCtx) -> Lowered:
+        if set(ctx.qinputs) != {0, 1}:
+            return NoMatch("one operand is not a quantized tensor (tensor-scalar form has no "
+                           "kernel here yet)")
+        target = kernel_relu if len(ctx.group) > 1 else kernel
+        return ctx.gm.graph.call_function(
+            target, (ctx.qinputs[0], ctx.qinputs[1], ctx.out_scale, ctx.out_zero_point))
+    return lower
+
+
+def lower_cat(ctx: LowerCtx) -> Lowered:
+    tensors = ctx.node.args[0]
+    if len(ctx.qinputs) != len(tensors):
+        return NoMatch("not every input of cat is a quantized tensor")
+    qs = [ctx.qinputs[i] for i in range(len(tensors))]
+    dim = ctx.node.args[1] if len(ctx.node.args) > 1 else 0
+    return ctx.gm.graph.call_function(torch.ops.quantized.cat,
+                                      (qs, dim, ctx.out_scale, ctx.out_zero_point))
+
+
+# ---------------------------------------------------------------- checks
+def _weight_qscheme(qconfig: Any) -> Any:
+    if qconfig is None or qconfig.weight is None:
+        return None
+    return getattr(qconfig.weight(), "qscheme", None)
+
+
+def check_transpose(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
+                    ) -> Union[bool, NoMatch]:
+    if _weight_qscheme(qconfig) in _PER_CHANNEL:
+        return NoMatch("quantized::conv_transpose takes per-tensor weights only; the qconfig asks "
+                       "for per-channel (use a per-tensor weight observer for ConvTranspose, as "
+                       "get_default_qconfig_mapping does)")
+    return True
+
+
+def check_two_tensors(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
+                      ) -> Union[bool, NoMatch]:
+    from fxquant.meta import qinfo
+
+    tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)
+               and qinfo(a).value is not None and qinfo(a).value.is_float_tensor]
+    if len(tensors) != 2:
+        return NoMatch("tensor-scalar form: no quantized kernel with own output qparams here")
+    shapes = [qinfo(a).value.shape for a in tensors]
+    if shapes[0] != shapes[1]:
+        return NoMatch(f"operands of shapes {shapes[0]} and {shapes[1]} broadcast; "
+                       f"quantized::add/mul need equal shapes")
+    return True
+
+
+# ---------------------------------------------------------------- the table
+_QUANTIZED_WEIGHTED: dict[tuple[Any, type], type] = {}
+
+
+def _weighted_table() -> None:
+    for d in (1, 2, 3):
+        conv = getattr(nn, f"Conv{d}d")
+        _QUANTIZED_WEIGHTED[(None, conv)] = getattr(q, f"Conv{d}d")
+        _QUANTIZED_WEIGHTED[(getattr(fused, f"ConvReLU{d}d"), conv)] = getattr(q, f"ConvReLU{d}d")
+        convt = getattr(nn, f"ConvTranspose{d}d")
+        _QUANTIZED_WEIGHTED[(None, convt)] = getattr(q, f"ConvTranspose{d}d")
+    _QUANTIZED_WEIGHTED[(None, nn.Linear)] = q.Linear
+    _QUANTIZED_WEIGHTED[(fused.LinearReLU, nn.Linear)] = q.LinearReLU
+
+
+_weighted_table()
+
+SHARED_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                  nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                  nn.ReLU6, nn.Hardtanh)
+SHARED_FUNCTIONS = (F.relu, F.relu6, F.hardtanh, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+                    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten)
+
+
+def native_rules() -> tuple[Rule, ...]:
+    rules = [
+        Rule("linear", Op(nn.Linear), WEIGHTED, "quantized::linear", lower_weighted),
+        Rule("linear_relu", Op(fused.LinearReLU), WEIGHTED, "quantized::linear_relu",
+             lower_weighted),
+    ]
+    for d in (1, 2, 3):
+        rules += [
+            Rule(f"conv{d}d", Op(getattr(nn, f"Conv{d}d")), WEIGHTED, f"quantized::conv{d}d",
+                 lower_weighted),
+            Rule(f"conv{d}d_relu", Op(getattr(fused, f"ConvReLU{d}d")), WEIGHTED,
+                 f"quantized::conv{d}d_relu", lower_weighted),
+            Rule(f"conv_transpose{d}d", Op(getattr(nn, f"ConvTranspose{d}d")), WEIGHTED,
+                 f"quantized::conv_transpose{d}d", lower_weighted, check=check_transpose),
+        ]
+    for d in (2, 3):
+        rules += [
+            Rule(f"batch_norm{d}d", Op(getattr(nn, f"BatchNorm{d}d")), OWN,
+                 f"quantized::batch_norm{d}d", lower_batch_norm),
+            Rule(f"bn{d}d_relu", Op(getattr(fused, f"BNReLU{d}d")), OWN,
+                 f"quantized::batch_norm{d}d_relu", lower_batch_norm),
+        ]
+    rules += [
+        Rule("add", Op(torch.add), OWN, "quantized::add",
+             lower_binary(torch.ops.quantized.add, torch.ops.quantized.add_relu),
+             inputs="tensors", check=check_two_tensors),
+        Rule("mul", Op(torch.mul), OWN, "quantized::mul",
+             lower_binary(torch.ops.quantized.mul, torch.ops.quantized.mul_relu),
+             inputs="tensors", check=check_two_tensors),
+        Rule("cat", Op(torch.cat), OWN, "quantized::cat", lower_cat, inputs="tensors"),
+        Rule("shared_module", Op(*SHARED_MODULES), SHARED, "same op on the quantized tensor",
+             lower_same_op),
+        Rule("shared_function", Op(*SHARED_FUNCTIONS), SHARED, "same op on the quantized tensor",
+             lower_same_op),
+    ]
+    return tuple(rules)

@@ -1,0 +1,12 @@
+"""The qnnpack backend: Quantized Neural Networks PACKage: the ARM / mobile backend."""
+from __future__ import annotations
+
+from fxquant.backends.base import Backend, register_backend
+from fxquant.backends.native import native_rules
+
+BACKEND = register_backend(Backend(
+    name="qnnpack",
+    engine="qnnpack",
+    rules=native_rules(),
+    description="Quantized Neural Networks PACKage: the ARM / mobile backend",
+))

@@ -1,0 +1,86 @@
+"""The reference quantized graph's vocabulary: quantize / dequantize nodes and reference
+weighted modules. The passes build reference graphs only through these helpers, so the choice
+of quantized-tensor ops stays in the backend layer.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxquant.nn import fused, reference
+from fxquant.nn.common import WeightQParams
+
+QUANTIZE = torch.quantize_per_tensor
+DEQUANTIZE = "dequantize"  # a method call: q.dequantize()
+
+_REFERENCE: dict[type, type] = {
+    nn.Linear: reference.Linear,
+    nn.Conv1d: reference.Conv1d, nn.Conv2d: reference.Conv2d, nn.Conv3d: reference.Conv3d,
+    nn.ConvTranspose1d: reference.ConvTranspose1d, nn.ConvTranspose2d: reference.ConvTranspose2d,
+    nn.ConvTranspose3d: reference.ConvTranspose3d,
+}
+
+
+def is_quantize(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is QUANTIZE
+
+
+def is_dequantize(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == DEQUANTIZE
+
+
+def insert_quantize(graph: fx.Graph, x: fx.Node, scale: float, zero_point: int,
+                    dtype: torch.dtype) -> fx.Node:
+    return graph.call_function(QUANTIZE, (x, float(scale), int(zero_point), dtype))
+
+
+def insert_dequantize(graph: fx.Graph, q: fx.Node) -> fx.Node:
+    return graph.call_method(DEQUANTIZE, (q,))
+
+
+def quantize_qparams(node: fx.Node) -> tuple[float, int, torch.dtype]:
+    _, scale, zp, dtype = node.args[:4]
+    return float(scale), int(zp), dtype
+
+
+def activation_qparams(observer: nn.Module) -> tuple[float, int, torch.dtype]:
+    """Per-tensor (scale, zero_point, dtype) of an activation observer, as Python numbers."""
+    scale, zp = observer.calculate_qparams()
+    return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]), observer.dtype
+
+
+def weight_qparams(module: nn.Module, weight_factory: Callable[[], nn.Module]) -> WeightQParams:
+    obs = weight_factory()
+    obs(module.weight.detach())
+    return WeightQParams.from_observer(obs)
+
+
+def weighted_core(module: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(the conv/linear inside, the fused container or None)."""
+    if isinstance(module, fused.FusedModule):
+        return module[0], module
+    return module, None
+
+
+def to_reference(module: nn.Module, weight_factory: Callable[[], nn.Module]
+                 ) -> tuple[nn.Module, WeightQParams]:
+    """The reference version of a (possibly fused) float weighted module; a fused module keeps
+    its container with the reference module as first child."""
+    core, container = weighted_core(module)
+    ref_cls = _REFERENCE.get(type(core))
+    if ref_cls is None:
+        raise TypeError(f"no reference module for {type(core).__name__}")
+    wq = weight_qparams(core, weight_factory)
+    ref = ref_cls.from_float(core, wq)
+    if container is None:
+        return ref, wq
+    container[0] = ref
+    return container, wq
+
+
+def has_reference(module: nn.Module) -> bool:
+    core, _ = weighted_core(module)
+    return type(core) in _REFERENCE

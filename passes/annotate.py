@@ -1,0 +1,165 @@
+"""annotate: the policy. For every op node, from its qconfig and the backend's table, decide
+which inputs are quantized (and how), whether a weight is quantized, and how the output's
+qparams are chosen: own, shared with the input, or fixed. Nodes that cannot be quantized keep
+a ``keep_float`` decision that says why.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.fx as fx
+
+from fxquant.backends.base import FIXED, OWN, SHARED, WEIGHTED, Backend, Rule, get_backend
+from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
+from fxquant.patterns import target_name
+from fxquant.pipeline import PassContext, PassResult
+from fxquant.slots import node_inputs
+
+_STATIC_ACT = (torch.quint8, torch.qint8)
+
+
+@dataclass(frozen=True)
+class Annotate:
+    name: ClassVar[str] = "annotate"
+    requires: ClassVar[frozenset[str]] = frozenset({"qconfig"})
+    provides: ClassVar[frozenset[str]] = frozenset({"annotated"})
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        backend = get_backend(ctx.get("backend", "auto"))
+        modules = dict(gm.named_modules())
+        stats: Counter[str] = Counter()
+        groups: dict[int, Optional[str]] = {}  # group id -> rule of its interior, None if float
+        for node in gm.graph.nodes:
+            if node.op.startswith("call_"):
+                stats[_annotate_node(node, backend, modules, groups)] += 1
+        return PassResult(gm, False, dict(stats))
+
+
+def spec_of(factory: Any) -> QSpec:
+    obs = factory()
+    return QSpec(dtype=obs.dtype, observer=factory, qscheme=getattr(obs, "qscheme", None),
+                 is_dynamic=bool(getattr(obs, "is_dynamic", False)))
+
+
+def _keep_float(node: fx.Node, reason: str) -> str:
+    record(node, Annotate.name, "keep_float", reason)
+    return "kept_float"
+
+
+def _op_name(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return target_name(node.target)
+
+
+def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
+                   groups: dict[int, Optional[str]]) -> str:
+    info = qinfo(node)
+    qconfig = info.qconfig
+    if info.group is not None and not info.group_root and info.group in groups:
+        return _keep_float(node, "interior of a fused group whose first op stays float")
+    if qconfig is None:
+        _mark_group(info, groups, None)
+        return _keep_float(node, f"qconfig is None ({info.qconfig_reason})")
+    if info.value is not None and info.value.kind != "tensor":
+        _mark_group(info, groups, None)
+        return _keep_float(node, f"produces {info.value.python_type}, not a tensor; not quantized")
+    if info.value is not None and not info.value.is_float_tensor:
+        _mark_group(info, groups, None)
+        return _keep_float(node, f"produces a {info.value.dtype} tensor; only float tensors are "
+                                 f"quantized")
+    act = spec_of(qconfig.activation)
+    if act.is_dynamic or act.dtype not in _STATIC_ACT:
+        _mark_group(info, groups, None)
+        return _keep_float(node, f"{act.dtype} {'dynamic ' if act.is_dynamic else ''}activation: "
+                                 f"no static int8 kernel for {_op_name(node, modules)} on "
+                                 f"{backend.name}")
+    if info.group is not None and info.group_root and groups.get(info.group):
+        return _annotate_group_root(node, info, act, groups[info.group])
+    rule, declined = backend.rule_for(node, modules, qconfig)
+    if rule is None:
+        _mark_group(info, groups, None)
+        return _keep_float(node, declined or f"no quantized kernel for {_op_name(node, modules)} "
+                                             f"on {backend.name}")
+    return _apply_rule(node, info, rule, act, qconfig, groups)
+
+
+def _mark_group(info: QNodeInfo, groups: dict[int, Optional[str]], rule: Optional[str]) -> None:
+    if info.group is not None and not info.group_root:
+        groups[info.group] = rule
+
+
+def _annotate_group_root(node: fx.Node, info: QNodeInfo, act: QSpec, rule_name: str) -> str:
+    info.rule = rule_name
+    info.output_spec = act
+    record(node, Annotate.name, "quantize", f"output of the fused {rule_name} group: own qparams "
+                                            f"({str(act.dtype).replace('torch.', '')})")
+    return "quantized"
+
+
+def _float_tensor_inputs(node: fx.Node, mode: str) -> list[tuple[Any, fx.Node]]:
+    out = []
+    for key, arg in node_inputs(node, mode):
+        if not isinstance(arg, fx.Node):
+            continue
+        value = qinfo(arg).value
+        if value is None or value.is_float_tensor:
+            out.append((key, arg))
+    return out
+
+
+def _apply_rule(node: fx.Node, info: QNodeInfo, rule: Rule, act: QSpec, qconfig: Any,
+                groups: dict[int, Optional[str]]) -> str:
+    inputs = _float_tensor_inputs(node, rule.inputs)
+    if not inputs:
+        _mark_group(info, groups, None)
+        return _keep_float(node, "no float tensor input to quantize")
+    if rule.qparams == WEIGHTED:
+        if qconfig.weight is None:
+            _mark_group(info, groups, None)
+            return _keep_float(node, "qconfig has no weight observer for a weighted op")
+        info.weight_spec = spec_of(qconfig.weight)
+    info.input_specs = {key: act for key, _ in inputs}
+    info.rule = rule.name
+    interior = info.group is not None and not info.group_root
+    info.output_spec = None if interior else _output_spec(rule, act)
+    _mark_group(info, groups, rule.name)
+    record(node, Annotate.name, _action(rule, interior), _reason(rule, info, interior),
+           rule=rule.name, kernel=rule.kernel)
+    return "quantized"
+
+
+def _output_spec(rule: Rule, act: QSpec) -> Any:
+    if rule.qparams == SHARED:
+        return SharedSpec(0)
+    if rule.qparams == FIXED and rule.fixed is not None:
+        from fxquant.observers import FixedQParamsObserver
+
+        scale, zp = rule.fixed
+        factory = FixedQParamsObserver.with_args(scale=scale, zero_point=zp)
+        return QSpec(torch.quint8, factory, torch.per_tensor_affine, fixed=rule.fixed)
+    return act
+
+
+def _action(rule: Rule, interior: bool) -> str:
+    if interior:
+        return "quantize_inputs"
+    return {SHARED: "share_qparams", FIXED: "fixed_qparams"}.get(rule.qparams, "quantize")
+
+
+def _reason(rule: Rule, info: QNodeInfo, interior: bool) -> str:
+    dt = str(next(iter(info.input_specs.values())).dtype).replace("torch.", "")
+    if interior:
+        return f"{rule.kernel} with the op after it; inputs {dt}"
+    if rule.qparams == SHARED:
+        return f"runs on the {dt} input as is; output shares the input's scale/zero_point"
+    if rule.qparams == FIXED:
+        return f"{rule.kernel}; output qparams fixed at scale={rule.fixed[0]}, zp={rule.fixed[1]}"
+    weight = ""
+    if info.weight_spec is not None:
+        weight = (f", weight {str(info.weight_spec.dtype).replace('torch.', '')} "
+                  f"{str(info.weight_spec.qscheme).replace('torch.', '')}")
+    return f"{rule.kernel}: input {dt}{weight}, own output qparams"

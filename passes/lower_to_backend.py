@@ -1,0 +1,100 @@
+"""lower_to_backend: reference patterns (dequantize → float op → quantize) become the
+backend's kernels (quantized modules with prepacked weights, ``torch.ops.quantized.*``),
+through the backend's rule table. A pattern a rule declines stays a correct reference op, with
+the reason recorded.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch.fx as fx
+
+from fxquant.backends.base import Backend, LowerCtx, get_backend
+from fxquant.backends.engine import engine
+from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
+from fxquant.meta import inherit, qinfo, record
+from fxquant.patterns import NoMatch
+from fxquant.pipeline import PassContext, PassResult
+from fxquant.slots import get_input
+
+
+@dataclass(frozen=True)
+class LowerToBackend:
+    name: ClassVar[str] = "lower_to_backend"
+    requires: ClassVar[frozenset[str]] = frozenset({"reference"})
+    provides: ClassVar[frozenset[str]] = frozenset({"lowered"})
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        backend = get_backend(ctx.get("backend", "auto"))
+        stats: Counter[str] = Counter()
+        with engine(backend.engine):
+            for node in list(gm.graph.nodes):
+                info = qinfo(node)
+                if node.graph is None or info.rule is None or info.role != "op":
+                    continue
+                if info.group is not None and not info.group_root:
+                    continue  # lowered with its group's root
+                stats[_lower_one(gm, backend, node)] += 1
+        gm.recompile()
+        return PassResult(gm, stats["lowered"] > 0, dict(stats))
+
+
+def _group_nodes(gm: fx.GraphModule, root: fx.Node) -> tuple[fx.Node, ...]:
+    gid = qinfo(root).group
+    if gid is None:
+        return (root,)
+    chain = [root]
+    node = root
+    while isinstance(node.args[0], fx.Node) and qinfo(node.args[0]).group == gid:
+        node = node.args[0]
+        chain.append(node)
+    return tuple(reversed(chain))
+
+
+def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
+    group = _group_nodes(gm, root)
+    first = group[0]
+    users = list(root.users)
+    if len(users) != 1 or not is_quantize(users[0]):
+        return _decline(root, "output is not quantized here (no single quantize after it)")
+    q_out = users[0]
+    qinputs = {}
+    for key in qinfo(first).input_specs:
+        arg = get_input(first, key)
+        if not is_dequantize(arg):
+            return _decline(root, f"input {key} is not a dequantized tensor")
+        qinputs[key] = arg.args[0]
+    scale, zp, dtype = quantize_qparams(q_out)
+    modules = dict(gm.named_modules())
+    lctx = LowerCtx(gm, first, modules, qinputs, scale, zp, dtype, group if len(group) > 1 else ())
+    rule = backend.rule_named(qinfo(root).rule)
+    with gm.graph.inserting_before(q_out):
+        new = rule.lower(lctx) if rule.lower else NoMatch("the rule has no lowering")
+    if isinstance(new, NoMatch):
+        return _decline(root, new.reason)
+    _finish(gm, root, group, q_out, new, rule.kernel, (scale, zp, dtype))
+    return "lowered"
+
+
+def _finish(gm: fx.GraphModule, root: fx.Node, group: tuple[fx.Node, ...], q_out: fx.Node,
+            new: fx.Node, kernel: str, qparams: tuple) -> None:
+    info = inherit(new, root)
+    info.kernel = kernel
+    info.qparams = {"scale": qparams[0], "zero_point": qparams[1], "dtype": qparams[2]}
+    if len(group) > 1:
+        info.fused_from = tuple(n.name for n in group)
+    record(new, LowerToBackend.name, "lower", f"runs on {kernel}",
+           scale=qparams[0], zero_point=qparams[1])
+    q_out.replace_all_uses_with(new)
+    gm.graph.erase_node(q_out)
+    for n in reversed(group):
+        if not n.users:
+            gm.graph.erase_node(n)
+
+
+def _decline(node: fx.Node, reason: str) -> str:
+    record(node, LowerToBackend.name, "keep_reference",
+           f"not lowered, runs in float between dequantize/quantize: {reason}")
+    return "kept_reference"

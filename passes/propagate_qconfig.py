@@ -1,0 +1,82 @@
+"""propagate_qconfig: each op node gets its QConfig from the QConfigMapping, with the rule
+that chose it as the reason ("module_name 'head' → None", "object_type nn.Linear", "global")."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch.fx as fx
+
+from fxquant.meta import qinfo, record
+from fxquant.pipeline import PassContext, PassResult
+
+
+@dataclass(frozen=True)
+class PropagateQConfig:
+    name: ClassVar[str] = "propagate_qconfig"
+    requires: ClassVar[frozenset[str]] = frozenset({"fused"})
+    provides: ClassVar[frozenset[str]] = frozenset({"qconfig"})
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        mapping = ctx.require("qconfig_mapping", self.name)
+        modules = dict(gm.named_modules())
+        order: Counter[tuple[str, Any]] = Counter()
+        stats: Counter[str] = Counter()
+        for node in gm.graph.nodes:
+            if not node.op.startswith("call_"):
+                continue
+            info = qinfo(node)
+            index: Optional[int] = None
+            if node.op != "call_module":
+                key = (info.module_path, node.target)
+                index = order[key]
+                order[key] += 1
+            qconfig, reason = _resolve(mapping, node, modules, index)
+            info.qconfig, info.qconfig_reason, info.has_qconfig = qconfig, reason, True
+            record(node, self.name, "assign_qconfig", f"{reason} → {describe_qconfig(qconfig)}")
+            stats["float" if qconfig is None else "quantizable"] += 1
+        return PassResult(gm, False, dict(stats))
+
+
+def _object_types(node: fx.Node, modules: dict) -> list[Any]:
+    """The op as the user wrote it first (nn.ReLU, operator.add ...), then its canonical form."""
+    info = qinfo(node)
+    types = [info.original] if info.original is not None else []
+    current = type(modules[node.target]) if node.op == "call_module" else node.target
+    if current not in types:
+        types.append(current)
+    return types
+
+
+def _resolve(mapping: Any, node: fx.Node, modules: dict, index: Optional[int]) -> tuple[Any, str]:
+    path = qinfo(node).module_path
+    results = [mapping.resolve(path, t, index) for t in _object_types(node, modules)]
+    for qconfig, reason in results:
+        if reason.startswith(("module_name_object_type_order", "object_type")):
+            return qconfig, reason
+    return results[0]
+
+
+def describe_qconfig(qconfig: Any) -> str:
+    if qconfig is None:
+        return "None (leave float)"
+    act = _describe_factory(getattr(qconfig, "activation", None))
+    weight = _describe_factory(getattr(qconfig, "weight", None))
+    return f"QConfig(activation={act}, weight={weight})"
+
+
+def _describe_factory(factory: Any) -> str:
+    if factory is None:
+        return "None"
+    try:
+        obs = factory()
+    except Exception:  # noqa: BLE001 - description only
+        return repr(factory)
+    parts = [str(getattr(obs, "dtype", "")).replace("torch.", "")]
+    qscheme = getattr(obs, "qscheme", None)
+    if qscheme is not None:
+        parts.append(str(qscheme).replace("torch.", ""))
+    if getattr(obs, "reduce_range", False):
+        parts.append("reduce_range")
+    return f"{type(obs).__name__}({', '.join(p for p in parts if p)})"
