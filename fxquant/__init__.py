@@ -1,1 +1,21 @@
-"""fxquant: graph-mode quantization compiler for PyTorch."""
+"""fxquant: a graph-mode (torch.fx) quantization compiler for PyTorch.
+
+    import fxquant
+    prepared = fxquant.prepare_fx(model.eval(), fxquant.get_default_qconfig_mapping("x86"),
+                                  example_inputs)
+    for batch in calibration_data:
+        prepared(batch)
+    quantized = fxquant.convert_fx(prepared)
+"""
+from fxquant.api import convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx
+from fxquant.errors import FxQuantError, PassFailed
+from fxquant.pipeline import Pass, PassContext, PassManager, PassResult
+from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
+                             get_default_qconfig_mapping)
+
+__all__ = [
+    "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx",
+    "QConfig", "QConfigMapping", "get_default_qconfig", "get_default_qconfig_mapping",
+    "Pass", "PassContext", "PassManager", "PassResult", "FxQuantError", "PassFailed",
+]
+__version__ = "0.1.0"

@@ -74,7 +74,7 @@ def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
         new = rule.lower(lctx) if rule.lower else NoMatch("the rule has no lowering")
     if isinstance(new, NoMatch):
         return _decline(root, new.reason)
-    _finish(gm, root, group, q_out, new, rule.kernel, (scale, zp, dtype))
+    _finish(gm, root, group, q_out, new, lctx.kernel or rule.kernel, (scale, zp, dtype))
     return "lowered"
 
 

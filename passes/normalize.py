@@ -79,11 +79,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
     if new_args is None:
         return False
     args, kwargs = new_args
-    if node.op == "call_function" and node.target is sp.canonical and args == node.args \
-            and kwargs == node.kwargs:
-        return False
     inplace = sp.inplace or _inplace_kwarg(node) or (
         node.op == "call_module" and module_is_inplace(modules.get(node.target)))
+    if node.op == "call_function" and node.target is sp.canonical and not inplace:
+        node.args, node.kwargs = args, kwargs  # same op, only defaults dropped
+        return False
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(sp.canonical, args, kwargs)
     written = (type(modules[node.target]).__name__ if node.op == "call_module"

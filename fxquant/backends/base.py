@@ -39,6 +39,7 @@ class LowerCtx:
     out_zero_point: int = 0
     out_dtype: torch.dtype = torch.quint8
     group: tuple[fx.Node, ...] = ()  # the nodes of a fused functional group, root last
+    kernel: Optional[str] = None  # set by a lowering that picks a kernel other than the rule's
 
     @property
     def module(self) -> nn.Module:

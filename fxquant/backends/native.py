@@ -51,7 +51,17 @@ def lower_same_op(ctx: LowerCtx) -> Lowered:
     node = ctx.node
     args = list(node.args)
     args[0] = ctx.qinputs[0]
+    ctx.kernel = f"{_op_label(ctx)} on the quantized tensor"
     return ctx.gm.graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
+
+
+def _op_label(ctx: LowerCtx) -> str:
+    from fxquant.patterns import target_name
+
+    node = ctx.node
+    if node.op == "call_module":
+        return type(ctx.module).__name__
+    return target_name(node.target)
 
 
 def lower_binary(kernel: Any, kernel_relu: Any):
@@ -60,6 +70,7 @@ def lower_binary(kernel: Any, kernel_relu: Any):
             return NoMatch("one operand is not a quantized tensor (tensor-scalar form has no "
                            "kernel here yet)")
         target = kernel_relu if len(ctx.group) > 1 else kernel
+        ctx.kernel = f"quantized::{target.__name__}"
         return ctx.gm.graph.call_function(
             target, (ctx.qinputs[0], ctx.qinputs[1], ctx.out_scale, ctx.out_zero_point))
     return lower
