@@ -1,0 +1,775 @@
+"""Quantized modules over torch.ops.quantized.* with prepacked weights.
+
+Inputs and outputs are quint8 quantized tensors; biases stay float (the kernels take float
+bias). Every class has
+
+* ``from_float(mod, wq, output_scale, output_zero_point)``: from the float module and the
+  weight's ``WeightQParams`` (``wq`` must be None for the BatchNorm kinds);
+* ``from_reference(ref_mod, output_scale, output_zero_point)``: from the fxquant.nn.reference
+  module (or, for BatchNorm, the float BatchNorm);
+* ``weight()`` / ``bias()`` (unpacked), a readable repr, ``state_dict`` round-trip,
+  ``torch.save``/``torch.load`` and ``torch.jit.script`` support.
+
+Fused ReLU is a separate class (``LinearReLU``, ``ConvReLU2d``, ``BNReLU2d``, ...). Its
+``from_float`` takes the fused float module from fxquant.nn.fused or a plain conv/linear/BN
+(the caller has decided the ReLU is fused); its ``from_reference`` takes the plain reference
+module. ConvBn* float modules must be folded first (``fold_eval()``).
+
+Packing follows ``torch.backends.quantized.engine`` at the time the weights are set; the
+converter selects the engine with ``fxquant.backends.engine.engine(name)`` around lowering.
+After ``torch.load``, ``copy.deepcopy`` or ``load_state_dict`` the weights are re-packed under
+the engine current at that moment. ``scale`` and ``zero_point`` are plain python
+float / int attributes, which is what makes the modules scriptable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.backends.engine import current_engine, supported_engines
+from fxquant.backends.engine import engine as use_engine
+from fxquant.nn import fused, reference
+from fxquant.nn.common import WeightQParams
+from fxquant.nn.fused import FusedModule
+from fxquant.nn.reference import ReferenceWeighted
+
+__all__ = [
+    "BNReLU2d", "BNReLU3d", "BatchNorm2d", "BatchNorm3d",
+    "Conv1d", "Conv2d", "Conv3d", "ConvReLU1d", "ConvReLU2d", "ConvReLU3d",
+    "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+    "Linear", "LinearReLU", "QUANTIZED_MODULES",
+]
+
+_OPS = torch.ops.quantized
+# (engine, spatial dims) whose packed conv weights run but cannot be unpacked (qnnpack
+# Conv3d); modules keep an unpacked copy there so weight(), state_dict and pickling work.
+_NO_UNPACK = {("qnnpack", 3)}
+# engines whose quantized transposed conv is onednn's deconvolution (see _ConvTransposeNd)
+_ONEDNN_DECONV_ENGINES = ("x86", "onednn")
+
+
+def _check_output_qparams(owner: str, scale: float, zero_point: int) -> tuple[float, int]:
+    scale, zero_point = float(scale), int(zero_point)
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(f"{owner}: output_scale must be finite and > 0, got {scale}")
+    if not 0 <= zero_point <= 255:
+        raise ValueError(
+            f"{owner}: output_zero_point must be in [0, 255] for quint8 outputs, got {zero_point}"
+        )
+    return scale, zero_point
+
+
+def _float_bias(b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if b is None else b.detach().float().clone()
+
+
+class _QuantizedBase(nn.Module):
+    """Output qparams and their state-dict entries, shared by all quantized modules."""
+
+    _NAME = "Quantized"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale: float = 1.0
+        self.zero_point: int = 0
+        self._qname: str = self._NAME  # instance copy: scripted forward can read it
+
+    def _get_name(self) -> str:
+        return self._NAME
+
+    def set_output_qparams(self, scale: float, zero_point: int) -> None:
+        """Set the scale / zero point of the quint8 output."""
+        self.scale, self.zero_point = _check_output_qparams(self._NAME, scale, zero_point)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scale"] = torch.tensor(self.scale, dtype=torch.float64)
+        destination[prefix + "zero_point"] = torch.tensor(self.zero_point, dtype=torch.int64)
+
+    def _pop_output_qparams(self, state_dict: dict, prefix: str, missing: list[str]) -> None:
+        keys = (prefix + "scale", prefix + "zero_point")
+        if all(k in state_dict for k in keys):
+            self.set_output_qparams(float(state_dict.pop(keys[0])), int(state_dict.pop(keys[1])))
+        else:
+            missing.extend(k for k in keys if k not in state_dict)
+
+
+# --------------------------------------------------------------------------------------------
+# weighted modules with packed weights
+
+
+class _PackedWeighted(_QuantizedBase):
+    """Holds ``_packed_params``; subclasses say how to pack, unpack, and check shapes."""
+
+    # class attributes stay unannotated: torch.jit.script reads class annotations as
+    # attribute types
+    _FLOAT = nn.Module
+    _FUSED = None  # the fused float class, set on the ReLU kinds
+    _REFERENCE = nn.Module
+    _SPATIAL_DIMS = 0
+    _WEIGHT_CH_AXIS = 0
+
+    def _init_packed(self, weight_shape: list[int], bias: bool) -> None:
+        self._packed_params: Any = None
+        self._unpacked_copy: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        w = torch._empty_affine_quantized(weight_shape, scale=1.0, zero_point=0,
+                                          dtype=torch.qint8)
+        self.set_weight_bias(w, torch.zeros(self._out_channels()) if bias else None)
+
+    # -- subclass hooks
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        raise NotImplementedError
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def _weight_shape(self) -> list[int]:
+        raise NotImplementedError
+
+    def _out_channels(self) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def _empty_like(cls, mod: nn.Module) -> _PackedWeighted:
+        raise NotImplementedError
+
+    # -- weights
+    def packing_engine(self) -> str:
+        """The engine whose prepack runs: the current one (transposed convs may differ)."""
+        return current_engine()
+
+    def set_weight_bias(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
+        """Pack quantized qint8 weight ``w`` and float bias ``b`` (see ``packing_engine``)."""
+        self._check_weight(w)
+        b = _float_bias(b)
+        if b is not None and tuple(b.shape) != (self._out_channels(),):
+            raise ValueError(f"{self._NAME}: bias must have shape ({self._out_channels()},), "
+                             f"got {tuple(b.shape)}")
+        packing = self.packing_engine()
+        with use_engine(packing):
+            self._packed_params = self._pack(w, b)
+        self.packed_engine: str = packing
+        self._has_bias: bool = b is not None
+        self.weight_dtype: torch.dtype = w.dtype
+        self.weight_qscheme: str = str(w.qscheme())
+        keep = (packing, self._SPATIAL_DIMS) in _NO_UNPACK
+        self._unpacked_copy = (w, b) if keep else None
+
+    def _check_weight(self, w: torch.Tensor) -> None:
+        if not isinstance(w, torch.Tensor) or not w.is_quantized or w.dtype != torch.qint8:
+            got = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"{self._NAME} needs a qint8 quantized weight, got {got}; quantize "
+                             "it with WeightQParams(dtype=torch.qint8).quantize(w)")
+        if list(w.shape) != self._weight_shape():
+            raise ValueError(f"{self._NAME}: weight must have shape {self._weight_shape()}, "
+                             f"got {list(w.shape)}")
+        per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        if per_channel and w.q_per_channel_axis() != self._WEIGHT_CH_AXIS:
+            raise ValueError(f"{self._NAME}: per-channel weights must use ch_axis="
+                             f"{self._WEIGHT_CH_AXIS}, got {w.q_per_channel_axis()}")
+
+    def _weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self._unpacked_copy if self._unpacked_copy is not None else self._unpack()
+        return w, (b if self._has_bias else None)
+
+    def weight(self) -> torch.Tensor:
+        """The quantized weight, unpacked."""
+        return self._weight_bias()[0]
+
+    def bias(self) -> torch.Tensor | None:
+        """The float bias, unpacked (None when the module has no bias)."""
+        return self._weight_bias()[1]
+
+    # -- serialization: unpacked weight/bias travel, packing is redone on arrival
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w, b = self._weight_bias()
+        destination[prefix + "weight"] = w
+        destination[prefix + "bias"] = b
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str], *rest: Any) -> None:
+        unexpected_keys, error_msgs = rest
+        if prefix + "weight" in state_dict:
+            w, b = state_dict.pop(prefix + "weight"), state_dict.pop(prefix + "bias", None)
+            try:
+                self.set_weight_bias(w, b)
+            except ValueError as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+        else:
+            missing_keys.append(prefix + "weight")
+        self._pop_output_qparams(state_dict, prefix, missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_fxquant_weight_bias"] = self._weight_bias()
+        state["_packed_params"] = None
+        state["_unpacked_copy"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        w, b = state.pop("_fxquant_weight_bias")
+        super().__setstate__(state)
+        self.set_weight_bias(w, b)
+
+    # -- construction
+    @classmethod
+    def _float_core(cls, mod: nn.Module) -> nn.Module:
+        """The plain float module inside ``mod``; a clear TypeError for anything else."""
+        if cls._FUSED is not None and isinstance(mod, cls._FUSED):
+            return mod[0]
+        accepts = cls._FLOAT.__name__ + (f" or fused {cls._FUSED.__name__}" if cls._FUSED else "")
+        if isinstance(mod, ReferenceWeighted):
+            raise TypeError(f"{cls._NAME}.from_float got reference {type(mod).__name__}; "
+                            "use from_reference for reference modules")
+        if isinstance(mod, FusedModule):
+            hint = ("fold the BatchNorm first with .fold_eval()" if hasattr(mod, "fold_eval")
+                    else "use the fused quantized class for it")
+            raise TypeError(f"{cls._NAME}.from_float takes {accepts}, got fused "
+                            f"{type(mod).__name__}: {hint}")
+        if not isinstance(mod, cls._FLOAT):
+            raise TypeError(f"{cls._NAME}.from_float takes {accepts}, got {type(mod).__name__}")
+        return mod
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, wq: WeightQParams | None, output_scale: float,
+                   output_zero_point: int) -> Any:
+        """Quantized module from float ``mod``, its weight qparams and the output qparams."""
+        core = cls._float_core(mod)
+        if not isinstance(wq, WeightQParams):
+            raise TypeError(f"{cls._NAME}.from_float needs the weight's WeightQParams "
+                            f"(from WeightQParams.from_observer), got {type(wq).__name__}")
+        qmod = cls._empty_like(core)
+        qmod.set_weight_bias(wq.quantize(core.weight), core.bias)
+        qmod.set_output_qparams(output_scale, output_zero_point)
+        return qmod
+
+    @classmethod
+    def from_reference(cls, ref_mod: nn.Module, output_scale: float,
+                       output_zero_point: int) -> Any:
+        """Quantized module from a fxquant.nn.reference module and the output qparams."""
+        if not isinstance(ref_mod, cls._REFERENCE):
+            raise TypeError(f"{cls._NAME}.from_reference takes a reference "
+                            f"{cls._REFERENCE.__name__} (fxquant.nn.reference), "
+                            f"got {type(ref_mod).__name__}")
+        qmod = cls._empty_like(ref_mod)
+        qmod.set_weight_bias(ref_mod.quantized_weight(), ref_mod.bias)
+        qmod.set_output_qparams(output_scale, output_zero_point)
+        return qmod
+
+    def _weight_repr(self) -> str:
+        s = f"scale={self.scale}, zero_point={self.zero_point}, dtype={self.weight_dtype}, " \
+            f"qscheme={self.weight_qscheme}"
+        return s if self._has_bias else s + ", bias=False"
+
+
+class Linear(_PackedWeighted):
+    """Quantized linear: quint8 (*, in_features) -> quint8 (*, out_features)."""
+
+    _NAME = "QuantizedLinear"
+    _FLOAT = nn.Linear
+    _REFERENCE = reference.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self._init_packed(self._weight_shape(), bias)
+
+    def _weight_shape(self) -> list[int]:
+        return [self.out_features, self.in_features]
+
+    def _out_channels(self) -> int:
+        return self.out_features
+
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return _OPS.linear_prepack(w, b)
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _OPS.linear_unpack(self._packed_params)
+
+    @classmethod
+    def _empty_like(cls, mod: nn.Module) -> Linear:
+        return cls(mod.in_features, mod.out_features, mod.bias is not None)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self._weight_repr()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.linear(x, self._packed_params, self.scale, self.zero_point)
+
+
+class LinearReLU(Linear):
+    """Quantized linear followed by ReLU, one kernel (quantized::linear_relu)."""
+
+    _NAME = "QuantizedLinearReLU"
+    _FUSED = fused.LinearReLU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.linear_relu(x, self._packed_params, self.scale, self.zero_point)
+
+
+# --------------------------------------------------------------------------------------------
+# convolutions
+
+
+def _ntuple(value: Any, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    out = tuple(int(v) for v in value)
+    if len(out) != n:
+        raise ValueError(f"{name} must be an int or {n} ints, got {value!r}")
+    return out
+
+
+def _resolve_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...],
+                     owner: str) -> tuple[int, ...]:
+    """Int padding per spatial dim; 'valid' / symmetric 'same' resolved like nn.Conv."""
+    if padding == "valid":
+        return (0,) * len(kernel)
+    if padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        if any(t % 2 for t in totals):
+            raise NotImplementedError(
+                f"{owner}: padding='same' with kernel {kernel} / dilation {dilation} needs "
+                "asymmetric padding, which the quantized conv kernels cannot express; use "
+                "odd kernel sizes or pad explicitly before the conv"
+            )
+        return tuple(t // 2 for t in totals)
+    return _ntuple(padding, len(kernel), "padding")
+
+
+def _pad_quantized(x: torch.Tensor, pad: list[int], mode: str) -> torch.Tensor:
+    """F.pad for a per-tensor quantized tensor in any mode, exact: pads the integers."""
+    ints = x.int_repr()
+    padded = F.pad(ints.float(), pad, mode=mode).to(ints.dtype)
+    return torch._make_per_tensor_quantized_tensor(padded, x.q_scale(), x.q_zero_point())
+
+
+class _ConvNd(_PackedWeighted):
+    """Shared state of the quantized (transposed) convolutions."""
+
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros") -> None:
+        super().__init__()
+        self._configure(in_channels, out_channels, groups, padding_mode)
+        self._configure_geometry(kernel_size, stride, padding, dilation, 0)
+        self._init_packed(self._weight_shape(), bias)
+
+    def _configure(self, in_channels: int, out_channels: int, groups: int,
+                   padding_mode: str) -> None:
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.groups = int(groups)
+        self.padding_mode = self._check_padding_mode(padding_mode)
+        self._check_channels()
+
+    def _configure_geometry(self, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
+                            output_padding: Any) -> None:
+        n = self._SPATIAL_DIMS
+        self.kernel_size = _ntuple(kernel_size, n, "kernel_size")
+        self.stride = _ntuple(stride, n, "stride")
+        self.dilation = _ntuple(dilation, n, "dilation")
+        self.padding = _resolve_padding(padding, self.kernel_size, self.dilation, self._NAME)
+        self.output_padding = _ntuple(output_padding, n, "output_padding")
+        self._input_pad: list[int] = [p for p in reversed(self.padding) for _ in range(2)]
+        self._input_dims: int = n + 2
+
+    def _check_padding_mode(self, mode: str) -> str:
+        if mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"{self._NAME}: unknown padding_mode {mode!r}")
+        return mode
+
+    def _check_channels(self) -> None:
+        if self.groups <= 0 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"{self._NAME}: in_channels ({self.in_channels}) and out_channels "
+                f"({self.out_channels}) must both be divisible by groups ({self.groups})"
+            )
+
+    def _weight_shape(self) -> list[int]:
+        return [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
+
+    def _out_channels(self) -> int:
+        return self.out_channels
+
+    def _kernel_padding(self) -> list[int]:
+        """Padding given to the kernel: zero when we pad the input ourselves."""
+        return list(self.padding) if self.padding_mode == "zeros" else [0] * len(self.padding)
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self._input_dims:
+            raise ValueError(f"{self._qname} expects a {self._input_dims}-D (N, C, *spatial) "
+                             f"quantized input, got {x.dim()}-D")
+        if self.padding_mode == "zeros":
+            return x
+        return _pad_quantized(x, self._input_pad, self.padding_mode)
+
+    @classmethod
+    def _empty_like(cls, mod: nn.Module) -> _ConvNd:
+        return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                   mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode)
+
+    def extra_repr(self) -> str:
+        n = self._SPATIAL_DIMS
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, {self._weight_repr()}")
+        extras = [("padding", self.padding, (0,) * n), ("dilation", self.dilation, (1,) * n),
+                  ("output_padding", self.output_padding, (0,) * n), ("groups", self.groups, 1),
+                  ("padding_mode", self.padding_mode, "zeros")]
+        return s + "".join(f", {k}={v!r}" if isinstance(v, str) else f", {k}={v}"
+                           for k, v, default in extras if v != default)
+
+
+class Conv1d(_ConvNd):
+    """Quantized Conv1d (padding modes: zeros, reflect, replicate, circular)."""
+
+    _NAME = "QuantizedConv1d"
+    _FLOAT = nn.Conv1d
+    _REFERENCE = reference.Conv1d
+    _SPATIAL_DIMS = 1
+
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return _OPS.conv1d_prepack(w, b, list(self.stride), self._kernel_padding(),
+                                   list(self.dilation), self.groups)
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _OPS.conv1d_unpack(self._packed_params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv1d(self._prepare_input(x), self._packed_params, self.scale,
+                           self.zero_point)
+
+
+class Conv2d(_ConvNd):
+    """Quantized Conv2d (padding modes: zeros, reflect, replicate, circular)."""
+
+    _NAME = "QuantizedConv2d"
+    _FLOAT = nn.Conv2d
+    _REFERENCE = reference.Conv2d
+    _SPATIAL_DIMS = 2
+
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return _OPS.conv2d_prepack(w, b, list(self.stride), self._kernel_padding(),
+                                   list(self.dilation), self.groups)
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _OPS.conv2d_unpack(self._packed_params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv2d(self._prepare_input(x), self._packed_params, self.scale,
+                           self.zero_point)
+
+
+class Conv3d(_ConvNd):
+    """Quantized Conv3d (padding modes: zeros, reflect, replicate, circular)."""
+
+    _NAME = "QuantizedConv3d"
+    _FLOAT = nn.Conv3d
+    _REFERENCE = reference.Conv3d
+    _SPATIAL_DIMS = 3
+
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return _OPS.conv3d_prepack(w, b, list(self.stride), self._kernel_padding(),
+                                   list(self.dilation), self.groups)
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _OPS.conv3d_unpack(self._packed_params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv3d(self._prepare_input(x), self._packed_params, self.scale,
+                           self.zero_point)
+
+
+class ConvReLU1d(Conv1d):
+    """Quantized Conv1d followed by ReLU, one kernel (quantized::conv1d_relu)."""
+
+    _NAME = "QuantizedConvReLU1d"
+    _FUSED = fused.ConvReLU1d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv1d_relu(self._prepare_input(x), self._packed_params, self.scale,
+                                self.zero_point)
+
+
+class ConvReLU2d(Conv2d):
+    """Quantized Conv2d followed by ReLU, one kernel (quantized::conv2d_relu)."""
+
+    _NAME = "QuantizedConvReLU2d"
+    _FUSED = fused.ConvReLU2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv2d_relu(self._prepare_input(x), self._packed_params, self.scale,
+                                self.zero_point)
+
+
+class ConvReLU3d(Conv3d):
+    """Quantized Conv3d followed by ReLU, one kernel (quantized::conv3d_relu)."""
+
+    _NAME = "QuantizedConvReLU3d"
+    _FUSED = fused.ConvReLU3d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv3d_relu(self._prepare_input(x), self._packed_params, self.scale,
+                                self.zero_point)
+
+
+class _ConvTransposeNd(_ConvNd):
+    """Transposed convs: weight (C_in, C_out // groups, *k); zeros padding only.
+
+    Engines: under "x86" and "onednn" the weights are packed with fbgemm, because torch's
+    onednn quantized deconvolution returned wrong values (off by up to 255 steps against
+    float math on the same int8 data; fbgemm and qnnpack matched) in torch 2.13 on our CPUs.
+    Per-channel weights need qnnpack: the other engines have no per-channel transposed-conv
+    kernel, so they are refused with NotImplementedError.
+    """
+
+    _WEIGHT_CH_AXIS = 1
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
+                 dilation: Any = 1, padding_mode: str = "zeros") -> None:
+        _QuantizedBase.__init__(self)
+        self._configure(in_channels, out_channels, groups, padding_mode)
+        self._configure_geometry(kernel_size, stride, padding, dilation, output_padding)
+        self._init_packed(self._weight_shape(), bias)
+
+    def packing_engine(self) -> str:
+        requested = current_engine()
+        if requested not in _ONEDNN_DECONV_ENGINES:
+            return requested
+        if "fbgemm" not in supported_engines():
+            raise NotImplementedError(
+                f"{self._NAME}: the {requested!r} engine's transposed conv gives wrong results "
+                "and this torch build has no fbgemm to pack with instead; keep it in float"
+            )
+        return "fbgemm"
+
+    def _check_padding_mode(self, mode: str) -> str:
+        if mode != "zeros":
+            raise ValueError(f"{self._NAME} supports only padding_mode='zeros', got {mode!r}")
+        return mode
+
+    def _weight_shape(self) -> list[int]:
+        return [self.in_channels, self.out_channels // self.groups, *self.kernel_size]
+
+    def _check_weight(self, w: torch.Tensor) -> None:
+        super()._check_weight(w)
+        packing = self.packing_engine()
+        if w.qscheme() != torch.per_tensor_affine and packing != "qnnpack":
+            raise NotImplementedError(
+                f"{self._NAME}: per-channel weights are not supported for transposed conv on "
+                f"the {current_engine()!r} engine (it packs with {packing}; only qnnpack has a "
+                "per-channel transposed-conv kernel); use a per-tensor weight observer for "
+                "ConvTranspose"
+            )
+
+    def _pack_args(self) -> tuple[list[int], ...]:
+        return (list(self.stride), list(self.padding), list(self.output_padding),
+                list(self.dilation))
+
+    @classmethod
+    def _empty_like(cls, mod: nn.Module) -> _ConvTransposeNd:
+        return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                   mod.output_padding, mod.groups, mod.bias is not None, mod.dilation,
+                   mod.padding_mode)
+
+
+class ConvTranspose1d(_ConvTransposeNd):
+    """Quantized ConvTranspose1d (quantized::conv_transpose1d)."""
+
+    _NAME = "QuantizedConvTranspose1d"
+    _FLOAT = nn.ConvTranspose1d
+    _REFERENCE = reference.ConvTranspose1d
+    _SPATIAL_DIMS = 1
+
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return _OPS.conv_transpose1d_prepack(w, b, *self._pack_args(), self.groups)
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _OPS.conv_transpose1d_unpack(self._packed_params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv_transpose1d(self._prepare_input(x), self._packed_params, self.scale,
+                                     self.zero_point)
+
+
+class ConvTranspose2d(_ConvTransposeNd):
+    """Quantized ConvTranspose2d (quantized::conv_transpose2d)."""
+
+    _NAME = "QuantizedConvTranspose2d"
+    _FLOAT = nn.ConvTranspose2d
+    _REFERENCE = reference.ConvTranspose2d
+    _SPATIAL_DIMS = 2
+
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        return _OPS.conv_transpose2d_prepack(w, b, *self._pack_args(), self.groups)
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _OPS.conv_transpose2d_unpack(self._packed_params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv_transpose2d(self._prepare_input(x), self._packed_params, self.scale,
+                                     self.zero_point)
+
+
+class ConvTranspose3d(_ConvTransposeNd):
+    """Quantized ConvTranspose3d (quantized::conv_transpose3d)."""
+
+    _NAME = "QuantizedConvTranspose3d"
+    _FLOAT = nn.ConvTranspose3d
+    _REFERENCE = reference.ConvTranspose3d
+    _SPATIAL_DIMS = 3
+
+    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
+        if current_engine() == "qnnpack":
+            raise NotImplementedError(
+                "QuantizedConvTranspose3d is not supported on the 'qnnpack' engine: its "
+                "conv_transpose3d kernel returns nondeterministic, wrong values (torch "
+                f"{torch.__version__}); lower ConvTranspose3d with fbgemm, x86 or onednn, or "
+                "keep it in float"
+            )
+        return _OPS.conv_transpose3d_prepack(w, b, *self._pack_args(), self.groups)
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _OPS.conv_transpose3d_unpack(self._packed_params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OPS.conv_transpose3d(self._prepare_input(x), self._packed_params, self.scale,
+                                     self.zero_point)
+
+
+# --------------------------------------------------------------------------------------------
+# batch norm
+
+
+class _BatchNormNd(_QuantizedBase):
+    """Quantized eval BatchNorm; statistics and affine terms are float buffers."""
+
+    _FLOAT = nn.BatchNorm2d
+    _FUSED = None
+    _DIMS = 4
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self._input_dims: int = self._DIMS
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                           ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((self.num_features,), fill))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, scale={self.scale}, "
+                f"zero_point={self.zero_point}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != self._input_dims:
+            raise ValueError(f"{self._qname} expects a {self._input_dims}-D quantized input, "
+                             f"got {x.dim()}-D")
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str], *rest: Any) -> None:
+        self._pop_output_qparams(state_dict, prefix, missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      *rest)
+
+    @classmethod
+    def _float_core(cls, mod: nn.Module) -> nn.modules.batchnorm._BatchNorm:
+        if cls._FUSED is not None and isinstance(mod, cls._FUSED):
+            mod = mod[0]
+        accepts = cls._FLOAT.__name__ + (f" or fused {cls._FUSED.__name__}" if cls._FUSED else "")
+        if not isinstance(mod, cls._FLOAT):
+            raise TypeError(f"{cls._NAME}.from_float takes {accepts}, got {type(mod).__name__}")
+        if mod.running_mean is None or mod.running_var is None:
+            raise ValueError(f"{cls._NAME}: the float BatchNorm has no running statistics "
+                             "(track_running_stats=False); it cannot be quantized")
+        return mod
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, wq: WeightQParams | None, output_scale: float,
+                   output_zero_point: int) -> Any:
+        """From a float BatchNorm (or fused BNReLU for the ReLU kinds); ``wq`` must be None."""
+        if wq is not None:
+            raise ValueError(f"{cls._NAME}.from_float: BatchNorm has no quantized weight; "
+                             "pass wq=None")
+        bn = cls._float_core(mod)
+        qbn = cls(bn.num_features, bn.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            value = getattr(bn, name)
+            if value is not None:
+                getattr(qbn, name).copy_(value.detach())
+        qbn.set_output_qparams(output_scale, output_zero_point)
+        return qbn
+
+    @classmethod
+    def from_reference(cls, ref_mod: nn.Module, output_scale: float,
+                       output_zero_point: int) -> Any:
+        """The reference form of a BatchNorm is the float BatchNorm itself."""
+        return cls.from_float(ref_mod, None, output_scale, output_zero_point)
+
+
+class BatchNorm2d(_BatchNormNd):
+    """Quantized BatchNorm2d (quantized::batch_norm2d)."""
+
+    _NAME = "QuantizedBatchNorm2d"
+    _FLOAT = nn.BatchNorm2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return _OPS.batch_norm2d(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                 self.eps, self.scale, self.zero_point)
+
+
+class BatchNorm3d(_BatchNormNd):
+    """Quantized BatchNorm3d (quantized::batch_norm3d)."""
+
+    _NAME = "QuantizedBatchNorm3d"
+    _FLOAT = nn.BatchNorm3d
+    _DIMS = 5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return _OPS.batch_norm3d(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                 self.eps, self.scale, self.zero_point)
+
+
+class BNReLU2d(BatchNorm2d):
+    """Quantized BatchNorm2d followed by ReLU (quantized::batch_norm2d_relu)."""
+
+    _NAME = "QuantizedBNReLU2d"
+    _FUSED = fused.BNReLU2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return _OPS.batch_norm2d_relu(x, self.weight, self.bias, self.running_mean,
+                                      self.running_var, self.eps, self.scale, self.zero_point)
+
+
+class BNReLU3d(BatchNorm3d):
+    """Quantized BatchNorm3d followed by ReLU (quantized::batch_norm3d_relu)."""
+
+    _NAME = "QuantizedBNReLU3d"
+    _FUSED = fused.BNReLU3d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return _OPS.batch_norm3d_relu(x, self.weight, self.bias, self.running_mean,
+                                      self.running_var, self.eps, self.scale, self.zero_point)
+
+
+QUANTIZED_MODULES: tuple[type[nn.Module], ...] = (
+    Linear, LinearReLU, Conv1d, Conv2d, Conv3d, ConvReLU1d, ConvReLU2d, ConvReLU3d,
+    ConvTranspose1d, ConvTranspose2d, ConvTranspose3d,
+    BatchNorm2d, BatchNorm3d, BNReLU2d, BNReLU3d,
+)
+"""Every quantized module class here; the tracer treats them as leaves."""
