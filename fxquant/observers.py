@@ -1,0 +1,772 @@
+"""Observer modules: record statistics of tensors during calibration, then compute qparams.
+
+Every observer has the constructor arguments, attributes, buffers and numerics of the
+torch.ao.quantization observer of the same name (``calculate_qparams`` is bit-identical on
+the same inputs); the arithmetic itself lives in :mod:`fxquant.qmath`. Observers never change
+data: ``forward(x)`` returns ``x`` itself.
+
+Common attributes: ``dtype``, ``qscheme``, ``quant_min``, ``quant_max``, ``reduce_range``
+(False where it does not apply), ``is_dynamic``; per-channel observers add ``ch_axis``.
+
+Statistics buffers (in ``state_dict``; what a distributed ``all_reduce`` would combine):
+
+=====================================  =========================  ===========================
+observer                               buffers                    how replicas would combine
+=====================================  =========================  ===========================
+MinMaxObserver                         min_val, max_val (0-dim)   elementwise MIN / MAX
+PerChannelMinMaxObserver               min_val, max_val [C]       elementwise MIN / MAX
+MovingAverage(PerChannel)MinMaxObs.    min_val, max_val           AVG (approximate: an EMA)
+HistogramObserver                      histogram [bins],          re-bin each replica onto the
+                                       min_val, max_val (0-dim)   union range (combine_histograms)
+                                                                  then SUM
+FixedQParamsObserver                   scale [1], zero_point [1]  constant
+=====================================  =========================  ===========================
+
+Uniform observers also hold ``eps`` (shape [1]) as a buffer, like torch, so state dicts are
+interchangeable with torch.ao's.
+
+Factories: ``SomeObserver.with_args(**kwargs)`` returns an :class:`ObserverFactory` — a
+picklable, comparable recipe; call it to build a fresh observer, chain ``.with_args`` on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxquant import qmath
+
+__all__ = [
+    "FixedQParamsObserver",
+    "HistogramObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver",
+    "NoopObserver",
+    "ObserverBase",
+    "ObserverFactory",
+    "PerChannelMinMaxObserver",
+    "PlaceholderObserver",
+    "ReuseInputObserver",
+    "UniformQuantizationObserverBase",
+    "default_dynamic_quant_observer",
+    "default_fixed_qparams_range_0to1_observer",
+    "default_fixed_qparams_range_neg1to1_observer",
+    "default_float_qparams_observer",
+    "default_float_qparams_observer_4bit",
+    "default_histogram_observer",
+    "default_observer",
+    "default_per_channel_weight_observer",
+    "default_placeholder_observer",
+    "default_reuse_input_observer",
+    "default_weight_observer",
+    "factory_parts",
+    "per_channel_weight_observer_range_neg_127_to_127",
+    "weight_observer_range_neg_127_to_127",
+]
+
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+# ----------------------------------------------------------------------------------------
+# Factories
+# ----------------------------------------------------------------------------------------
+
+
+class ObserverFactory:
+    """A recipe for observers: a class plus constructor keyword arguments.
+
+    ``factory()`` builds a fresh instance (keyword overrides allowed), ``factory.with_args(...)``
+    returns a new factory with more/overridden arguments, ``with_callable_args(name=fn)`` defers
+    an argument to ``fn()`` evaluated at each construction (e.g. a device). Factories pickle,
+    compare equal when class and arguments are equal, and print as the code that made them.
+    """
+
+    def __init__(
+        self,
+        cls: Callable[..., nn.Module],
+        kwargs: dict[str, Any] | None = None,
+        callable_kwargs: dict[str, Callable[[], Any]] | None = None,
+    ) -> None:
+        if not callable(cls):
+            raise TypeError(f"ObserverFactory needs an observer class or callable, got {cls!r}")
+        self._cls = cls
+        self._kwargs = dict(kwargs or {})
+        self._callable_kwargs = dict(callable_kwargs or {})
+
+    @property
+    def cls(self) -> Callable[..., nn.Module]:
+        return self._cls
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """A copy of the fixed constructor arguments."""
+        return dict(self._kwargs)
+
+    @property
+    def callable_kwargs(self) -> dict[str, Callable[[], Any]]:
+        return dict(self._callable_kwargs)
+
+    def __call__(self, *args: Any, **overrides: Any) -> nn.Module:
+        kwargs = dict(self._kwargs)
+        for name, make in self._callable_kwargs.items():
+            if name not in overrides:
+                kwargs[name] = make()
+        kwargs.update(overrides)
+        return self._cls(*args, **kwargs)
+
+    def with_args(self, **kwargs: Any) -> ObserverFactory:
+        deferred = {k: v for k, v in self._callable_kwargs.items() if k not in kwargs}
+        return ObserverFactory(self._cls, {**self._kwargs, **kwargs}, deferred)
+
+    def with_callable_args(self, **kwargs: Callable[[], Any]) -> ObserverFactory:
+        fixed = {k: v for k, v in self._kwargs.items() if k not in kwargs}
+        return ObserverFactory(self._cls, fixed, {**self._callable_kwargs, **kwargs})
+
+    def __repr__(self) -> str:
+        name = getattr(self._cls, "__name__", repr(self._cls))
+        text = f"{name}.with_args({', '.join(f'{k}={v!r}' for k, v in self._kwargs.items())})"
+        if self._callable_kwargs:
+            deferred = ", ".join(f"{k}={v!r}" for k, v in self._callable_kwargs.items())
+            text += f".with_callable_args({deferred})"
+        return text
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ObserverFactory):
+            return NotImplemented
+        return (
+            self._cls is other._cls
+            and self._kwargs == other._kwargs
+            and self._callable_kwargs == other._callable_kwargs
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._cls, frozenset(self._kwargs), frozenset(self._callable_kwargs)))
+
+
+def factory_parts(factory: Any) -> tuple[Any, dict[str, Any]]:
+    """(class, kwargs) of an observer factory: ours, a bare class, functools.partial, or a
+    torch.ao ``_PartialWrapper`` (duck-typed: it holds a partial in ``.p``)."""
+    if isinstance(factory, ObserverFactory):
+        return factory.cls, factory.kwargs
+    partial = getattr(factory, "p", factory)
+    if hasattr(partial, "func") and hasattr(partial, "keywords"):
+        func, kwargs = factory_parts(partial.func)
+        return func, {**kwargs, **partial.keywords}
+    return factory, {}
+
+
+# ----------------------------------------------------------------------------------------
+# Bases
+# ----------------------------------------------------------------------------------------
+
+
+class ObserverBase(nn.Module, metaclass=ABCMeta):
+    """Base of all observers: ``forward`` records statistics and returns its input unchanged,
+    ``calculate_qparams`` turns the statistics into (scale, zero_point)."""
+
+    def __init__(self, dtype: torch.dtype, is_dynamic: bool = False) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.is_dynamic = is_dynamic
+        self.qscheme: torch.qscheme | None = torch.per_tensor_affine
+        self.quant_min: int | None = None
+        self.quant_max: int | None = None
+        self.reduce_range = False
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @classmethod
+    def with_args(cls, **kwargs: Any) -> ObserverFactory:
+        """A factory building ``cls(**kwargs)`` on each call."""
+        return ObserverFactory(cls, kwargs)
+
+    @classmethod
+    def with_callable_args(cls, **kwargs: Callable[[], Any]) -> ObserverFactory:
+        """A factory evaluating each ``fn`` at construction: ``cls(name=fn(), ...)``."""
+        return ObserverFactory(cls, None, kwargs)
+
+
+def _require_qscheme(observer: str, qscheme: Any, allowed: tuple[torch.qscheme, ...]) -> None:
+    if qscheme not in allowed:
+        raise ValueError(f"{observer} supports qscheme in {allowed}, got {qscheme}")
+
+
+def _reject_dynamic(observer: str, is_dynamic: bool) -> None:
+    if is_dynamic:
+        raise ValueError(
+            f"{observer} does not support dynamic quantization (is_dynamic=True); use "
+            "PlaceholderObserver(dtype=..., is_dynamic=True) for dynamic activations"
+        )
+
+
+def _reject_symmetric_reduced_quint8(observer: str, qscheme: Any, dtype: Any, reduce_range: bool) -> None:
+    if qscheme in qmath.SYMMETRIC_QSCHEMES and reduce_range and dtype == torch.quint8:
+        raise ValueError(
+            f"{observer}: reduce_range=True is not supported for symmetric quint8 "
+            "quantization; use reduce_range=False or an explicit quant_min/quant_max"
+        )
+
+
+class UniformQuantizationObserverBase(ObserverBase):
+    """Base of the observers with a uniform integer grid: holds qscheme, the effective
+    [quant_min, quant_max] (see :func:`fxquant.qmath.quant_range`) and ``eps``, the floor of
+    the scale (a buffer, as in torch). ``has_customized_qrange`` records whether the range was
+    given explicitly (it moves the symmetric quint8 zero point to the range midpoint)."""
+
+    eps: torch.Tensor
+    _version = 3  # torch.ao's state-dict version for these buffers: state dicts interoperate
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        factory_kwargs: dict[str, Any] | None = None,
+        eps: float = _FLOAT32_EPS,
+        is_dynamic: bool = False,
+    ) -> None:
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        _require_qscheme(type(self).__name__, qscheme, qmath.SUPPORTED_QSCHEMES)
+        self.qscheme = qscheme
+        self.reduce_range = reduce_range
+        self.has_customized_qrange = quant_min is not None and quant_max is not None
+        self.quant_min, self.quant_max = qmath.quant_range(dtype, quant_min, quant_max, reduce_range)
+        self.register_buffer("eps", torch.tensor([eps], **torch.nn.factory_kwargs(factory_kwargs)))
+
+    def _calculate_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return qmath.calculate_qparams(
+            min_val,
+            max_val,
+            dtype=self.dtype,
+            qscheme=self.qscheme,
+            quant_min=self.quant_min,
+            quant_max=self.quant_max,
+            eps=self.eps,
+            custom_range=self.has_customized_qrange,
+        )
+
+    def _config_repr(self) -> str:
+        return f"dtype={self.dtype}, qscheme={self.qscheme}, quant_range=({self.quant_min}, {self.quant_max})"
+
+    def reset_min_max_vals(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no min/max statistics to reset")
+
+
+# ----------------------------------------------------------------------------------------
+# Min/max observers
+# ----------------------------------------------------------------------------------------
+
+
+class MinMaxObserver(UniformQuantizationObserverBase):
+    """Per-tensor running min / max (buffers ``min_val``, ``max_val``; start at +inf / -inf)."""
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        factory_kwargs: dict[str, Any] | None = None,
+        eps: float = _FLOAT32_EPS,
+        is_dynamic: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        _require_qscheme(name, qscheme, qmath.PER_TENSOR_QSCHEMES)
+        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        fk = torch.nn.factory_kwargs(factory_kwargs)
+        self.register_buffer("min_val", torch.tensor(float("inf"), **fk))
+        self.register_buffer("max_val", torch.tensor(float("-inf"), **fk))
+        _reject_symmetric_reduced_quint8(name, qscheme, dtype, reduce_range)
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().to(self.min_val.dtype)
+        cur_min, cur_max = torch.aminmax(x)
+        self.min_val.copy_(torch.min(cur_min, self.min_val))
+        self.max_val.copy_(torch.max(cur_max, self.max_val))
+        return x_orig
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+    def extra_repr(self) -> str:
+        return f"{self._config_repr()}, min_val={self.min_val}, max_val={self.max_val}"
+
+    def reset_min_max_vals(self) -> None:
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Per-tensor exponential moving average of min / max:
+    ``v <- v + averaging_constant * (current - v)`` after the first batch."""
+
+    def __init__(
+        self,
+        averaging_constant: float = 0.01,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        eps: float = _FLOAT32_EPS,
+        is_dynamic: bool = False,
+        factory_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if is_dynamic and averaging_constant != 1:
+            raise ValueError(
+                "MovingAverageMinMaxObserver supports is_dynamic=True only with "
+                f"averaging_constant=1, got {averaging_constant}"
+            )
+        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        self.averaging_constant = averaging_constant
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        x = x_orig.detach().to(self.min_val.dtype)
+        min_val, max_val = self.min_val, self.max_val
+        if min_val == float("inf") and max_val == float("-inf"):
+            min_val, max_val = torch.aminmax(x)
+        else:
+            cur_min, cur_max = torch.aminmax(x)
+            min_val = min_val + self.averaging_constant * (cur_min - min_val)
+            max_val = max_val + self.averaging_constant * (cur_max - max_val)
+        self.min_val.copy_(min_val)
+        self.max_val.copy_(max_val)
+        return x_orig
+
+    def extra_repr(self) -> str:
+        return f"averaging_constant={self.averaging_constant}, {super().extra_repr()}"
+
+
+def _channel_rows(x: torch.Tensor, ch_axis: int, observer: str) -> torch.Tensor:
+    """View `x` as [channels, everything else] (channel axis moved to the front)."""
+    if x.dim() < 2:
+        raise ValueError(
+            f"{observer} needs an input with at least 2 dims (channels and values), got shape "
+            f"{tuple(x.shape)}; use a per-tensor observer for 0-/1-dim tensors"
+        )
+    if not -x.dim() <= ch_axis < x.dim():
+        raise ValueError(f"{observer}: ch_axis={ch_axis} is out of range for an input of shape {tuple(x.shape)}")
+    axes = list(range(x.dim()))
+    axes[ch_axis], axes[0] = 0, ch_axis
+    return torch.flatten(x.permute(axes), start_dim=1)
+
+
+class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
+    """Running min / max per channel along ``ch_axis`` (buffers ``min_val``, ``max_val``: empty
+    until the first batch, then shape [C])."""
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(
+        self,
+        ch_axis: int = 0,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_channel_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        factory_kwargs: dict[str, Any] | None = None,
+        eps: float = _FLOAT32_EPS,
+        is_dynamic: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        _require_qscheme(name, qscheme, qmath.PER_CHANNEL_QSCHEMES)
+        _reject_dynamic(name, is_dynamic)
+        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        fk = torch.nn.factory_kwargs(factory_kwargs)
+        self.ch_axis = ch_axis
+        self.register_buffer("min_val", torch.tensor([], **fk))
+        self.register_buffer("max_val", torch.tensor([], **fk))
+        _reject_symmetric_reduced_quint8(name, qscheme, dtype, reduce_range)
+
+    def _rows(self, x_orig: torch.Tensor) -> torch.Tensor:
+        rows = _channel_rows(x_orig.detach(), self.ch_axis, type(self).__name__).to(self.min_val.dtype)
+        if self.min_val.numel() not in (0, rows.shape[0]):
+            raise ValueError(
+                f"{type(self).__name__} saw {rows.shape[0]} channels along axis {self.ch_axis} "
+                f"but has statistics for {self.min_val.numel()}; one observer per tensor shape, "
+                "or call reset_min_max_vals()"
+            )
+        return rows
+
+    def _store(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
+        self.min_val.resize_(min_val.shape)
+        self.max_val.resize_(max_val.shape)
+        self.min_val.copy_(min_val)
+        self.max_val.copy_(max_val)
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        rows = self._rows(x_orig)
+        cur_min, cur_max = torch.aminmax(rows, dim=1)
+        if self.min_val.numel() == 0 or self.max_val.numel() == 0:
+            self._store(cur_min, cur_max)
+        else:
+            self._store(torch.min(cur_min, self.min_val), torch.max(cur_max, self.max_val))
+        return x_orig
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._calculate_qparams(self.min_val, self.max_val)
+
+    def extra_repr(self) -> str:
+        return f"ch_axis={self.ch_axis}, {self._config_repr()}, min_val={self.min_val}, max_val={self.max_val}"
+
+    def reset_min_max_vals(self) -> None:
+        fk = {"dtype": self.min_val.dtype, "device": self.min_val.device}
+        self.min_val = torch.empty(0, **fk)
+        self.max_val = torch.empty(0, **fk)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The per-channel buffers start empty: size them to the saved statistics first.
+        for name in ("min_val", "max_val"):
+            if prefix + name in state_dict:
+                getattr(self, name).resize_(state_dict[prefix + name].shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
+    """Per-channel exponential moving average of min / max."""
+
+    def __init__(
+        self,
+        averaging_constant: float = 0.01,
+        ch_axis: int = 0,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_channel_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        eps: float = _FLOAT32_EPS,
+        is_dynamic: bool = False,
+        factory_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(ch_axis, dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        self.averaging_constant = averaging_constant
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        rows = self._rows(x_orig)
+        cur_min, cur_max = torch.aminmax(rows, dim=1)
+        if self.min_val.numel() == 0 or self.max_val.numel() == 0:
+            self._store(cur_min, cur_max)
+        else:
+            c = self.averaging_constant
+            self._store(self.min_val + c * (cur_min - self.min_val), self.max_val + c * (cur_max - self.max_val))
+        return x_orig
+
+    def extra_repr(self) -> str:
+        return f"averaging_constant={self.averaging_constant}, {super().extra_repr()}"
+
+
+# ----------------------------------------------------------------------------------------
+# Histogram observer
+# ----------------------------------------------------------------------------------------
+
+
+class HistogramObserver(UniformQuantizationObserverBase):
+    """Running histogram (``bins`` equal bins over [min_val, max_val]); qparams come from the
+    L2-minimizing clipping range (:func:`fxquant.qmath.histogram_search_range`).
+
+    When a batch widens the range, the old histogram is re-binned onto the new range
+    (``upsample_rate`` sub-bins per bin) and added to the new batch's histogram. Infinite
+    values are ignored with a warning.
+    """
+
+    histogram: torch.Tensor
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(
+        self,
+        bins: int = 2048,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        reduce_range: bool = False,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        factory_kwargs: dict[str, Any] | None = None,
+        eps: float = _FLOAT32_EPS,
+        is_dynamic: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        _require_qscheme(name, qscheme, qmath.PER_TENSOR_QSCHEMES)
+        _reject_dynamic(name, is_dynamic)
+        if int(bins) < 1:
+            raise ValueError(f"HistogramObserver needs bins >= 1, got {bins}")
+        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        fk = torch.nn.factory_kwargs(factory_kwargs)
+        self.bins = int(bins)
+        self.register_buffer("histogram", torch.zeros(self.bins, **fk))
+        self.register_buffer("min_val", torch.tensor(float("inf"), **fk))
+        self.register_buffer("max_val", torch.tensor(float("-inf"), **fk))
+        self.dst_nbins = qmath.dst_nbins(dtype)
+        self.upsample_rate = 16
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        buffer = getattr(self, name)
+        buffer.detach_().resize_(value.shape)
+        buffer.copy_(value)
+
+    def _finite(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(x, min, max) with infinite values dropped (and a warning), or None if none are left."""
+        x_min, x_max = torch.aminmax(x)
+        if x_min == -torch.inf or x_max == torch.inf:
+            warnings.warn("HistogramObserver: ignoring infinite values in the input", UserWarning, stacklevel=3)
+            x = x[x.abs() != torch.inf]
+            if x.numel() == 0:
+                return None
+            x_min, x_max = torch.aminmax(x)
+        return x, x_min, x_max
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        if x_orig.numel() == 0:
+            return x_orig
+        finite = self._finite(x_orig.detach())
+        if finite is None:
+            return x_orig
+        x, x_min, x_max = finite
+        if self.min_val == float("inf") or self.max_val == float("-inf"):
+            self._set("min_val", x_min)
+            self._set("max_val", x_max)
+            self._set("histogram", torch.histc(x, self.bins, min=x_min, max=x_max))
+            return x_orig
+        self._accumulate(x, x_min, x_max)
+        return x_orig
+
+    def _accumulate(self, x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor) -> None:
+        cur_min, cur_max = self.min_val, self.max_val
+        new_min = torch.min(cur_min, x_min).detach()
+        new_max = torch.max(cur_max, x_max).detach()
+        update = torch.histc(x, self.bins, min=new_min, max=new_max).to(self.histogram.device)
+        if new_min == cur_min and new_max == cur_max:
+            self._set("histogram", self.histogram + update)
+            return
+        combined = qmath.combine_histograms(
+            self.histogram, cur_min, cur_max, update, new_min, new_max, self.upsample_rate
+        )
+        self._set("histogram", combined)
+        self._set("min_val", new_min)
+        self._set("max_val", new_max)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.min_val == float("inf") and self.max_val == float("-inf"):
+            warnings.warn(
+                "HistogramObserver has seen no data; returning scale=1.0, zero_point=0",
+                UserWarning,
+                stacklevel=2,
+            )
+            return qmath.default_qparams(self.min_val.device)
+        if self.histogram.numel() != self.bins:
+            raise ValueError(
+                f"HistogramObserver has a histogram of {self.histogram.numel()} bins but bins={self.bins}; "
+                "load a state dict saved with the same number of bins"
+            )
+        new_min, new_max = qmath.histogram_search_range(self.histogram, self.min_val, self.max_val, self.dst_nbins)
+        return self._calculate_qparams(new_min, new_max)
+
+    def reset_min_max_vals(self) -> None:
+        """Forget all statistics (histogram and range)."""
+        self.histogram.zero_()
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+
+    def extra_repr(self) -> str:
+        count = float(self.histogram.sum())
+        return f"bins={self.bins}, {self._config_repr()}, min_val={self.min_val}, max_val={self.max_val}, count={count:g}"
+
+
+# ----------------------------------------------------------------------------------------
+# Observers without statistics
+# ----------------------------------------------------------------------------------------
+
+
+class FixedQParamsObserver(ObserverBase):
+    """Always reports the given (scale, zero_point): for ops with a fixed output range such as
+    sigmoid ([0, 1]: 1/256, 0) and tanh ([-1, 1]: 2/256, 128). Buffers ``scale`` (float32 [1])
+    and ``zero_point`` (int32 [1])."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(
+        self,
+        scale: float,
+        zero_point: int,
+        dtype: torch.dtype = torch.quint8,
+        qscheme: torch.qscheme = torch.per_tensor_affine,
+        quant_min: int = 0,
+        quant_max: int = 255,
+        is_dynamic: bool = False,
+    ) -> None:
+        _reject_dynamic("FixedQParamsObserver", is_dynamic)
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        _require_qscheme("FixedQParamsObserver", qscheme, qmath.PER_TENSOR_QSCHEMES)
+        self.quant_min, self.quant_max = qmath.quant_range(dtype, quant_min, quant_max)
+        if not self.quant_min <= zero_point <= self.quant_max:
+            raise ValueError(
+                f"FixedQParamsObserver: zero_point {zero_point} is outside [{quant_min}, {quant_max}]"
+            )
+        if not scale > 0:
+            raise ValueError(f"FixedQParamsObserver: scale must be positive, got {scale}")
+        self.qscheme = qscheme
+        self.register_buffer("scale", torch.tensor([scale], dtype=torch.float))
+        self.register_buffer("zero_point", torch.tensor([zero_point], dtype=torch.int))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale, self.zero_point
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, scale={self.scale.item()}, zero_point={self.zero_point.item()}"
+
+
+class PlaceholderObserver(ObserverBase):
+    """Records nothing; carries the target ``dtype`` (e.g. float16) and ``is_dynamic`` to
+    convert. Dynamic activations get their qparams at run time, float16 has none."""
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float32,
+        custom_op_name: str = "",
+        compute_dtype: torch.dtype | None = None,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        qscheme: torch.qscheme | None = None,
+        eps: float | None = None,
+        is_dynamic: bool = False,
+    ) -> None:
+        if compute_dtype is not None:
+            warnings.warn(
+                "PlaceholderObserver(compute_dtype=...) is deprecated; use is_dynamic=True",
+                FutureWarning,
+                stacklevel=2,
+            )
+            is_dynamic = True
+        super().__init__(dtype=dtype, is_dynamic=is_dynamic)
+        if quant_min is not None and quant_max is not None and not qmath.is_float_dtype(dtype):
+            qmath.quant_range(dtype, quant_min, quant_max)  # validates the range
+        self.qscheme = torch.per_tensor_affine if qscheme is None else qscheme
+        self.quant_min = quant_min
+        self.quant_max = quant_max
+        self.eps = _FLOAT32_EPS if eps is None else eps
+        self.custom_op = custom_op_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, is_dynamic={self.is_dynamic}"
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError(
+            f"PlaceholderObserver(dtype={self.dtype}, is_dynamic={self.is_dynamic}) has no qparams: "
+            "dynamic quantization computes them at run time and float dtypes need none"
+        )
+
+
+class NoopObserver(ObserverBase):
+    """Records nothing; marks a tensor that stays in ``dtype`` (default float16)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float16, custom_op_name: str = "") -> None:
+        super().__init__(dtype=dtype, is_dynamic=False)
+        self.custom_op = custom_op_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}"
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("NoopObserver has no qparams")
+
+
+class ReuseInputObserver(ObserverBase):
+    """Marker for ops such as ``reshape`` whose output shares the observer (and qparams) of
+    their input: insert_observers reuses the input's observer instead of adding one; an
+    unobserved input leaves the output unobserved too."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.quint8, is_dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return "reuses the input's observer"
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("ReuseInputObserver has no qparams of its own: use the input's observer")
+
+
+# ----------------------------------------------------------------------------------------
+# Defaults (definitions as in torch.ao.quantization.observer)
+# ----------------------------------------------------------------------------------------
+
+default_observer = MinMaxObserver.with_args(quant_min=0, quant_max=127)
+"""quint8 activations restricted to [0, 127] (same qparams as reduce_range=True)."""
+
+default_placeholder_observer = PlaceholderObserver.with_args()
+default_weight_observer = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+weight_observer_range_neg_127_to_127 = MinMaxObserver.with_args(
+    dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-127, quant_max=127, eps=2**-12
+)
+default_histogram_observer = HistogramObserver.with_args(quant_min=0, quant_max=127)
+default_per_channel_weight_observer = PerChannelMinMaxObserver.with_args(
+    dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+)
+per_channel_weight_observer_range_neg_127_to_127 = PerChannelMinMaxObserver.with_args(
+    dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-127, quant_max=127, eps=2**-12
+)
+default_dynamic_quant_observer = PlaceholderObserver.with_args(
+    dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True
+)
+default_float_qparams_observer = PerChannelMinMaxObserver.with_args(
+    dtype=torch.quint8, qscheme=torch.per_channel_affine_float_qparams, ch_axis=0
+)
+default_float_qparams_observer_4bit = PerChannelMinMaxObserver.with_args(
+    dtype=torch.quint4x2, qscheme=torch.per_channel_affine_float_qparams, ch_axis=0
+)
+default_fixed_qparams_range_neg1to1_observer = FixedQParamsObserver.with_args(
+    scale=2.0 / 256.0, zero_point=128, dtype=torch.quint8, quant_min=0, quant_max=255
+)
+default_fixed_qparams_range_0to1_observer = FixedQParamsObserver.with_args(
+    scale=1.0 / 256.0, zero_point=0, dtype=torch.quint8, quant_min=0, quant_max=255
+)
+default_reuse_input_observer = ReuseInputObserver.with_args()
