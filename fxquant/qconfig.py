@@ -1,0 +1,501 @@
+"""QConfig (which observers a tensor gets) and QConfigMapping (which QConfig each op gets).
+
+Precedence of QConfigMapping rules, highest first (as torch.ao FX graph mode):
+
+    module_name_object_type_order  >  module_name  >  module_name_regex  >  object_type  >  global
+
+* ``module_name`` walks up the module path: a rule for ``"a.b"`` applies to ``"a.b.c"`` too.
+* ``module_name_regex`` patterns are tried with ``re.match`` in the order they were first
+  registered; the first that matches wins (re-setting a pattern keeps its position).
+* ``object_type`` is a module class, a function (``F.relu``, ``torch.add``) or a method name
+  (``"reshape"``). For a function or method call inside a module whose *class* has an
+  object_type rule, that enclosing-class rule wins over the function's own (torch's behaviour;
+  pass ``scope_type`` to :meth:`QConfigMapping.resolve`).
+* A ``None`` qconfig means "leave this op in float".
+
+"Reuse input" qconfig: ops such as ``reshape`` get :data:`default_reuse_input_qconfig`
+(activation ``ReuseInputObserver``, weight ``NoopObserver``), meaning "the output shares the
+input's observer"; test for it with :func:`is_reuse_input_qconfig`.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from fxquant.observers import (
+    FixedQParamsObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    NoopObserver,
+    ObserverFactory,
+    PlaceholderObserver,
+    ReuseInputObserver,
+    default_dynamic_quant_observer,
+    default_fixed_qparams_range_0to1_observer,
+    default_fixed_qparams_range_neg1to1_observer,
+    default_float_qparams_observer,
+    default_float_qparams_observer_4bit,
+    default_observer,
+    default_per_channel_weight_observer,
+    default_placeholder_observer,
+    default_reuse_input_observer,
+    default_weight_observer,
+    factory_parts,
+)
+
+__all__ = [
+    "BACKENDS",
+    "FIXED_QPARAMS_OP_TO_OBSERVER",
+    "QConfig",
+    "QConfigMapping",
+    "default_dynamic_qconfig",
+    "default_per_channel_qconfig",
+    "default_qconfig",
+    "default_quint8_weight_qconfig",
+    "default_reuse_input_qconfig",
+    "describe_object_type",
+    "float16_dynamic_qconfig",
+    "float16_static_qconfig",
+    "float_qparams_weight_only_qconfig",
+    "float_qparams_weight_only_qconfig_4bit",
+    "get_default_qconfig",
+    "get_default_qconfig_mapping",
+    "is_reuse_input_qconfig",
+    "per_channel_dynamic_qconfig",
+    "qconfig_equals",
+    "resolve_backend",
+]
+
+BACKENDS: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
+
+
+# ----------------------------------------------------------------------------------------
+# QConfig
+# ----------------------------------------------------------------------------------------
+
+
+class _QConfigFields(NamedTuple):
+    activation: Callable[..., nn.Module] | None
+    weight: Callable[..., nn.Module] | None
+
+
+def _check_factory(role: str, factory: Any) -> None:
+    if factory is None:
+        return
+    if isinstance(factory, nn.Module):
+        name = type(factory).__name__
+        raise ValueError(
+            f"QConfig {role} got an observer instance ({name}); pass a factory so each tensor "
+            f"gets its own observer: {name} or {name}.with_args(...)"
+        )
+    if not callable(factory):
+        raise ValueError(
+            f"QConfig {role} must be an observer class or factory (e.g. MinMaxObserver.with_args(...)) "
+            f"or None, got {factory!r}"
+        )
+
+
+class QConfig(_QConfigFields):
+    """Observer factories for an op's output activation and its weight.
+
+    Either may be None (no activation observer / no weight). Factories, not instances: every
+    observed tensor gets a fresh observer from them.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, activation: Callable[..., nn.Module] | None, weight: Callable[..., nn.Module] | None) -> QConfig:
+        _check_factory("activation", activation)
+        _check_factory("weight", weight)
+        return super().__new__(cls, activation, weight)
+
+
+QConfigAny = QConfig | None
+
+
+def _factories_equal(a: Any, b: Any) -> bool:
+    cls_a, kw_a = factory_parts(a)
+    cls_b, kw_b = factory_parts(b)
+    if cls_a is not cls_b or kw_a.keys() != kw_b.keys():
+        return False
+    inner_a, inner_b = kw_a.pop("observer", None), kw_b.pop("observer", None)  # fake-quant wrappers
+    if (inner_a is None) != (inner_b is None) or (inner_a is not None and not _factories_equal(inner_a, inner_b)):
+        return False
+    deferred_a = getattr(a, "callable_kwargs", {})
+    deferred_b = getattr(b, "callable_kwargs", {})
+    return kw_a == kw_b and deferred_a == deferred_b
+
+
+def qconfig_equals(a: QConfigAny, b: QConfigAny) -> bool:
+    """Whether two qconfigs build the same observers: same classes, same constructor args."""
+    if a is None or b is None:
+        return a is b
+    return _factories_equal(a.activation, b.activation) and _factories_equal(a.weight, b.weight)
+
+
+def is_reuse_input_qconfig(qconfig: QConfigAny) -> bool:
+    """True for the qconfig of ops whose output reuses the input's observer (e.g. reshape)."""
+    if qconfig is None or qconfig.activation is None or qconfig.weight is None:
+        return False
+    return factory_parts(qconfig.activation)[0] is ReuseInputObserver and factory_parts(qconfig.weight)[0] is NoopObserver
+
+
+default_qconfig = QConfig(activation=default_observer, weight=default_weight_observer)
+default_per_channel_qconfig = QConfig(activation=default_observer, weight=default_per_channel_weight_observer)
+default_dynamic_qconfig = QConfig(activation=default_dynamic_quant_observer, weight=default_weight_observer)
+per_channel_dynamic_qconfig = QConfig(
+    activation=default_dynamic_quant_observer, weight=default_per_channel_weight_observer
+)
+float16_dynamic_qconfig = QConfig(
+    activation=PlaceholderObserver.with_args(dtype=torch.float16, is_dynamic=True),
+    weight=PlaceholderObserver.with_args(dtype=torch.float16),
+)
+float16_static_qconfig = QConfig(
+    activation=PlaceholderObserver.with_args(dtype=torch.float16),
+    weight=PlaceholderObserver.with_args(dtype=torch.float16),
+)
+float_qparams_weight_only_qconfig = QConfig(
+    activation=default_placeholder_observer, weight=default_float_qparams_observer
+)
+float_qparams_weight_only_qconfig_4bit = QConfig(
+    activation=default_placeholder_observer, weight=default_float_qparams_observer_4bit
+)
+default_reuse_input_qconfig = QConfig(activation=default_reuse_input_observer, weight=NoopObserver.with_args())
+default_quint8_weight_qconfig = QConfig(activation=HistogramObserver.with_args(), weight=MinMaxObserver.with_args())
+
+
+# ----------------------------------------------------------------------------------------
+# Backends and default qconfigs
+# ----------------------------------------------------------------------------------------
+
+_X86_MACHINES = ("x86_64", "amd64", "x86", "i386", "i686")
+_ARM_MACHINES = ("arm64", "aarch64", "armv8l", "armv8b")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """A concrete backend name. ``"auto"`` picks by CPU: x86 on x86_64/AMD64, qnnpack on
+    arm64/aarch64. Other names are checked against :data:`BACKENDS` and returned as given."""
+    if backend == "auto":
+        machine = platform.machine().lower()
+        if machine in _X86_MACHINES:
+            return "x86"
+        if machine in _ARM_MACHINES:
+            return "qnnpack"
+        raise ValueError(
+            f"cannot pick a quantization backend automatically for machine {platform.machine()!r}; "
+            f"pass backend= one of {list(BACKENDS)}"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown quantization backend {backend!r}; use one of {list(BACKENDS)} or 'auto'")
+    return backend
+
+
+def get_default_qconfig(backend: str = "x86") -> QConfig:
+    """The default post-training qconfig of a backend (histogram activations, int8 weights):
+
+    * fbgemm, x86: activations ``HistogramObserver(reduce_range=True)``, per-channel weights;
+    * qnnpack: ``HistogramObserver(reduce_range=False)``, per-tensor symmetric weights;
+    * onednn: ``HistogramObserver(reduce_range=False)``, per-channel weights.
+    """
+    backend = resolve_backend(backend)
+    reduce_range = backend in ("fbgemm", "x86")
+    weight = default_weight_observer if backend == "qnnpack" else default_per_channel_weight_observer
+    return QConfig(activation=HistogramObserver.with_args(reduce_range=reduce_range), weight=weight)
+
+
+FIXED_QPARAMS_OP_TO_OBSERVER: Mapping[Callable | str, ObserverFactory] = types.MappingProxyType(
+    {
+        nn.Hardsigmoid: default_fixed_qparams_range_0to1_observer,
+        F.hardsigmoid: default_fixed_qparams_range_0to1_observer,
+        "hardsigmoid": default_fixed_qparams_range_0to1_observer,
+        "hardsigmoid_": default_fixed_qparams_range_0to1_observer,
+        nn.Sigmoid: default_fixed_qparams_range_0to1_observer,
+        torch.sigmoid: default_fixed_qparams_range_0to1_observer,
+        "sigmoid": default_fixed_qparams_range_0to1_observer,
+        "sigmoid_": default_fixed_qparams_range_0to1_observer,
+        nn.Softmax: default_fixed_qparams_range_0to1_observer,
+        nn.Tanh: default_fixed_qparams_range_neg1to1_observer,
+        torch.tanh: default_fixed_qparams_range_neg1to1_observer,
+        "tanh": default_fixed_qparams_range_neg1to1_observer,
+        "tanh_": default_fixed_qparams_range_neg1to1_observer,
+    }
+)
+"""Ops with a fixed output range and the observer giving their fixed qparams."""
+
+_CONV_TRANSPOSE_TYPES: tuple[Callable, ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    F.conv_transpose1d,
+    F.conv_transpose2d,
+    F.conv_transpose3d,
+)
+
+
+def get_default_qconfig_mapping(backend: str = "auto") -> QConfigMapping:
+    """The default post-training QConfigMapping of a backend, as torch.ao builds it:
+
+    global ``get_default_qconfig(backend)``, plus
+      * ``"reshape"``: :data:`default_reuse_input_qconfig`;
+      * ConvTranspose1/2/3d and F.conv_transpose1/2/3d: per-tensor weights on fbgemm/x86
+        (no per-channel transposed conv kernels there), else the global qconfig;
+      * F.layer_norm / nn.LayerNorm: the global activation, float (placeholder) weight;
+      * nn.PReLU: :data:`default_quint8_weight_qconfig`;
+      * sigmoid / hardsigmoid / softmax / tanh: fixed qparams (see FIXED_QPARAMS_OP_TO_OBSERVER).
+    ``mapping.backend`` records the resolved backend.
+    """
+    backend = resolve_backend(backend)
+    qconfig = get_default_qconfig(backend)
+    transpose = QConfig(qconfig.activation, default_weight_observer) if backend in ("fbgemm", "x86") else qconfig
+    layernorm = QConfig(qconfig.activation, default_placeholder_observer)
+    mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
+    for op in _CONV_TRANSPOSE_TYPES:
+        mapping.set_object_type(op, transpose)
+    mapping.set_object_type(F.layer_norm, layernorm).set_object_type(nn.LayerNorm, layernorm)
+    mapping.set_object_type(nn.PReLU, default_quint8_weight_qconfig)
+    fixed: dict[ObserverFactory, QConfig] = {}
+    for op, observer in FIXED_QPARAMS_OP_TO_OBSERVER.items():
+        mapping.set_object_type(op, fixed.setdefault(observer, QConfig(observer, default_weight_observer)))
+    mapping.backend = backend
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------
+# QConfigMapping
+# ----------------------------------------------------------------------------------------
+
+_GLOBAL_KEY = ""
+_OBJECT_TYPE_KEY = "object_type"
+_REGEX_KEY = "module_name_regex"
+_MODULE_NAME_KEY = "module_name"
+_ORDER_KEY = "module_name_object_type_order"
+_DICT_KEYS = (_GLOBAL_KEY, _OBJECT_TYPE_KEY, _REGEX_KEY, _MODULE_NAME_KEY, _ORDER_KEY)
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def describe_object_type(obj: Any) -> str:
+    """A short readable name: nn.Linear, F.relu, torch.add, 'reshape', operator.add."""
+    if isinstance(obj, str):
+        return repr(obj)
+    name = getattr(obj, "__name__", None)
+    module = getattr(obj, "__module__", None) or ""
+    if name is None:
+        return repr(obj)
+    if isinstance(obj, type) and module.startswith("torch.nn.modules") and getattr(nn, name, None) is obj:
+        return f"nn.{name}"
+    if getattr(F, name, None) is obj:
+        return f"F.{name}"
+    if getattr(torch, name, None) is obj:
+        return f"torch.{name}"
+    if module in ("operator", "_operator"):
+        return f"operator.{name}"
+    return getattr(obj, "__qualname__", name)
+
+
+def _check_qconfig_value(where: str, qconfig: Any) -> None:
+    if qconfig is None or (isinstance(qconfig, tuple) and hasattr(qconfig, "activation") and hasattr(qconfig, "weight")):
+        return
+    raise TypeError(f"{where}: expected a QConfig or None (None keeps the op in float), got {qconfig!r}")
+
+
+def _is_module_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, nn.Module)
+
+
+class QConfigMapping:
+    """Which QConfig each op gets; see the module docstring for precedence.
+
+    The rule tables keep torch.ao's attribute names (``global_qconfig``,
+    ``object_type_qconfigs``, ``module_name_regex_qconfigs``, ``module_name_qconfigs``,
+    ``module_name_object_type_order_qconfigs``). ``backend`` names the backend the mapping
+    was built for by :func:`get_default_qconfig_mapping` (None for hand-made mappings).
+    """
+
+    def __init__(self) -> None:
+        self.global_qconfig: QConfigAny = None
+        self.object_type_qconfigs: OrderedDict[Callable | str, QConfigAny] = OrderedDict()
+        self.module_name_regex_qconfigs: OrderedDict[str, QConfigAny] = OrderedDict()
+        self.module_name_qconfigs: OrderedDict[str, QConfigAny] = OrderedDict()
+        self.module_name_object_type_order_qconfigs: OrderedDict[tuple[str, Callable, int], QConfigAny] = OrderedDict()
+        self.backend: str | None = None
+
+    # -- setters (each returns self) -------------------------------------------------------
+
+    def set_global(self, global_qconfig: QConfigAny) -> QConfigMapping:
+        _check_qconfig_value("set_global", global_qconfig)
+        self.global_qconfig = global_qconfig
+        return self
+
+    def set_object_type(self, object_type: Callable | str, qconfig: QConfigAny) -> QConfigMapping:
+        """For a module class, a function (F.relu, torch.add) or a method name ("reshape")."""
+        if not (isinstance(object_type, str) or callable(object_type)):
+            raise TypeError(
+                "set_object_type: object_type must be a module class, a function or a method name "
+                f"string, got {object_type!r}"
+            )
+        _check_qconfig_value(f"set_object_type({describe_object_type(object_type)})", qconfig)
+        self.object_type_qconfigs[object_type] = qconfig
+        return self
+
+    def set_module_name_regex(self, module_name_regex: str, qconfig: QConfigAny) -> QConfigMapping:
+        """For modules whose path ``re.match``-es the pattern; earlier patterns win."""
+        try:
+            re.compile(module_name_regex)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"set_module_name_regex: invalid regex {module_name_regex!r}: {err}") from err
+        _check_qconfig_value(f"set_module_name_regex({module_name_regex!r})", qconfig)
+        self.module_name_regex_qconfigs[module_name_regex] = qconfig
+        return self
+
+    def set_module_name(self, module_name: str, qconfig: QConfigAny) -> QConfigMapping:
+        """For the module at this path and everything inside it."""
+        if not isinstance(module_name, str):
+            raise TypeError(f"set_module_name: module_name must be a str path like 'layer1.0', got {module_name!r}")
+        if module_name == "":
+            raise ValueError("set_module_name: the empty path names the root module; use set_global(qconfig)")
+        _check_qconfig_value(f"set_module_name({module_name!r})", qconfig)
+        self.module_name_qconfigs[module_name] = qconfig
+        return self
+
+    def set_module_name_object_type_order(
+        self, module_name: str, object_type: Callable, index: int, qconfig: QConfigAny
+    ) -> QConfigMapping:
+        """For the `index`-th (0-based) call of `object_type` directly inside module `module_name`."""
+        if not isinstance(module_name, str):
+            raise TypeError(f"set_module_name_object_type_order: module_name must be a str, got {module_name!r}")
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"set_module_name_object_type_order: index must be an int >= 0, got {index!r}")
+        _check_qconfig_value("set_module_name_object_type_order", qconfig)
+        self.module_name_object_type_order_qconfigs[(module_name, object_type, index)] = qconfig
+        return self
+
+    # -- lookup ----------------------------------------------------------------------------
+
+    def resolve(
+        self,
+        module_path: str,
+        object_type: Callable | str | None,
+        order_index: int | None = None,
+        *,
+        scope_type: type | None = None,
+    ) -> tuple[QConfigAny, str]:
+        """The QConfig of one op and the reason naming the rule that decided it.
+
+        module_path: for a module call its own path ("sub.linear1"); for a function or method
+            call the path of the module it runs in ("" at top level).
+        object_type: the module class, the function, or the method name.
+        order_index: how many earlier calls of `object_type` the same module made (0-based);
+            for a module call, counted among its parent's children (its order rule is keyed
+            by the parent's path), as torch does. None skips order rules.
+        scope_type: for function/method calls, the class of the enclosing module; its
+            object_type rule outranks the function's own.
+        """
+        for find in (self._by_order, self._by_module_name, self._by_regex):
+            found = find(module_path, object_type, order_index)
+            if found is not None:
+                return found
+        found = self._by_object_type(object_type, scope_type)
+        if found is not None:
+            return found
+        return self.global_qconfig, _reason("global", self.global_qconfig)
+
+    def _by_order(self, module_path: str, object_type: Any, order_index: int | None) -> _Found | None:
+        if order_index is None or object_type is None:
+            return None
+        scope = _parent(module_path) if _is_module_class(object_type) else module_path
+        for (name, kind, index), qconfig in self.module_name_object_type_order_qconfigs.items():
+            if name == scope and kind == object_type and index == order_index:
+                what = f"module_name_object_type_order ({name!r}, {describe_object_type(kind)}, {index})"
+                return qconfig, _reason(what, qconfig)
+        return None
+
+    def _by_module_name(self, module_path: str, object_type: Any, order_index: int | None) -> _Found | None:
+        path = module_path
+        while path != "":
+            if path in self.module_name_qconfigs:
+                qconfig = self.module_name_qconfigs[path]
+                inherited = f" (parent of {module_path!r})" if path != module_path else ""
+                return qconfig, _reason(f"module_name {path!r}{inherited}", qconfig)
+            path = _parent(path)
+        return None
+
+    def _by_regex(self, module_path: str, object_type: Any, order_index: int | None) -> _Found | None:
+        for pattern, qconfig in self.module_name_regex_qconfigs.items():
+            if re.match(pattern, module_path):
+                return qconfig, _reason(f"module_name_regex {pattern!r}", qconfig)
+        return None
+
+    def _by_object_type(self, object_type: Any, scope_type: type | None) -> _Found | None:
+        if scope_type is not None and scope_type in self.object_type_qconfigs:
+            qconfig = self.object_type_qconfigs[scope_type]
+            return qconfig, _reason(f"object_type {describe_object_type(scope_type)} (enclosing module)", qconfig)
+        if object_type is not None and object_type in self.object_type_qconfigs:
+            qconfig = self.object_type_qconfigs[object_type]
+            return qconfig, _reason(f"object_type {describe_object_type(object_type)}", qconfig)
+        return None
+
+    # -- torch qconfig_dict format --------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """torch's qconfig_dict: {"": global, "object_type": [(type, qconfig)], "module_name_regex":
+        [...], "module_name": [...], "module_name_object_type_order": [(name, type, index, qconfig)]}."""
+        return {
+            _GLOBAL_KEY: self.global_qconfig,
+            _OBJECT_TYPE_KEY: list(self.object_type_qconfigs.items()),
+            _REGEX_KEY: list(self.module_name_regex_qconfigs.items()),
+            _MODULE_NAME_KEY: list(self.module_name_qconfigs.items()),
+            _ORDER_KEY: [(*key, qconfig) for key, qconfig in self.module_name_object_type_order_qconfigs.items()],
+        }
+
+    @classmethod
+    def from_dict(cls, qconfig_dict: Mapping[str, Any]) -> QConfigMapping:
+        """Inverse of :meth:`to_dict`; every key is optional, unknown keys are an error."""
+        unknown = [key for key in qconfig_dict if key not in _DICT_KEYS]
+        if unknown:
+            raise ValueError(f"qconfig_dict has unknown keys {unknown}; allowed keys are {list(_DICT_KEYS)}")
+        mapping = cls()
+        if _GLOBAL_KEY in qconfig_dict:
+            mapping.set_global(qconfig_dict[_GLOBAL_KEY])
+        for object_type, qconfig in qconfig_dict.get(_OBJECT_TYPE_KEY, []):
+            mapping.set_object_type(object_type, qconfig)
+        for pattern, qconfig in qconfig_dict.get(_REGEX_KEY, []):
+            mapping.set_module_name_regex(pattern, qconfig)
+        for name, qconfig in qconfig_dict.get(_MODULE_NAME_KEY, []):
+            mapping.set_module_name(name, qconfig)
+        for name, object_type, index, qconfig in qconfig_dict.get(_ORDER_KEY, []):
+            mapping.set_module_name_object_type_order(name, object_type, index, qconfig)
+        return mapping
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} (backend={self.backend!r}", f" global_qconfig\n  {self.global_qconfig}"]
+        for title in ("object_type_qconfigs", "module_name_regex_qconfigs", "module_name_qconfigs",
+                      "module_name_object_type_order_qconfigs"):
+            table = getattr(self, title)
+            lines.append(f" {title}")
+            lines.extend(f"  {_describe_key(key)}: {qconfig}" for key, qconfig in table.items())
+        return "\n".join(lines) + "\n)"
+
+
+_Found = tuple[QConfigAny, str]
+
+
+def _describe_key(key: Any) -> str:
+    if isinstance(key, tuple):
+        return "(" + ", ".join(describe_object_type(part) if callable(part) else repr(part) for part in key) + ")"
+    return describe_object_type(key)
+
+
+def _reason(rule: str, qconfig: QConfigAny) -> str:
+    return f"{rule} → None" if qconfig is None else rule
