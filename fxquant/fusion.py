@@ -86,6 +86,12 @@ def _linear_bn(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]
     return _fold().fold_linear_bn_eval(mods[0], mods[1])
 
 
+def _linear_bn_relu(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
+    if training:
+        return None  # no QAT LinearBnReLU module: linear-bn fuses, the ReLU stays apart
+    return _fused().LinearReLU(_fold().fold_linear_bn_eval(mods[0], mods[1]), nn.ReLU())
+
+
 def _bn_relu(d: int) -> Builder:
     def build(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
         return getattr(_fused(), f"BNReLU{d}d")(mods[0], nn.ReLU())
@@ -96,10 +102,6 @@ def _convt_bn(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
     if training:
         return None  # no QAT module folds BatchNorm into a transposed conv: left unfused
     return _fold().fold_conv_bn_eval(mods[0], mods[1])
-
-
-def _same_features(a: int, b: int):
-    return lambda mods: True
 
 
 def default_module_fusions() -> tuple[ModuleFusion, ...]:
@@ -119,6 +121,9 @@ def default_module_fusions() -> tuple[ModuleFusion, ...]:
         table.append(ModuleFusion(Chain(Op(_BN[d], name="bn"), RELU, name=f"bn{d}d_relu"),
                                   _bn_relu(d), f"BatchNorm{d}d + ReLU"))
     table += [
+        ModuleFusion(Chain(Op(nn.Linear, name="linear"), Op(nn.BatchNorm1d, name="bn"), RELU,
+                           name="linear_bn_relu"), _linear_bn_relu,
+                     "Linear + BatchNorm1d + ReLU"),
         ModuleFusion(Chain(Op(nn.Linear, name="linear"), Op(nn.BatchNorm1d, name="bn"),
                            name="linear_bn"), _linear_bn, "Linear + BatchNorm1d"),
         ModuleFusion(Chain(Op(nn.Linear, name="linear"), RELU, name="linear_relu"), _linear_relu,

@@ -45,10 +45,46 @@ class LowerCtx:
     def module(self) -> nn.Module:
         return self.modules[self.node.target]
 
+    def probe(self, fn: Callable[..., Any], keys: tuple[Any, ...] = (0,),
+              extra: tuple[Any, ...] = ()) -> Optional[str]:
+        """Run ``fn`` on quantized zeros shaped like the real inputs (under the current engine).
+        Returns None when the kernel ran, else the first line of its error: the engine has no
+        kernel for this case, and the op must stay float rather than fail at run time."""
+        if any(isinstance(a, fx.Node) for a in extra):
+            return None  # arguments only known at run time
+        args = []
+        for key in keys:
+            sample = _sample_quantized(self.qinputs[key])
+            if sample is None:
+                return None  # no example shape recorded: nothing to probe with
+            args.append(sample)
+        try:
+            with torch.no_grad():
+                fn(*args, *extra)
+        except Exception as e:  # noqa: BLE001 - any failure means "no kernel here"
+            return str(e).strip().splitlines()[0][:200]
+        return None
+
     def set_module(self, new: nn.Module) -> None:
         from fxquant.passes.fuse import _set_submodule
 
         _set_submodule(self.gm, self.node.target, new)
+
+
+def _sample_quantized(node: fx.Node) -> Optional[torch.Tensor]:
+    from fxquant.backends.reference_ops import is_quantize, quantize_qparams
+    from fxquant.meta import qinfo
+
+    info = qinfo(node)
+    if info.value is None or info.value.shape is None:
+        return None
+    if is_quantize(node):
+        scale, zp, dtype = quantize_qparams(node)
+    elif info.qparams:
+        scale, zp, dtype = info.qparams["scale"], info.qparams["zero_point"], info.qparams["dtype"]
+    else:
+        return None
+    return torch.quantize_per_tensor(torch.zeros(info.value.shape), scale, zp, dtype)
 
 
 Lowered = Union[fx.Node, NoMatch]

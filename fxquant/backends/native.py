@@ -29,7 +29,11 @@ def lower_weighted(ctx: LowerCtx) -> Lowered:
                                     _float_class(core)))
     if qcls is None:
         return NoMatch(f"no quantized module for {type(ctx.module).__name__}")
-    ctx.set_module(qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point))
+    qmod = qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point)
+    err = ctx.probe(qmod)
+    if err:
+        return NoMatch(f"{qcls.__name__} does not run on this engine: {err}")
+    ctx.set_module(qmod)
     return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
 
 
@@ -41,7 +45,11 @@ def lower_batch_norm(ctx: LowerCtx) -> Lowered:
     mod = ctx.module
     qcls = {nn.BatchNorm2d: q.BatchNorm2d, nn.BatchNorm3d: q.BatchNorm3d,
             fused.BNReLU2d: q.BNReLU2d, fused.BNReLU3d: q.BNReLU3d}[type(mod)]
-    ctx.set_module(qcls.from_float(mod, None, ctx.out_scale, ctx.out_zero_point))
+    qmod = qcls.from_float(mod, None, ctx.out_scale, ctx.out_zero_point)
+    err = ctx.probe(qmod)
+    if err:
+        return NoMatch(f"{qcls.__name__} does not run on this engine: {err}")
+    ctx.set_module(qmod)
     return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
 
 
@@ -49,10 +57,34 @@ def lower_same_op(ctx: LowerCtx) -> Lowered:
     """The op runs as written on the quantized tensor (pooling, relu, flatten, ...): the kernel
     keeps the input's scale and zero point, which the shared observer made the output's."""
     node = ctx.node
+    err = ctx.probe(_callable_of(ctx), extra=tuple(node.args[1:]))
+    if err:
+        return NoMatch(f"{_op_label(ctx)} has no quantized kernel on this engine: {err}")
     args = list(node.args)
     args[0] = ctx.qinputs[0]
     ctx.kernel = f"{_op_label(ctx)} on the quantized tensor"
     return ctx.gm.graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
+
+
+def lower_same_op_contiguous(ctx: LowerCtx) -> Lowered:
+    """As lower_same_op, on a contiguous copy of the input: qnnpack's clamp-family kernels
+    (hardtanh, relu6, clamp) give wrong values on channels-last tensors, which is what every
+    quantized conv returns (seen on torch 2.13: errors up to the full clamp range)."""
+    node = ctx.node
+    args = list(node.args)
+    contiguous = ctx.gm.graph.call_method("contiguous", (ctx.qinputs[0],))
+    args[0] = contiguous
+    ctx.kernel = f"{_op_label(ctx)} on the quantized tensor (made contiguous first: qnnpack)"
+    return ctx.gm.graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
+
+
+def _callable_of(ctx: LowerCtx) -> Any:
+    node = ctx.node
+    if node.op == "call_module":
+        return ctx.module
+    if node.op == "call_method":
+        return lambda x, *rest: getattr(x, node.target)(*rest, **node.kwargs)
+    return lambda x, *rest: node.target(x, *rest, **node.kwargs)
 
 
 def _op_label(ctx: LowerCtx) -> str:
@@ -135,14 +167,15 @@ def _weighted_table() -> None:
 _weighted_table()
 
 SHARED_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                  nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                  nn.ReLU6, nn.Hardtanh)
-SHARED_FUNCTIONS = (F.relu, F.relu6, F.hardtanh, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                  nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+SHARED_FUNCTIONS = (F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten)
+CLAMP_FAMILY = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh)
 
 
-def native_rules() -> tuple[Rule, ...]:
+def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
+    """``clamp_needs_contiguous``: the engine's clamp kernels mishandle channels-last input."""
     rules = [
         Rule("linear", Op(nn.Linear), WEIGHTED, "quantized::linear", lower_weighted),
         Rule("linear_relu", Op(fused.LinearReLU), WEIGHTED, "quantized::linear_relu",
@@ -176,5 +209,7 @@ def native_rules() -> tuple[Rule, ...]:
              lower_same_op),
         Rule("shared_function", Op(*SHARED_FUNCTIONS), SHARED, "same op on the quantized tensor",
              lower_same_op),
+        Rule("clamp_family", Op(*CLAMP_FAMILY), SHARED, "same op on the quantized tensor",
+             lower_same_op_contiguous if clamp_needs_contiguous else lower_same_op),
     ]
     return tuple(rules)

@@ -26,7 +26,6 @@ packed for. These modules therefore never serialize packed objects themselves:
 
 float16 packing (``linear_prepack_fp16``) exists only on the fbgemm/x86 engines.
 """
-from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
@@ -351,14 +350,15 @@ class Linear(_PackedWeightsModule):
         return _unpack_linear(self._packed, self.dtype)[0]
 
     def bias(self) -> Optional[Tensor]:
-        return _unpack_linear(self._packed, self.dtype)[1]
+        # qnnpack unpacks a missing bias as zeros, so has_bias decides
+        return _unpack_linear(self._packed, self.dtype)[1] if self.has_bias else None
 
     def _state_keys(self) -> List[str]:
         return ["weight", "bias"] if self.has_bias else ["weight"]
 
     def _unpacked_state(self) -> Dict[str, Tensor]:
         w, b = _unpack_linear(self._packed, self.dtype)
-        return {"weight": w, "bias": b} if b is not None else {"weight": w}
+        return {"weight": w, "bias": b} if self.has_bias and b is not None else {"weight": w}
 
     def _set_unpacked_state(self, state: Mapping[str, Tensor]) -> None:
         self.set_weight_bias(state["weight"], state.get("bias"))
