@@ -114,8 +114,8 @@ class _PackedWeighted(_QuantizedBase):
     _WEIGHT_CH_AXIS = 0
 
     def _init_packed(self, weight_shape: list[int], bias: bool) -> None:
-        self._packed_params: Any = None
-        self._unpacked_copy: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._packed_params = None
+        self._unpacked_copy = None  # (weight, bias) where the engine cannot unpack
         w = torch._empty_affine_quantized(weight_shape, scale=1.0, zero_point=0,
                                           dtype=torch.qint8)
         self.set_weight_bias(w, torch.zeros(self._out_channels()) if bias else None)
@@ -254,7 +254,13 @@ class _PackedWeighted(_QuantizedBase):
     @classmethod
     def from_reference(cls, ref_mod: nn.Module, output_scale: float,
                        output_zero_point: int) -> Any:
-        """Quantized module from a fxquant.nn.reference module and the output qparams."""
+        """Quantized module from a fxquant.nn.reference module and the output qparams.
+
+        The ReLU kinds also take their fused float container holding the reference module
+        as its first child (the ReLU is what the class fuses).
+        """
+        if cls._FUSED is not None and isinstance(ref_mod, cls._FUSED):
+            ref_mod = ref_mod[0]
         if not isinstance(ref_mod, cls._REFERENCE):
             raise TypeError(f"{cls._NAME}.from_reference takes a reference "
                             f"{cls._REFERENCE.__name__} (fxquant.nn.reference), "

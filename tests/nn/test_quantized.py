@@ -236,6 +236,10 @@ def test_from_reference_equals_from_float_and_tracks_reference_numerics(case: Ca
         lowered = case.cls.from_reference(ref, OUT_SCALE, OUT_ZP)
         x = qinput(case.input_shape)
         assert torch.equal(ints(lowered(x)), ints(ours(x)))
+        if isinstance(fmod, fused.FusedModule):  # the container form: (reference, ReLU)
+            fmod[0] = ref
+            from_container = case.cls.from_reference(fmod, OUT_SCALE, OUT_ZP)
+            assert torch.equal(ints(from_container(x)), ints(ours(x)))
         expected = ref(x.dequantize())
         if isinstance(fmod, fused.FusedModule):
             expected = F.relu(expected)
