@@ -86,7 +86,9 @@ class ReferenceWeighted:
         for name in ("weight_axis", "weight_quant_min", "weight_quant_max"):
             destination[prefix + name] = torch.tensor(getattr(self, name), dtype=torch.int64)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict,
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         meta = {k: state_dict.pop(prefix + k) for k in _META_KEYS if prefix + k in state_dict}
         scale = state_dict.get(prefix + "weight_scale")
         zero_point = state_dict.get(prefix + "weight_zero_point")
@@ -96,11 +98,11 @@ class ReferenceWeighted:
                 int(meta["weight_axis"]), int(meta["weight_quant_min"]),
                 int(meta["weight_quant_max"]),
             ))
-        elif meta:
-            missing = sorted(set(_META_KEYS) - set(meta))
-            raise KeyError(f"{prefix or 'state_dict'}: incomplete weight qparams, missing "
-                           f"{missing}; save it with this module's state_dict()")
-        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+        else:
+            missing_keys.extend(prefix + k for k in _META_KEYS if k not in meta)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _extra_qparams_repr(self) -> str:
         per_channel = self._quant_axis >= 0

@@ -248,7 +248,7 @@ def test_incomplete_qparams_in_state_dict_is_an_error() -> None:
     _, _, ref = build("Linear", channel=False)
     sd = ref.state_dict()
     del sd["weight_qscheme"]
-    with pytest.raises(KeyError, match="missing.*weight_qscheme"):
+    with pytest.raises(RuntimeError, match="Missing key.*weight_qscheme"):
         R.Linear(6, 5).load_state_dict(sd)
 
 
