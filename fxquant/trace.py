@@ -29,9 +29,9 @@ class TraceConfig:
 
 
 class QuantTracer(fx.Tracer):
-    def __init__(self, config: TraceConfig) -> None:
+    def __init__(self, config: Optional[TraceConfig] = None) -> None:
         super().__init__()
-        self.config = config
+        self.config = config or TraceConfig()  # no config: re-tracing generated code on load
         self.record_stack_traces = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -65,6 +65,7 @@ def trace(model: nn.Module, config: Optional[TraceConfig] = None, *, copy_model:
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = root.training
     annotate_trace_meta(gm)
+    gm.recompile()
     return gm
 
 
@@ -73,6 +74,10 @@ def annotate_trace_meta(gm: fx.GraphModule) -> None:
     modules = dict(gm.named_modules())
     handle = 0
     for node in gm.graph.nodes:
+        # Type annotations are not used by fxquant, and string ones (``from __future__ import
+        # annotations`` in the user's file) break both torch.jit.script and pickling of the
+        # generated code.
+        node.type = None
         info = qinfo(node)
         info.module_path = module_path_of(node)
         info.source = source_line(node)
