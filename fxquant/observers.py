@@ -31,6 +31,7 @@ picklable, comparable recipe; call it to build a fresh observer, chain ``.with_a
 
 from __future__ import annotations
 
+import functools
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
@@ -111,6 +112,12 @@ class ObserverFactory:
     @property
     def callable_kwargs(self) -> dict[str, Callable[[], Any]]:
         return dict(self._callable_kwargs)
+
+    @property
+    def p(self) -> functools.partial:
+        """The fixed part as a functools.partial, for code written against torch.ao's
+        ``_PartialWrapper.p``."""
+        return functools.partial(self._cls, **self._kwargs)
 
     def __call__(self, *args: Any, **overrides: Any) -> nn.Module:
         kwargs = dict(self._kwargs)
