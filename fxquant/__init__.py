@@ -7,6 +7,7 @@
         prepared(batch)
     quantized = fxquant.convert_fx(prepared)
 """
+from fxquant import report
 from fxquant.api import convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx
 from fxquant.errors import FxQuantError, PassFailed
 from fxquant.pipeline import Pass, PassContext, PassManager, PassResult

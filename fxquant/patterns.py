@@ -73,6 +73,9 @@ class Op:
 def target_name(t: Any) -> str:
     if isinstance(t, str):
         return f".{t}()"
+    qualified = getattr(t, "_qualified_op_name", None)
+    if isinstance(qualified, str):
+        return qualified  # torch.ops.quantized.add -> "quantized::add"
     if isinstance(t, type):
         return f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else t.__name__
     mod = getattr(t, "__module__", "") or ""
