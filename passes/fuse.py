@@ -75,6 +75,7 @@ def _fuse_modules(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node
                                    dict(first.kwargs))
     info = inherit(new, first)
     info.fused_from = tuple(_describe(n) for n in nodes)
+    info.debug_handle = qinfo(root).debug_handle  # the node whose output the fused node gives
     folded = " (BatchNorm folded into the weights)" if ("BatchNorm" in fusion.description
                                                          and not training) else ""
     record(new, Fuse.name, "fuse", f"{fusion.description} → {type(fused).__name__}{folded}",

@@ -49,9 +49,22 @@ def _object_types(node: fx.Node, modules: dict) -> list[Any]:
     return types
 
 
+def _scope_type(node: fx.Node) -> Optional[type]:
+    """Class of the module whose forward runs a function/method call (None at top level)."""
+    if node.op == "call_module":
+        return None
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    last = list(stack.values())[-1]
+    return last[1] if isinstance(last, tuple) and isinstance(last[1], type) else None
+
+
 def _resolve(mapping: Any, node: fx.Node, modules: dict, index: Optional[int]) -> tuple[Any, str]:
     path = qinfo(node).module_path
-    results = [mapping.resolve(path, t, index) for t in _object_types(node, modules)]
+    scope = _scope_type(node)
+    results = [mapping.resolve(path, t, index, scope_type=scope)
+               for t in _object_types(node, modules)]
     for qconfig, reason in results:
         if reason.startswith(("module_name_object_type_order", "object_type")):
             return qconfig, reason

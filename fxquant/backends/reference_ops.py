@@ -68,12 +68,20 @@ def weighted_core(module: nn.Module) -> tuple[nn.Module, Optional[nn.Module]]:
 def to_reference(module: nn.Module, weight_factory: Callable[[], nn.Module]
                  ) -> tuple[nn.Module, WeightQParams]:
     """The reference version of a (possibly fused) float weighted module; a fused module keeps
-    its container with the reference module as first child."""
+    its container with the reference module as first child.
+
+    A QAT module provides ``to_reference_parts() -> (float module, WeightQParams)``: the float
+    module (BatchNorm folded; a plain conv/linear or a fused ConvReLU/LinearReLU container) and
+    the qparams its weight fake-quant learned; ``weight_factory`` is then not used."""
+    wq = None
+    if hasattr(module, "to_reference_parts"):
+        module, wq = module.to_reference_parts()
     core, container = weighted_core(module)
-    ref_cls = _REFERENCE.get(type(core))
+    ref_cls = _REFERENCE.get(_float_class(core))
     if ref_cls is None:
         raise TypeError(f"no reference module for {type(core).__name__}")
-    wq = weight_qparams(core, weight_factory)
+    if wq is None:
+        wq = weight_qparams(core, weight_factory)
     ref = ref_cls.from_float(core, wq)
     if container is None:
         return ref, wq
@@ -81,6 +89,16 @@ def to_reference(module: nn.Module, weight_factory: Callable[[], nn.Module]
     return container, wq
 
 
+def _float_class(mod: nn.Module) -> Optional[type]:
+    """The torch.nn class a module is (QAT modules subclass theirs)."""
+    for cls in type(mod).__mro__:
+        if cls in _REFERENCE:
+            return cls
+    return None
+
+
 def has_reference(module: nn.Module) -> bool:
+    if hasattr(module, "to_reference_parts"):
+        return True
     core, _ = weighted_core(module)
-    return type(core) in _REFERENCE
+    return _float_class(core) is not None

@@ -27,8 +27,6 @@ packed for. These modules therefore never serialize packed objects themselves:
 float16 packing (``linear_prepack_fp16``) exists only on the fbgemm/x86 engines.
 """
 
-import functools
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -51,59 +49,13 @@ _UNPACKED_KEY = "_fxquant_unpacked_state"
 # weight observation and quantization (private; shared with fxquant.nn.embedding)
 # --------------------------------------------------------------------------------------------
 
-@dataclass
-class _MinMaxWeightObserver:
-    """The default weight observers of dynamic quantization, with torch's min/max qparams math.
-
-    Used only when ``from_float`` gets no factory: qint8 ``per_tensor_symmetric`` (torch's
-    ``default_weight_observer``) and quint8/quint4x2 ``per_channel_affine_float_qparams`` on
-    axis 0 (torch's ``default_float_qparams_observer[_4bit]``).
-    """
-
-    dtype: torch.dtype
-    qscheme: torch.qscheme
-    quant_min: int
-    quant_max: int
-    ch_axis: int = 0
-    min_val: Optional[Tensor] = None
-    max_val: Optional[Tensor] = None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        y = x.detach().to(torch.float32)
-        if self.qscheme in _PER_TENSOR:
-            lo, hi = torch.aminmax(y)
-        else:
-            lo, hi = torch.aminmax(y.transpose(0, self.ch_axis).flatten(start_dim=1), dim=1)
-        if self.min_val is not None and self.max_val is not None:
-            lo, hi = torch.min(lo, self.min_val), torch.max(hi, self.max_val)
-        self.min_val, self.max_val = lo, hi
-        return x
-
-    def calculate_qparams(self) -> Tuple[Tensor, Tensor]:
-        if self.min_val is None or self.max_val is None:
-            raise RuntimeError("observer has seen no tensor; call it on the weight first")
-        lo, hi = self.min_val, self.max_val
-        eps = torch.tensor([torch.finfo(torch.float32).eps])
-        qrange = float(self.quant_max - self.quant_min)
-        if self.qscheme == _FLOAT_QPARAMS:
-            scale = (hi - lo) / qrange
-            scale = torch.where(scale > eps, scale, torch.ones_like(scale))
-            return scale, -1 * lo / scale
-        bound = torch.max(-torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi)))
-        scale = torch.max(bound / (qrange / 2), eps)
-        return scale, torch.zeros(scale.shape, dtype=torch.int64)
-
-
 def _default_weight_observer_factory(dtype: torch.dtype) -> Optional[ObserverFactory]:
     """torch's default weight observer for ``dtype``; None for float16 (nothing to observe)."""
-    if dtype == torch.qint8:
-        return functools.partial(_MinMaxWeightObserver, torch.qint8, torch.per_tensor_symmetric,
-                                 -128, 127)
-    if dtype == torch.quint8:
-        return functools.partial(_MinMaxWeightObserver, torch.quint8, _FLOAT_QPARAMS, 0, 255)
-    if dtype == torch.quint4x2:
-        return functools.partial(_MinMaxWeightObserver, torch.quint4x2, _FLOAT_QPARAMS, 0, 15)
-    return None
+    from fxquant import observers
+
+    return {torch.qint8: observers.default_weight_observer,
+            torch.quint8: observers.default_float_qparams_observer,
+            torch.quint4x2: observers.default_float_qparams_observer_4bit}.get(dtype)
 
 
 def _new_observer(factory: Optional[ObserverFactory], dtype: torch.dtype, owner: str) -> Any:
