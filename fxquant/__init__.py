@@ -8,14 +8,15 @@
     quantized = fxquant.convert_fx(prepared)
 """
 from fxquant import report
-from fxquant.api import convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx
+from fxquant.api import (convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx,
+                         quantize_dynamic_fx)
 from fxquant.errors import FxQuantError, PassFailed
 from fxquant.pipeline import Pass, PassContext, PassManager, PassResult
 from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
                              get_default_qconfig_mapping)
 
 __all__ = [
-    "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx",
+    "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",
     "QConfig", "QConfigMapping", "get_default_qconfig", "get_default_qconfig_mapping",
     "Pass", "PassContext", "PassManager", "PassResult", "FxQuantError", "PassFailed",
 ]

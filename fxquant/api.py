@@ -130,3 +130,52 @@ def fuse_fx(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Seque
     options = {"is_qat": model.training, "backend": None}
     return _run(gm, fuse_pipeline(), options, dump_dir=None, instruments=(), verify=verify,
                 facts={"traced"})
+
+
+_DYNAMIC_DEFAULT_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.RNNCell,
+                                            nn.GRUCell)
+
+
+def dynamic_qconfig_mapping(qconfig_spec: Any = None, dtype: torch.dtype = torch.qint8) -> Any:
+    """The QConfigMapping that ``torch.quantization.quantize_dynamic``'s ``qconfig_spec`` means:
+    None → the default module types; a set of module types; or a dict whose keys are module
+    types or submodule names and whose values are qconfigs. No global qconfig: everything else
+    stays float."""
+    from fxquant.qconfig import QConfigMapping, default_dynamic_qconfig, float16_dynamic_qconfig
+
+    default = {torch.qint8: default_dynamic_qconfig, torch.float16: float16_dynamic_qconfig}
+    if dtype not in default:
+        raise FxQuantError(f"quantize_dynamic_fx: dtype {dtype} is not supported",
+                           hint="use torch.qint8 or torch.float16")
+    if qconfig_spec is None:
+        qconfig_spec = set(_DYNAMIC_DEFAULT_TYPES)
+    if isinstance(qconfig_spec, (set, frozenset, list, tuple)):
+        qconfig_spec = {t: default[dtype] for t in qconfig_spec}
+    if not isinstance(qconfig_spec, dict):
+        raise FxQuantError(f"qconfig_spec must be None, a set of module types or a dict, got "
+                           f"{type(qconfig_spec).__name__}")
+    mapping = QConfigMapping()
+    for key, qconfig in qconfig_spec.items():
+        if isinstance(key, str):
+            mapping.set_module_name(key, qconfig)
+        else:
+            mapping.set_object_type(key, qconfig)
+    return mapping
+
+
+def quantize_dynamic_fx(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dtype = torch.qint8,
+                        example_inputs: Any = None, backend: str = "auto", **kwargs: Any
+                        ) -> fx.GraphModule:
+    """Graph-mode ``torch.quantization.quantize_dynamic``: weights of Linear / LSTM / GRU / the
+    RNN cells (by default) quantized ahead of time to ``dtype`` (qint8 or float16), activations
+    quantized by the kernels at run time. No calibration. ``example_inputs`` (optional) lets
+    fxquant tell tensors from Python values. Embeddings take a weight-only qconfig in a dict:
+    ``{nn.Embedding: float_qparams_weight_only_qconfig}``."""
+    mapping = dynamic_qconfig_mapping(qconfig_spec, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        prepared = prepare_fx(model, mapping, example_inputs, backend=backend, **kwargs)
+    finally:
+        model.train(was_training)
+    return convert_fx(prepared)

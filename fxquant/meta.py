@@ -93,6 +93,7 @@ class QNodeInfo:
     weight_spec: Optional[QSpec] = None
     output_spec: OutputSpec = None
     rule: Optional[str] = None  # name of the backend rule that will lower this node
+    qkind: Optional[str] = None  # "static" | "dynamic" | "weight_only": how it is quantized
     qparams: Optional[dict[str, Any]] = None  # filled by convert: scale, zero_point, dtype
     kernel: Optional[str] = None  # filled by lower_to_backend: the kernel that runs it
     decisions: list[Decision] = field(default_factory=list)

@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.fx as fx
 
-from fxquant.backends.base import FIXED, OWN, SHARED, WEIGHTED, Backend, Rule, get_backend
+from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, WEIGHT_ONLY, WEIGHTED, Backend,
+                                   Rule, get_backend)
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
 from fxquant.patterns import target_name
 from fxquant.pipeline import PassContext, PassResult
@@ -64,6 +65,11 @@ def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
     if qconfig is None:
         _mark_group(info, groups, None)
         return _keep_float(node, f"qconfig is None ({info.qconfig_reason})")
+    act = spec_of(qconfig.activation)
+    kind = qconfig_kind(qconfig, act)
+    if kind in (DYNAMIC, WEIGHT_ONLY):
+        _mark_group(info, groups, None)
+        return _annotate_weights_only(node, info, backend, modules, kind)
     if info.value is not None and info.value.kind != "tensor":
         _mark_group(info, groups, None)
         return _keep_float(node, f"produces {info.value.python_type}, not a tensor; not quantized")
@@ -71,12 +77,11 @@ def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
         _mark_group(info, groups, None)
         return _keep_float(node, f"produces a {info.value.dtype} tensor; only float tensors are "
                                  f"quantized")
-    act = spec_of(qconfig.activation)
-    if act.is_dynamic or act.dtype not in _STATIC_ACT:
+    if kind is None:
         _mark_group(info, groups, None)
-        return _keep_float(node, f"{act.dtype} {'dynamic ' if act.is_dynamic else ''}activation: "
-                                 f"no static int8 kernel for {_op_name(node, modules)} on "
-                                 f"{backend.name}")
+        return _keep_float(node, f"activation {str(act.dtype).replace('torch.', '')}: no kernel "
+                                 f"family for this qconfig on {backend.name} (static int8, "
+                                 f"dynamic and weight-only are supported)")
     if info.group is not None and info.group_root and groups.get(info.group):
         return _annotate_group_root(node, info, act, groups[info.group])
     rule, declined = backend.rule_for(node, modules, qconfig)
@@ -87,13 +92,47 @@ def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
     return _apply_rule(node, info, rule, act, qconfig, groups)
 
 
+def qconfig_kind(qconfig: Any, act: QSpec) -> Optional[str]:
+    """"static" (int8 activations observed ahead), "dynamic" (activations quantized at run
+    time), "weight_only" (float activations, quantized weights: embeddings) or None."""
+    if act.is_dynamic:
+        return DYNAMIC
+    if act.dtype in _STATIC_ACT:
+        return "static"
+    if qconfig.weight is not None and act.dtype == torch.float32:
+        weight = spec_of(qconfig.weight)
+        if weight.qscheme == torch.per_channel_affine_float_qparams:
+            return WEIGHT_ONLY
+    return None
+
+
+def _annotate_weights_only(node: fx.Node, info: QNodeInfo, backend: Backend, modules: dict,
+                           kind: str) -> str:
+    """Dynamic and weight-only ops: only the weight is quantized ahead of time; no activation
+    observers."""
+    rule, declined = backend.rule_for(node, modules, info.qconfig, kind=kind)
+    if rule is None:
+        what = "dynamic" if kind == DYNAMIC else "weight-only"
+        return _keep_float(node, declined or f"no {what} kernel for {_op_name(node, modules)} on "
+                                             f"{backend.name}")
+    info.weight_spec = spec_of(info.qconfig.weight)
+    info.rule, info.qkind = rule.name, kind
+    w = info.weight_spec
+    scheme = f" {str(w.qscheme).replace('torch.', '')}" if w.qscheme is not None else ""
+    runtime = ("activations quantized at run time" if kind == DYNAMIC
+               else "activations stay float")
+    record(node, Annotate.name, kind, f"{rule.kernel}: weight {str(w.dtype).replace('torch.', '')}"
+                                      f"{scheme}, {runtime}", rule=rule.name, kernel=rule.kernel)
+    return kind
+
+
 def _mark_group(info: QNodeInfo, groups: dict[int, Optional[str]], rule: Optional[str]) -> None:
     if info.group is not None and not info.group_root:
         groups[info.group] = rule
 
 
 def _annotate_group_root(node: fx.Node, info: QNodeInfo, act: QSpec, rule_name: str) -> str:
-    info.rule = rule_name
+    info.rule, info.qkind = rule_name, "static"
     info.output_spec = act
     record(node, Annotate.name, "quantize", f"output of the fused {rule_name} group: own qparams "
                                             f"({str(act.dtype).replace('torch.', '')})")
@@ -123,7 +162,7 @@ def _apply_rule(node: fx.Node, info: QNodeInfo, rule: Rule, act: QSpec, qconfig:
             return _keep_float(node, "qconfig has no weight observer for a weighted op")
         info.weight_spec = spec_of(qconfig.weight)
     info.input_specs = {key: act for key, _ in inputs}
-    info.rule = rule.name
+    info.rule, info.qkind = rule.name, "static"
     interior = info.group is not None and not info.group_root
     info.output_spec = None if interior else _output_spec(rule, act)
     _mark_group(info, groups, rule.name)

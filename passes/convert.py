@@ -33,6 +33,10 @@ class Convert:
             info = qinfo(node)
             if info.role == "observer":
                 stats[_convert_observer(gm, node)] += 1
+            elif info.qkind in ("dynamic", "weight_only"):
+                record(node, self.name, "defer", "weights are quantized when lowered "
+                       "(convert_fx); the reference graph keeps this op float")
+                stats["deferred"] += 1
             elif info.weight_spec is not None and node.op == "call_module":
                 stats[_convert_weighted(gm, node)] += 1
         gm.delete_all_unused_submodules()

@@ -53,7 +53,26 @@ def _group_nodes(gm: fx.GraphModule, root: fx.Node) -> tuple[fx.Node, ...]:
     return tuple(reversed(chain))
 
 
+def _lower_in_place(gm: fx.GraphModule, backend: Backend, node: fx.Node) -> str:
+    """Dynamic / weight-only ops: float in, float out; the rule swaps in the quantized module."""
+    rule = backend.rule_named(qinfo(node).rule)
+    lctx = LowerCtx(gm, node, dict(gm.named_modules()), {})
+    with gm.graph.inserting_before(node):
+        new = rule.lower(lctx) if rule.lower else NoMatch("the rule has no lowering")
+    if isinstance(new, NoMatch):
+        record(node, LowerToBackend.name, "keep_float", f"stays float: {new.reason}")
+        return "kept_float"
+    info = inherit(new, node)
+    info.kernel = lctx.kernel or rule.kernel
+    record(new, LowerToBackend.name, "lower", f"runs on {info.kernel}")
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return "lowered"
+
+
 def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
+    if qinfo(root).qkind in ("dynamic", "weight_only"):
+        return _lower_in_place(gm, backend, root)
     group = _group_nodes(gm, root)
     first = group[0]
     users = list(root.users)

@@ -113,6 +113,11 @@ class Rule:
     check: Optional[CheckFn] = None
     notes: str = ""
 
+    @property
+    def kind(self) -> str:
+        """Which family of qconfigs the rule serves: "static", "dynamic" or "weight_only"."""
+        return self.qparams if self.qparams in (DYNAMIC, WEIGHT_ONLY) else "static"
+
     def accepts(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
                 ) -> Union[bool, NoMatch]:
         ok = self.op.matches(node, modules)
@@ -130,12 +135,12 @@ class Backend:
     rules: tuple[Rule, ...]
     description: str = ""
 
-    def rule_for(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
-                 ) -> tuple[Optional[Rule], Optional[str]]:
-        """The first rule that accepts the node, or (None, reason why none did)."""
+    def rule_for(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any,
+                 kind: str = "static") -> tuple[Optional[Rule], Optional[str]]:
+        """The first rule of ``kind`` that accepts the node, or (None, reason why none did)."""
         declined: Optional[str] = None
         for rule in self.rules:
-            if not rule.op.matches(node, modules):
+            if rule.kind != kind or not rule.op.matches(node, modules):
                 continue
             ok = rule.accepts(node, modules, qconfig)
             if ok:

@@ -11,8 +11,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxquant.backends.base import (FIXED, OWN, SHARED, WEIGHTED, LowerCtx, Lowered, Rule)
+from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, WEIGHT_ONLY, WEIGHTED, LowerCtx,
+                                   Lowered, Rule)
 from fxquant.backends.reference_ops import weighted_core
+from fxquant.nn import dynamic as dyn
+from fxquant.nn import embedding as emb
 from fxquant.nn import fused
 from fxquant.nn import quantized as q
 from fxquant.patterns import NoMatch, Op
@@ -118,6 +121,47 @@ def lower_cat(ctx: LowerCtx) -> Lowered:
                                       (qs, dim, ctx.out_scale, ctx.out_zero_point))
 
 
+def lower_dynamic(ctx: LowerCtx) -> Lowered:
+    """A float module becomes its dynamic (or weight-only) counterpart: weights quantized now
+    with the qconfig's weight observer, activations measured by the kernel at run time."""
+    from fxquant.meta import qinfo
+
+    mod = ctx.module
+    qcls = _DYNAMIC_MODULES.get(type(mod))
+    if qcls is None:
+        return NoMatch(f"no dynamic module for {type(mod).__name__}")
+    spec = qinfo(ctx.node).weight_spec
+    dtype = spec.dtype if spec is not None else torch.qint8
+    try:
+        qmod = qcls.from_float(mod, spec.observer if spec is not None else None, dtype=dtype)
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        return NoMatch(f"{qcls.__name__} cannot take this module: {e}")
+    ctx.set_module(qmod)
+    ctx.kernel = _DYNAMIC_KERNELS.get((type(mod), dtype), f"{qcls.__module__}.{qcls.__name__}")
+    return ctx.gm.graph.call_module(ctx.node.target, tuple(ctx.node.args), dict(ctx.node.kwargs))
+
+
+_DYNAMIC_MODULES: dict[type, type] = {
+    nn.Linear: dyn.Linear, fused.LinearReLU: dyn.LinearReLU, nn.LSTM: dyn.LSTM, nn.GRU: dyn.GRU,
+    nn.LSTMCell: dyn.LSTMCell, nn.GRUCell: dyn.GRUCell, nn.RNNCell: dyn.RNNCell,
+    nn.Embedding: emb.Embedding, nn.EmbeddingBag: emb.EmbeddingBag,
+}
+_DYNAMIC_KERNELS: dict[tuple[type, Any], str] = {
+    (nn.Linear, torch.qint8): "quantized::linear_dynamic",
+    (nn.Linear, torch.float16): "quantized::linear_dynamic_fp16",
+    (fused.LinearReLU, torch.qint8): "quantized::linear_relu_dynamic",
+    (fused.LinearReLU, torch.float16): "quantized::linear_relu_dynamic_fp16",
+    (nn.LSTM, torch.qint8): "torch.quantized_lstm (int8 dynamic)",
+    (nn.LSTM, torch.float16): "torch.quantized_lstm (fp16 weights)",
+    (nn.GRU, torch.qint8): "torch.quantized_gru (int8 dynamic)",
+    (nn.GRU, torch.float16): "torch.quantized_gru (fp16 weights)",
+    (nn.Embedding, torch.quint8): "quantized::embedding_byte",
+    (nn.Embedding, torch.quint4x2): "quantized::embedding_4bit",
+    (nn.EmbeddingBag, torch.quint8): "quantized::embedding_bag_byte",
+    (nn.EmbeddingBag, torch.quint4x2): "quantized::embedding_bag_4bit",
+}
+
+
 # ---------------------------------------------------------------- checks
 def _weight_qscheme(qconfig: Any) -> Any:
     if qconfig is None or qconfig.weight is None:
@@ -212,4 +256,26 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
         Rule("clamp_family", Op(*CLAMP_FAMILY), SHARED, "same op on the quantized tensor",
              lower_same_op_contiguous if clamp_needs_contiguous else lower_same_op),
     ]
+    rules += dynamic_rules()
     return tuple(rules)
+
+
+def dynamic_rules() -> list[Rule]:
+    """Dynamic (weights int8/fp16 ahead of time, activations at run time) and weight-only
+    (embeddings) rules: the same for every native backend."""
+    return [
+        Rule("dynamic_linear", Op(nn.Linear), DYNAMIC, "quantized::linear_dynamic", lower_dynamic),
+        Rule("dynamic_linear_relu", Op(fused.LinearReLU), DYNAMIC,
+             "quantized::linear_relu_dynamic", lower_dynamic),
+        Rule("dynamic_lstm", Op(nn.LSTM), DYNAMIC, "torch.quantized_lstm", lower_dynamic),
+        Rule("dynamic_gru", Op(nn.GRU), DYNAMIC, "torch.quantized_gru", lower_dynamic),
+        Rule("dynamic_lstm_cell", Op(nn.LSTMCell), DYNAMIC, "quantized lstm cell",
+             lower_dynamic),
+        Rule("dynamic_gru_cell", Op(nn.GRUCell), DYNAMIC, "quantized gru cell", lower_dynamic),
+        Rule("dynamic_rnn_cell", Op(nn.RNNCell), DYNAMIC, "quantized rnn cell", lower_dynamic),
+        Rule("embedding", Op(nn.Embedding), WEIGHT_ONLY, "quantized::embedding_byte / 4bit",
+             lower_dynamic),
+        Rule("embedding_bag", Op(nn.EmbeddingBag), WEIGHT_ONLY,
+             "quantized::embedding_bag_byte / 4bit", lower_dynamic),
+    ]
+
