@@ -61,7 +61,41 @@ def bench_static_cnn(backend: str, rounds: int) -> None:
         print(line)
 
 
-BENCHES = {"static_cnn": bench_static_cnn}
+def _dynamic_bench(title: str, model: torch.nn.Module, inputs: tuple, spec, weights_of,
+                   rounds: int) -> None:
+    quantized = fxquant.quantize_dynamic_fx(model, spec, torch.qint8, inputs)
+    t = interleaved_latency({"fp32": model, "int8": quantized}, inputs, rounds=rounds, iters=10,
+                            warmup=20)
+    size = model_size_bytes(quantized) / model_size_bytes(model)
+    w = weights_of(quantized) / weights_of(model)
+    print(f"\n== dynamic int8, {title}, batch 1, {torch.get_num_threads()} threads")
+    print(f"latency: fp32 {t['fp32'] * 1e3:7.2f} ms  int8-dynamic {t['int8'] * 1e3:7.2f} ms  "
+          f"int8/fp32 = {t['int8'] / t['fp32']:.3f}")
+    print(f"size: whole model {size:.3f}x of fp32; quantized weights {w:.3f}x of fp32 (target <= 0.3)")
+
+
+def bench_dynamic_lstm(backend: str, rounds: int) -> None:
+    from dynamic_lstm import LSTMClassifier
+
+    torch.manual_seed(0)
+    model = LSTMClassifier().eval()
+    spec = {torch.nn.LSTM, torch.nn.Linear}
+    _dynamic_bench("LSTM text classifier (examples/dynamic_lstm.py)", model,
+                   (torch.randint(0, 5000, (1, 50)),), spec,
+                   lambda m: model_size_bytes(m.lstm) + model_size_bytes(m.fc), rounds)
+
+
+def bench_dynamic_transformer(backend: str, rounds: int) -> None:
+    from dynamic_transformer import Encoder, linear_weight_bytes
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    _dynamic_bench("transformer encoder (examples/dynamic_transformer.py)", model,
+                   (torch.randint(0, 1000, (1, 64)),), None, linear_weight_bytes, rounds)
+
+
+BENCHES = {"static_cnn": bench_static_cnn, "dynamic_lstm": bench_dynamic_lstm,
+           "dynamic_transformer": bench_dynamic_transformer}
 
 
 def main() -> None:
