@@ -1,0 +1,184 @@
+"""insert_observers: the mechanism. Observers exactly where annotate put specs: each quantized
+input edge not yet observed, each own output; shared outputs call the input's observer module."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxquant.errors import PassFailed
+from fxquant.meta import SharedSpec, qinfo
+from fxquant.observers import HistogramObserver
+from fxquant.passes import Annotate, Fuse, InsertObservers, Normalize, PropagateQConfig
+from fxquant.qconfig import QConfigMapping, get_default_qconfig_mapping
+from tests.passes.graphs import (assert_every_call_decided, call_nodes, decisions, run_passes,
+                                 structure, traced)
+
+P, O = "placeholder", "output"
+OBS = "call_module:HistogramObserver"
+X4 = torch.randn(2, 3, 6, 6)
+A, B = torch.randn(2, 4), torch.randn(2, 4)
+
+
+class Fn(nn.Module):
+    def __init__(self, fn, **mods):
+        super().__init__()
+        self.fn = fn
+        for k, m in mods.items():
+            setattr(self, k, m)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+class Fn2(Fn):
+    def forward(self, x, y):
+        return self.fn(self, x, y)
+
+
+def observe(model, *inputs, mapping=None, options=None):
+    model = model.eval()
+    gm = traced(model, *inputs)
+    opts = {"qconfig_mapping": mapping if mapping is not None else
+            get_default_qconfig_mapping("x86"), "backend": "x86", **(options or {})}
+    prefix, _ = run_passes(gm, [Normalize(), Fuse(), PropagateQConfig(), Annotate()], opts)
+    before = structure(prefix.gm)
+    r, _ = run_passes(prefix.gm, [InsertObservers()], opts, facts={"annotated"})
+    assert_every_call_decided(r.gm)
+    for n in call_nodes(r.gm):
+        if qinfo(n).role == "observer":
+            (d,) = decisions(n)
+            assert d.pass_name == "insert_observers" and d.action in ("observe", "share_observer")
+    # observers are the identity: the prepared graph computes what the model does
+    want = model(*inputs)
+    got = r.gm(*inputs)
+    torch.testing.assert_close(got, want)
+    return before, r
+
+
+def observers(gm):
+    return [n for n in call_nodes(gm) if qinfo(n).role == "observer"]
+
+
+def test_conv_input_and_output_observed():
+    before, r = observe(Fn(lambda s, x: s.conv(x), conv=nn.Conv2d(3, 4, 3)), X4)
+    assert before == [P, "call_module:Conv2d", O]
+    assert structure(r.gm) == [P, OBS, "call_module:Conv2d", OBS, O]
+    assert r.modified is True and r.stats == {"observers": 2}
+    obs_in, obs_out = observers(r.gm)
+    conv = next(n for n in call_nodes(r.gm) if n.target == "conv")
+    assert conv.args[0] is obs_in and obs_out.args[0] is conv
+    assert decisions(obs_in)[0].reason == "input of conv: HistogramObserver(quint8)"
+    assert decisions(obs_out)[0].reason == "output of conv: HistogramObserver(quint8)"
+    assert obs_in.target != obs_out.target
+    assert isinstance(r.gm.get_submodule(obs_in.target), HistogramObserver)
+    assert r.gm.get_submodule(obs_in.target).reduce_range is True  # x86 default
+
+
+def test_shared_output_calls_the_inputs_observer_module():
+    model = Fn(lambda s, x: s.pool(s.conv(x)), conv=nn.Conv2d(3, 4, 3), pool=nn.MaxPool2d(2))
+    before, r = observe(model, X4)
+    assert structure(r.gm) == [P, OBS, "call_module:Conv2d", OBS, "call_module:MaxPool2d", OBS, O]
+    assert r.stats == {"observers": 2, "shared": 1}
+    _, conv_out, pool_out = observers(r.gm)
+    assert pool_out.target == conv_out.target  # one observer measures both
+    assert decisions(pool_out)[0].action == "share_observer"
+    assert f"shares {conv_out.target}" in decisions(pool_out)[0].reason
+    n_modules = sum(1 for name, _ in r.gm.named_children() if name.startswith("activation_"))
+    assert n_modules == 2
+
+
+def test_value_read_by_two_ops_is_observed_once():
+    model = Fn(lambda s, x: s.a(x) + s.b(x), a=nn.Conv2d(3, 3, 1), b=nn.Conv2d(3, 3, 1))
+    before, r = observe(model, X4)
+    assert structure(r.gm) == [P, OBS, "call_module:Conv2d", OBS, "call_module:Conv2d", OBS,
+                               "call_function:torch.add", OBS, O]
+    assert r.stats == {"observers": 4}
+    x_obs = observers(r.gm)[0]
+    assert len(x_obs.users) == 2
+
+
+def test_group_interior_output_is_not_observed():
+    before, r = observe(Fn2(lambda s, x, y: F.relu(x + y)), A, B)
+    assert structure(r.gm) == [P, OBS, P, OBS, "call_function:torch.add", "call_function:F.relu",
+                               OBS, O]
+    add = next(n for n in call_nodes(r.gm) if n.target is torch.add)
+    relu = next(n for n in call_nodes(r.gm) if n.target is F.relu)
+    assert relu.args[0] is add
+    assert r.stats == {"observers": 3}
+
+
+def test_cat_list_inputs_observed():
+    before, r = observe(Fn2(lambda s, x, y: torch.cat([x, y], 0)), A, B)
+    assert structure(r.gm) == [P, OBS, P, OBS, "call_function:torch.cat", OBS, O]
+    cat = next(n for n in call_nodes(r.gm) if n.target is torch.cat)
+    assert all(qinfo(a).role == "observer" for a in cat.args[0])
+
+
+def test_float_op_between_observed_ops():
+    """A kept-float op (sigmoid has no kernel here) between two quantized ones: its input is the
+    previous op's output observer, its output is observed as the next op's input."""
+    model = Fn(lambda s, x: s.b(torch.sigmoid(s.a(x))), a=nn.Linear(4, 4), b=nn.Linear(4, 4))
+    before, r = observe(model, A)
+    assert structure(r.gm) == [P, OBS, "call_module:Linear", OBS, "call_function:torch.sigmoid",
+                               OBS, "call_module:Linear", OBS, O]
+    third = observers(r.gm)[2]
+    assert decisions(third)[0].reason.startswith("input of b:")
+
+
+def test_unchanged_graph_when_nothing_is_quantized():
+    before, r = observe(Fn(lambda s, x: s.conv(x), conv=nn.Conv2d(3, 4, 3)), X4,
+                        mapping=QConfigMapping())
+    assert structure(r.gm) == before
+    assert r.modified is False and r.stats == {}
+
+
+def test_qat_wrapper_turns_observers_into_fake_quant():
+    class FakeQuant(nn.Module):
+        def __init__(self, obs):
+            super().__init__()
+            self.activation_post_process = obs
+            self.dtype = obs.dtype
+
+        def forward(self, x):
+            return self.activation_post_process(x)
+
+    made = []
+
+    def wrap(factory):
+        def build():
+            made.append(factory)
+            return FakeQuant(factory())
+        return build
+
+    before, r = observe(Fn(lambda s, x: s.fc(x), fc=nn.Linear(4, 4)), A,
+                        options={"observer_factory_wrapper": wrap})
+    assert structure(r.gm) == [P, "call_module:FakeQuant", "call_module:Linear",
+                               "call_module:FakeQuant", O]
+    assert len(made) == 2
+
+
+def test_shared_spec_on_unobserved_input_fails_with_pass_and_node():
+    model = Fn(lambda s, x: s.pool(x), pool=nn.MaxPool2d(2)).eval()
+    gm = traced(model, X4)
+    opts = {"qconfig_mapping": get_default_qconfig_mapping("x86"), "backend": "x86"}
+    prefix, _ = run_passes(gm, [Normalize(), Fuse(), PropagateQConfig(), Annotate()], opts)
+    pool = next(n for n in call_nodes(prefix.gm) if n.target == "pool")
+    qinfo(pool).input_specs = {}  # a broken annotation: shared output, input not quantized
+    assert qinfo(pool).output_spec == SharedSpec(0)
+    with pytest.raises(PassFailed) as e:
+        run_passes(prefix.gm, [InsertObservers()], opts, facts={"annotated"})
+    assert e.value.pass_name == "insert_observers" and e.value.node_name == "pool"
+    assert "not observed" in str(e.value)
+
+
+def test_before_expected_on_a_model():
+    from tests.models import PlainCNN, build
+
+    before, r = observe(build(PlainCNN), torch.randn(2, 3, 16, 16))
+    assert structure(r.gm) == [P, OBS, "call_module:ConvReLU2d", OBS, "call_module:MaxPool2d",
+                               OBS, "call_module:Conv2d", OBS, "call_module:ReLU6", OBS,
+                               "call_module:AdaptiveAvgPool2d", OBS,
+                               "call_function:torch.flatten", OBS, "call_module:Linear", OBS, O]
+    assert r.stats == {"observers": 4, "shared": 4}
