@@ -7,6 +7,6 @@ from fxquant.backends.native import native_rules
 BACKEND = register_backend(Backend(
     name="fbgemm",
     engine="fbgemm",
-    rules=native_rules(),
+    rules=native_rules(backend="fbgemm"),
     description="Facebook GEneral Matrix Multiplication: the classic x86 server backend",
 ))

@@ -218,8 +218,10 @@ SHARED_FUNCTIONS = (F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
 CLAMP_FAMILY = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh)
 
 
-def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
+def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> tuple[Rule, ...]:
     """``clamp_needs_contiguous``: the engine's clamp kernels mishandle channels-last input."""
+    from fxquant.backends.activations import activation_rules
+
     rules = [
         Rule("linear", Op(nn.Linear), WEIGHTED, "quantized::linear", lower_weighted),
         Rule("linear_relu", Op(fused.LinearReLU), WEIGHTED, "quantized::linear_relu",
@@ -256,6 +258,7 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
         Rule("clamp_family", Op(*CLAMP_FAMILY), SHARED, "same op on the quantized tensor",
              lower_same_op_contiguous if clamp_needs_contiguous else lower_same_op),
     ]
+    rules += activation_rules(backend)
     rules += dynamic_rules()
     return tuple(rules)
 

@@ -7,6 +7,6 @@ from fxquant.backends.native import native_rules
 BACKEND = register_backend(Backend(
     name="onednn",
     engine="onednn",
-    rules=native_rules(),
+    rules=native_rules(backend="onednn"),
     description="oneDNN (formerly MKL-DNN) kernels on x86",
 ))

@@ -7,6 +7,6 @@ from fxquant.backends.native import native_rules
 BACKEND = register_backend(Backend(
     name="qnnpack",
     engine="qnnpack",
-    rules=native_rules(clamp_needs_contiguous=True),
+    rules=native_rules(clamp_needs_contiguous=True, backend="qnnpack"),
     description="Quantized Neural Networks PACKage: the ARM / mobile backend",
 ))

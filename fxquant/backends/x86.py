@@ -7,6 +7,6 @@ from fxquant.backends.native import native_rules
 BACKEND = register_backend(Backend(
     name="x86",
     engine="x86",
-    rules=native_rules(),
+    rules=native_rules(backend="x86"),
     description="torch's x86 engine: fbgemm and onednn kernels chosen per op (the default on x86 CPUs)",
 ))
