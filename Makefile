@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fxquant-installed
 TORCH   := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup graphviz clean
+.PHONY: demo test bench setup graphviz clean optable
 
 setup: $(STAMP) graphviz
 
@@ -32,6 +32,10 @@ test: setup
 
 bench: setup
 	$(VPY) benchmarks/run.py
+
+# The README's supported-op table, regenerated from the backend / fusion / spelling tables.
+optable: setup
+	$(VPY) -m fxquant.optable --write README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
