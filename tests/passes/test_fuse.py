@@ -142,6 +142,7 @@ def test_module_fusion_positive(name, a, b, relu, training, fused_cls, d):
         assert {n for n, _ in r.gm.named_children()} == {"a"}
     info = qinfo(node)
     assert info.fused_from[0] == "a" and len(info.fused_from) == len(before) - 2
+    assert info.debug_handle == len(before) - 2  # the handle of the chain's last (output) node
     (dec,) = decisions(node, "fuse", "fuse")
     assert dec.detail["pattern"] == name.replace("-train", "")
     assert fused_cls in dec.reason

@@ -117,11 +117,11 @@ def test_cat_list_inputs_observed():
 
 
 def test_float_op_between_observed_ops():
-    """A kept-float op (sigmoid has no kernel here) between two quantized ones: its input is the
+    """A kept-float op (cumsum has no quantized kernel) between two quantized ones: its input is the
     previous op's output observer, its output is observed as the next op's input."""
-    model = Fn(lambda s, x: s.b(torch.sigmoid(s.a(x))), a=nn.Linear(4, 4), b=nn.Linear(4, 4))
+    model = Fn(lambda s, x: s.b(torch.cumsum(s.a(x), 1)), a=nn.Linear(4, 4), b=nn.Linear(4, 4))
     before, r = observe(model, A)
-    assert structure(r.gm) == [P, OBS, "call_module:Linear", OBS, "call_function:torch.sigmoid",
+    assert structure(r.gm) == [P, OBS, "call_module:Linear", OBS, "call_function:torch.cumsum",
                                OBS, "call_module:Linear", OBS, O]
     third = observers(r.gm)[2]
     assert decisions(third)[0].reason.startswith("input of b:")

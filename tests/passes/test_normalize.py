@@ -318,6 +318,73 @@ def test_dropout_and_identity_removed_in_eval():
     same_output(model, r.gm, X4)
 
 
+DROPOUT_CASES = [
+    ("nn.Dropout", lambda: nn.Dropout(0.5), (2, 4)),
+    ("nn.Dropout1d", lambda: nn.Dropout1d(0.5), (2, 3, 4)),
+    ("nn.Dropout2d", lambda: nn.Dropout2d(0.5), (2, 3, 4, 4)),
+    ("nn.Dropout3d", lambda: nn.Dropout3d(0.5), (1, 2, 3, 4, 4)),
+    ("nn.AlphaDropout", lambda: nn.AlphaDropout(0.5), (2, 4)),
+    ("nn.Identity", lambda: nn.Identity(), (2, 4)),
+    ("F.dropout", lambda: F.dropout, (2, 4)),
+    ("F.dropout1d", lambda: F.dropout1d, (2, 3, 4)),
+    ("F.dropout2d", lambda: F.dropout2d, (2, 3, 4, 4)),
+    ("F.dropout3d", lambda: F.dropout3d, (1, 2, 3, 4, 4)),
+    ("F.alpha_dropout", lambda: F.alpha_dropout, (2, 4)),
+]
+
+
+class OneDropout(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        if isinstance(op, nn.Module):
+            self.op = op
+        else:
+            self.fn = op
+
+    def forward(self, x):
+        x = x * 2
+        y = self.op(x) if hasattr(self, "op") else self.fn(x, 0.5, self.training)
+        return y - 1
+
+
+@pytest.mark.parametrize("name,factory,shape", DROPOUT_CASES, ids=[c[0] for c in DROPOUT_CASES])
+@pytest.mark.parametrize("training", [False, True], ids=["eval-removed", "train-kept"])
+def test_each_dropout_and_identity(name, factory, shape, training):
+    model = OneDropout(factory()).train(training)
+    x = torch.randn(*shape)
+    gm = traced(model, x)
+    gm.train(training)
+    before = structure(gm)
+    r, _ = run_passes(gm, [Normalize()])
+    op = before[2]
+    assert op.endswith(name.split(".")[1]) or op.endswith(name)
+    if training:
+        assert op in structure(r.gm)
+        assert r.stats == {"rewritten": 1}  # x * 2 (y - 1 has no table entry)
+    else:
+        assert op not in structure(r.gm)
+        assert structure(r.gm) == [P, "call_function:torch.mul", "call_function:operator.sub", O]
+        assert r.stats == {"removed": 1, "rewritten": 1}
+        mul = call_nodes(r.gm)[0]
+        (d,) = decisions(mul, "normalize", "remove_identity")
+        assert name.split(".")[1] in d.reason and "eval mode" in d.reason
+        same_output(model.eval(), r.gm, x)
+
+
+def test_every_spelling_of_the_table_has_a_case():
+    from fxquant.ops import DROPOUT_FUNCTIONS, DROPOUT_MODULES, IDENTITY_MODULES, SPELLINGS
+
+    covered = {nn.ReLU, F.relu, torch.relu, torch.relu_, F.relu_, "relu", "relu_",
+               operator.add, operator.iadd, torch.add, "add", "add_",
+               operator.mul, operator.imul, torch.mul, "mul", "mul_",
+               torch.cat, torch.concat, torch.concatenate, nn.Flatten, torch.flatten, "flatten"}
+    assert {s.target for s in SPELLINGS} == covered
+    dropouts = {nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                nn.Identity, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                "dropout"}  # (Tensor has no .dropout() method: that entry cannot occur)
+    assert set(DROPOUT_MODULES + IDENTITY_MODULES + DROPOUT_FUNCTIONS) == dropouts
+
+
 def test_dropout_kept_in_train():
     model = WithDropouts().train()
     gm = traced(model)
