@@ -158,19 +158,18 @@ def test_kept_float_nodes_say_why():
                                   (x,), backend="x86", leaf_modules=[LeafBlock])
     prepared(x)
     converted = fxquant.convert_fx(prepared)
-    want = {
-        torch.sort: "produces sort, not a tensor",
-        torch.topk: "produces topk, not a tensor",
-        user_fn: "no quantized kernel for user_fn on x86",
-        "leaf": "no quantized kernel for LeafBlock on x86",
-        torch.cumsum: "no quantized kernel for torch.cumsum on x86",
-    }
+    # (the exact wording is pinned in tests/passes/test_annotate.py; here: the reason names
+    # the op and why it stays float)
+    want = {torch.sort: "sort", torch.topk: "topk", user_fn: "user_fn", "leaf": "LeafBlock",
+            torch.cumsum: "cumsum"}
     for gm in (prepared, converted):
         check_decided(gm, "mixed")
-        for target, why in want.items():
+        for target, op_name in want.items():
             (node,) = [n for n in gm.graph.nodes if n.target == target
                        and n.op.startswith("call_")]
             keep = qinfo(node).last("keep_float")
             assert keep is not None and keep.pass_name == "annotate", (target, qinfo(node))
-            assert why in keep.reason, (target, keep.reason)
+            assert op_name in keep.reason, (target, keep.reason)
+            assert "no quantized kernel" in keep.reason or "not a tensor" in keep.reason, \
+                keep.reason
     torch.testing.assert_close(converted(x)[1], prepared(x)[1], atol=0.1, rtol=0.1)
