@@ -8,9 +8,14 @@
     quantized = fxquant.convert_fx(prepared)
 """
 from fxquant import report
+from fxquant import compare  # callable: fxquant.compare(float_model, model, inputs)
+from fxquant.compare import skip_layers
+from fxquant.graph import to_networkx
+from fxquant.viz import visualize
 from fxquant.api import (convert_fx, convert_to_reference_fx, fuse_fx, prepare_fx,
-                         quantize_dynamic_fx)
+                         prepare_qat_fx, quantize_dynamic_fx)
 from fxquant.errors import FxQuantError, PassFailed
+from fxquant.fake_quantize import get_default_qat_qconfig, get_default_qat_qconfig_mapping
 from fxquant.pipeline import Pass, PassContext, PassManager, PassResult
 from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
                              get_default_qconfig_mapping)
@@ -18,6 +23,10 @@ from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
 __all__ = [
     "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",
     "QConfig", "QConfigMapping", "get_default_qconfig", "get_default_qconfig_mapping",
+    "prepare_qat_fx", "get_default_qat_qconfig", "get_default_qat_qconfig_mapping",
     "Pass", "PassContext", "PassManager", "PassResult", "FxQuantError", "PassFailed",
 ]
+# See every decision: fxquant.report(gm, ...) (callable module), fxquant.compare(...),
+# skip_layers, visualize, to_networkx.
+__all__ += ["report", "compare", "skip_layers", "visualize", "to_networkx"]
 __version__ = "0.1.0"

@@ -80,6 +80,41 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     return gm
 
 
+def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
+                   backend: str = "auto", *, leaf_modules: Sequence[type] = (),
+                   leaf_names: Sequence[str] = (), concrete_args: Optional[dict[str, Any]] = None,
+                   passes: Optional[Sequence[Pass]] = None, dump_dir: Optional[str] = None,
+                   instruments: Iterable[Instrument] = (), verify: bool = True) -> fx.GraphModule:
+    """Quantization-aware training: trace a copy of ``model`` (in training mode), fuse
+    (conv-bn kept for simulated folding), assign qconfigs, insert fake-quant modules on the
+    activations and swap the weighted modules for QAT modules (:mod:`fxquant.nn.qat`).
+
+    ``qconfig_mapping`` holds fake-quant factories, e.g.
+    ``fxquant.get_default_qat_qconfig_mapping("x86")``. Train the returned GraphModule, then
+    call :func:`convert_fx` (BatchNorm is folded there). The user's ``model`` is not modified.
+    """
+    from fxquant.fake_quantize import qat_observer_wrapper
+    from fxquant.passes import prepare_qat_pipeline
+    from fxquant.passes.swap_qat_modules import qat_backend
+    from fxquant.qconfig import QConfigMapping
+
+    if not model.training:
+        raise FxQuantError("prepare_qat_fx needs a model in training mode, got one in eval mode",
+                           hint="call model.train() first; for post-training quantization of an "
+                                "eval-mode model use prepare_fx")
+    if isinstance(qconfig_mapping, dict):
+        qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
+    name = _resolve_backend(backend, qconfig_mapping)
+    gm = _traced(model, example_inputs, leaf_modules, leaf_names, concrete_args)
+    options = {"qconfig_mapping": qconfig_mapping, "backend": qat_backend(name), "is_qat": True,
+               "example_inputs": None, "observer_factory_wrapper": qat_observer_wrapper}
+    gm.train()
+    gm = _run(gm, passes or prepare_qat_pipeline(), options, dump_dir=dump_dir,
+              instruments=instruments, verify=verify, facts={"traced"})
+    gm.meta[OPTIONS_KEY]["backend"] = name  # convert lowers with the plain backend
+    return gm
+
+
 def _options_of(prepared: fx.GraphModule) -> dict[str, Any]:
     opts = getattr(prepared, "meta", {}).get(OPTIONS_KEY)
     if opts is None:

@@ -13,9 +13,11 @@ from fxquant.passes.insert_observers import InsertObservers
 from fxquant.passes.lower_to_backend import LowerToBackend
 from fxquant.passes.normalize import Normalize
 from fxquant.passes.propagate_qconfig import PropagateQConfig
+from fxquant.passes.swap_qat_modules import SwapQATModules
 
 __all__ = ["Annotate", "Cleanup", "Convert", "Fuse", "InsertObservers", "LowerToBackend",
-           "Normalize", "PropagateQConfig", "fuse_pipeline", "prepare_pipeline",
+           "Normalize", "PropagateQConfig", "SwapQATModules", "fuse_pipeline", "prepare_pipeline",
+           "prepare_qat_pipeline",
            "convert_pipeline", "reference_pipeline"]
 
 
@@ -25,6 +27,13 @@ def fuse_pipeline() -> tuple:
 
 def prepare_pipeline() -> tuple:
     return (Normalize(), Fuse(), PropagateQConfig(), Annotate(), InsertObservers())
+
+
+def prepare_qat_pipeline() -> tuple:
+    """Quantization-aware training: as prepare, then the weighted modules become QAT modules
+    (run with options ``is_qat=True`` so fuse keeps BatchNorm for simulated folding)."""
+    return (Normalize(), Fuse(), PropagateQConfig(), Annotate(), InsertObservers(),
+            SwapQATModules())
 
 
 def reference_pipeline() -> tuple:

@@ -1,0 +1,107 @@
+"""swap_qat_modules: for quantization-aware training, replace every weighted module that
+``annotate`` decided to quantize (its record has a ``weight_spec``) by its QAT module
+(:mod:`fxquant.nn.qat`), whose forward fake-quantizes the weight with ``qconfig.weight()``.
+Conv-bn(-relu) / linear-bn containers become modules that simulate the folded BatchNorm.
+
+It runs after ``insert_observers`` (which, in QAT, inserted fake-quant modules on the
+activations), so the backend rules in ``annotate`` still saw the float and fused float module
+types they are written for. The QAT modules share the float modules' parameters.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch.fx as fx
+
+from fxquant.backends.base import Backend, get_backend
+from fxquant.meta import qinfo, record
+from fxquant.nn import fused
+from fxquant.patterns import Op
+from fxquant.nn.qat import QAT_MODULE_MAPPINGS, is_qat_module
+from fxquant.pipeline import PassContext, PassResult
+
+_WEIGHTS_ONLY_KINDS = ("dynamic", "weight_only")
+
+# Training-mode fused modules (BatchNorm not folded yet) and the backend rule of what they
+# become after convert folds the BatchNorm.
+TRAINING_FUSED_RULES: dict[type, str] = {
+    fused.ConvBn1d: "conv1d", fused.ConvBn2d: "conv2d", fused.ConvBn3d: "conv3d",
+    fused.ConvBnReLU1d: "conv1d_relu", fused.ConvBnReLU2d: "conv2d_relu",
+    fused.ConvBnReLU3d: "conv3d_relu", fused.LinearBn1d: "linear",
+}
+
+
+def qat_backend(backend: Any) -> Backend:
+    """``backend`` with its conv / linear rules extended to the training-mode fused modules
+    (ConvBn*, ConvBnReLU*, LinearBn1d), for annotate in QAT.
+
+    The extra rules keep the names of the rules they copy (``conv2d``, ``conv2d_relu``,
+    ``linear``), so after convert has folded the BatchNorm the plain backend lowers these
+    nodes with its own rule. (Workaround until the backend tables list these module types.)
+    """
+    base = get_backend(backend)
+    known = {t for rule in base.rules for t in rule.op.targets}
+    extra = []
+    for cls, rule_name in TRAINING_FUSED_RULES.items():
+        if cls in known:
+            continue  # the backend lists it already
+        try:
+            rule = base.rule_named(rule_name)
+        except KeyError:
+            continue
+        extra.append(replace(rule, op=Op(cls)))
+    return base.extended(*extra) if extra else base
+
+
+@dataclass(frozen=True)
+class SwapQATModules:
+    name: ClassVar[str] = "swap_qat_modules"
+    requires: ClassVar[frozenset[str]] = frozenset({"observed"})
+    provides: ClassVar[frozenset[str]] = frozenset({"qat_swapped"})
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats: Counter[str] = Counter()
+        swapped: dict[str, str] = {}  # target -> QAT class name, for modules called twice
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and qinfo(node).weight_spec is not None:
+                stats[_swap(gm, node, swapped)] += 1
+        return PassResult(gm, bool(stats.get("swapped")), dict(stats))
+
+
+def _swap(gm: fx.GraphModule, node: fx.Node, swapped: dict[str, str]) -> str:
+    from fxquant.passes.fuse import _set_submodule
+
+    info = qinfo(node)
+    target = str(node.target)
+    if target in swapped:
+        record(node, SwapQATModules.name, "swap_qat", f"{target} is already {swapped[target]} "
+               f"(module called more than once)")
+        return "already_swapped"
+    if getattr(info, "qkind", None) in _WEIGHTS_ONLY_KINDS:
+        record(node, SwapQATModules.name, "keep_module", f"{info.qkind} quantization: the weight "
+               f"is quantized at convert, there is no QAT module for it")
+        return "not_swapped"
+    module = gm.get_submodule(target)
+    if is_qat_module(module):
+        swapped[target] = type(module).__name__
+        record(node, SwapQATModules.name, "swap_qat", f"already a QAT module ({type(module).__name__})")
+        return "already_swapped"
+    qat_cls = QAT_MODULE_MAPPINGS.get(type(module))
+    if qat_cls is None:
+        record(node, SwapQATModules.name, "keep_module",
+               f"no QAT module for {type(module).__name__}: training does not see its weight "
+               f"quantization; the weight is quantized at convert as in PTQ")
+        return "not_swapped"
+    qat = qat_cls.from_float(module, info.qconfig)  # type: ignore[attr-defined]
+    _set_submodule(gm, target, qat)
+    swapped[target] = qat_cls.__name__
+    fq = qat.weight_fake_quant
+    folded = " with simulated BatchNorm folding" if hasattr(qat, "bn") else ""
+    record(node, SwapQATModules.name, "swap_qat",
+           f"{type(module).__name__} → qat.{qat_cls.__name__}{folded}; weight fake quant "
+           f"{type(fq).__name__}({str(fq.dtype).replace('torch.', '')} "
+           f"{str(getattr(fq, 'qscheme', '')).replace('torch.', '')})",
+           qat_module=qat_cls.__name__)
+    return "swapped"
