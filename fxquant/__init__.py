@@ -16,7 +16,6 @@ from fxquant.api import (convert_fx, convert_to_reference_fx, fuse_fx, prepare_f
                          prepare_qat_fx, quantize_dynamic_fx)
 from fxquant.errors import FxQuantError, PassFailed
 from fxquant.fake_quantize import get_default_qat_qconfig, get_default_qat_qconfig_mapping
-from fxquant.fake_quantize import get_default_qat_qconfig, get_default_qat_qconfig_mapping
 from fxquant.pipeline import Pass, PassContext, PassManager, PassResult
 from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
                              get_default_qconfig_mapping)
@@ -24,7 +23,6 @@ from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
 __all__ = [
     "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",
     "QConfig", "QConfigMapping", "get_default_qconfig", "get_default_qconfig_mapping",
-    "prepare_qat_fx", "get_default_qat_qconfig", "get_default_qat_qconfig_mapping",
     "prepare_qat_fx", "get_default_qat_qconfig", "get_default_qat_qconfig_mapping",
     "Pass", "PassContext", "PassManager", "PassResult", "FxQuantError", "PassFailed",
 ]
