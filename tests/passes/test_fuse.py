@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 from fxquant.fusion import default_group_fusions, default_module_fusions
 from fxquant.meta import qinfo
-from fxquant.nn import fused
 from fxquant.passes import Fuse, Normalize
-from fxquant.patterns import Chain, NoMatch, find_matches
+from fxquant.patterns import NoMatch, find_matches
 from tests.models import _randomize_bn
 from tests.passes.graphs import (assert_decisions_well_formed, call_nodes, decisions, run_passes,
                                  structure, traced)
