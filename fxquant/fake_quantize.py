@@ -282,11 +282,16 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
     :class:`~fxquant.observers.MovingAveragePerChannelMinMaxObserver`; the kernel updates its
     ``min_val`` / ``max_val`` in place. The switches are int64 buffers here (the kernel's type).
 
-    Note (torch's kernel, reproduced on purpose so training matches torch.ao): the kernel
-    computes scale / zero_point in C++ float arithmetic, so ``self.scale`` can differ from
-    ``calculate_qparams()`` (the observer's Python formula, which convert reads) by an ulp;
-    and for symmetric qschemes it applies symmetry only to channels whose range straddles 0 —
-    a channel with all values of one sign gets affine qparams (e.g. zero_point -128).
+    The kernel chooses scale / zero_point itself, in C++, and not with the observer's formula:
+    per-tensor results can differ from the observer's ``calculate_qparams`` by an ulp; the
+    symmetric per-channel scale is ``max(-min/128, max/127)`` instead of
+    ``max(-min, max)/127.5`` (up to 0.4% apart); and symmetry is applied only where the range
+    straddles 0 — a channel of one sign gets affine qparams (e.g. zero_point -128). The
+    forward reproduces this exactly (values and gradients equal torch.ao's). Unlike torch.ao,
+    :meth:`calculate_qparams` returns the qparams the module applies (its ``scale`` /
+    ``zero_point``) once it has observed data, so that convert builds the model that was
+    trained: torch.ao recomputes them from the observer, and its converted model can then
+    differ from the QAT model by several output steps.
     """
 
     def __init__(
@@ -308,6 +313,21 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
         self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.long))
         self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.long))
         self.is_symmetric_quant: bool = qmath.is_symmetric(self.qscheme)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (scale, zero_point) the kernel chose and the forward applies; the observer's own
+        qparams (``activation_post_process.calculate_qparams()``) before it has seen data."""
+        min_val = self.activation_post_process.min_val
+        if min_val.numel() == 0 or bool(torch.isinf(min_val).all()):
+            return self.activation_post_process.calculate_qparams()
+        return self.scale.detach().clone(), self.zero_point.detach().clone()
+
+    def _refresh_qparams(self) -> None:
+        # from the observer's statistics (after sync_observers, say); the kernel recomputes
+        # them its own way at the next observing forward
+        scale, zero_point = self.activation_post_process.calculate_qparams()
+        self.scale.resize_(scale.shape).copy_(scale)
+        self.zero_point.resize_(zero_point.shape).copy_(zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         app = self.activation_post_process

@@ -88,9 +88,16 @@ def test_matches_torch_ao_values_and_gradients(name, shape):
             if hasattr(theirs.activation_post_process, buf):
                 a, b = getattr(ours.activation_post_process, buf), getattr(theirs.activation_post_process, buf)
                 assert torch.equal(a, b), buf
-    s1, z1 = ours.calculate_qparams()
-    s2, z2 = theirs.calculate_qparams()
+    s1, z1 = ours.activation_post_process.calculate_qparams()
+    s2, z2 = theirs.activation_post_process.calculate_qparams()
     assert torch.equal(s1, s2) and torch.equal(z1.to(z2.dtype), z2)
+    s1, z1 = ours.calculate_qparams()
+    if isinstance(ours, fq.FusedMovingAvgObsFakeQuantize):
+        # fxquant reports what the kernel applied (torch.ao recomputes with the observer)
+        assert torch.equal(s1, theirs.scale) and torch.equal(z1, theirs.zero_point)
+    else:
+        s2, z2 = theirs.calculate_qparams()
+        assert torch.equal(s1, s2) and torch.equal(z1.to(z2.dtype), z2)
     for attr in ("dtype", "qscheme", "quant_min", "quant_max", "ch_axis", "is_dynamic"):
         assert getattr(ours, attr) == getattr(theirs, attr), attr
 
@@ -169,8 +176,16 @@ def test_fused_kernel_qparams_quirk_is_pinned():
     w = torch.randn(3, 8)
     w[1] = w[1].abs() + 0.1
     mod(w)
-    _, zp = mod.calculate_qparams()
+    scale, zp = mod.activation_post_process.calculate_qparams()
     assert int(zp[1]) == 0 and int(mod.zero_point[1]) == -128, "torch changed the fused kernel"
+    # and the symmetric per-channel scale formula: max(-min/128, max/127), not max(-min, max)/127.5
+    lo, hi = mod.activation_post_process.min_val, mod.activation_post_process.max_val
+    straddles = (lo < 0) & (hi > 0)
+    kernel = torch.maximum(-lo / 128, hi / 127)
+    torch.testing.assert_close(mod.scale[straddles], kernel[straddles])
+    assert not torch.allclose(scale[straddles], kernel[straddles], rtol=1e-4, atol=0)
+    applied = mod.calculate_qparams()  # what convert reads: what the forward applied
+    assert torch.equal(applied[0], mod.scale) and torch.equal(applied[1], mod.zero_point)
 
 
 def test_errors_name_the_fix():

@@ -34,7 +34,8 @@ fused.ConvReLU*/LinearReLU container for the ReLU kinds), and the weight qparams
 ``weight_fake_quant`` after running it once on that (folded) weight, as torch.ao's convert
 does. The qparams are the ones the fake quant applies (its ``scale`` / ``zero_point``), not a
 recomputation: torch's fused fake-quant kernel computes symmetric per-channel scales with a
-different formula than the observer (see :func:`_used_qparams`), and the converted model
+different formula than the observer (see
+:class:`fxquant.fake_quantize.FusedMovingAvgObsFakeQuantize`), and the converted model
 should compute what the trained one did. With the observers disabled
 (``fxquant.fake_quantize.disable_observer(model)``) the extra run changes nothing, so the
 converted model uses exactly the qparams of the last training step.
@@ -111,28 +112,24 @@ class _QATWeighted:
 
 
 def _used_qparams(fake_quant: nn.Module) -> WeightQParams:
-    """The weight qparams a fake quant applies in its forward: its ``scale`` / ``zero_point``
-    buffers. For FakeQuantize these equal ``calculate_qparams()`` (what torch.ao's convert
-    reads); for FusedMovingAvgObsFakeQuantize they come from torch's kernel, whose symmetric
-    per-channel scale is max(-min/128, max/127) where the observer computes
-    max(-min, max)/127.5 — up to 0.4% apart, enough to round weights differently. Using the
-    buffers makes the converted model compute what the QAT model computed. Exception: where the
-    kernel gave a symmetric scheme a non-zero zero point (a channel of one sign), that channel
-    takes the observer's symmetric qparams, which the int8 kernels accept. A plain observer
-    (no buffers), or buffers of the wrong size, fall back to ``calculate_qparams()``."""
-    reported = WeightQParams.from_observer(fake_quant)
-    scale, zero_point = getattr(fake_quant, "scale", None), getattr(fake_quant, "zero_point", None)
-    if not isinstance(scale, torch.Tensor) or not isinstance(zero_point, torch.Tensor):
-        return reported
-    if scale.numel() != reported.scale.numel() or zero_point.numel() != scale.numel():
-        return reported
-    scale = scale.detach().reshape(-1).float().cpu()
-    zero_point = zero_point.detach().reshape(-1).long().cpu()
-    if reported.qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric):
-        keep = zero_point == reported.zero_point
-        scale = torch.where(keep, scale, reported.scale)
-        zero_point = torch.where(keep, zero_point, reported.zero_point)
-    return dataclasses.replace(reported, scale=scale, zero_point=zero_point)
+    """The weight qparams a fake quant applies in its forward, via its ``calculate_qparams()``
+    (fxquant's fused fake quant reports what torch's kernel chose, see
+    :class:`~fxquant.fake_quantize.FusedMovingAvgObsFakeQuantize`). Exception: where the kernel
+    gave a symmetric scheme a zero point other than the symmetric one (a channel whose weights
+    all have one sign), that channel takes its observer's symmetric qparams, which the int8
+    kernels require."""
+    applied = WeightQParams.from_observer(fake_quant)
+    observer = getattr(fake_quant, "activation_post_process", None)
+    if observer is None or applied.qscheme not in (torch.per_tensor_symmetric, torch.per_channel_symmetric):
+        return applied
+    own = WeightQParams.from_observer(observer)
+    if own.scale.numel() != applied.scale.numel():
+        return applied
+    keep = applied.zero_point == own.zero_point
+    if bool(keep.all()):
+        return applied
+    return dataclasses.replace(applied, scale=torch.where(keep, applied.scale, own.scale),
+                               zero_point=torch.where(keep, applied.zero_point, own.zero_point))
 
 
 # ----------------------------------------------------------------------------------------
