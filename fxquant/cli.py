@@ -7,7 +7,8 @@
 
 MODULE:FACTORY is a dotted module importable from the current directory
 (``tests.models:TinyResNet``) or a path to a Python file (``examples/static_ptq_resnet.py:
-make_model``); FACTORY is called with no arguments and returns the float ``nn.Module``.
+make_model``); FACTORY is called with no arguments, after ``torch.manual_seed(0)`` (so that a
+randomly initialized model is the same each time), and returns the float ``nn.Module``.
 Problems with what was typed (a factory that cannot be imported, a shape the model does not
 accept, a missing calibration file) exit with status 2 and say how to fix them.
 
@@ -139,7 +140,8 @@ def _import_module(name: str) -> Any:
 
 
 def load_factory(spec: str) -> nn.Module:
-    """Import MODULE:FACTORY, call FACTORY() and return the float model in eval mode."""
+    """Import MODULE:FACTORY, call FACTORY() (after ``torch.manual_seed(0)``) and return the
+    float model in eval mode."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"{spec!r} is not MODULE:FACTORY. Fix: write it as {_FACTORY_HELP}")
@@ -150,6 +152,7 @@ def load_factory(spec: str) -> nn.Module:
                        and getattr(v, "__module__", None) == module.__name__)
         raise UsageError(f"{module_name!r} has no callable {attr!r}. Fix: use one of "
                          f"{', '.join(names) or '(none found)'}")
+    torch.manual_seed(0)  # a randomly initialized model is the same in `quantize` and `report`
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001 - reported with the fix
@@ -165,7 +168,7 @@ def load_factory(spec: str) -> nn.Module:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        shape = tuple(int(p) for p in text.split(","))
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):

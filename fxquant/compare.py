@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxquant.meta import qinfo_or_none
-from fxquant.report import graph_stage, info_of, op_label, status_of
+from fxquant.report import FLOAT, graph_stage, info_of, op_label, status_of
 
 Key = tuple[str, int]
 
@@ -83,9 +83,12 @@ class Comparison:
         raise KeyError(f"no compared layer named {name!r}; have {[lc.name for lc in self.layers]}")
 
     def worst(self, n: Optional[int] = 5) -> list[LayerComparison]:
-        """The ops that add the most noise (lowest local SQNR; end-to-end SQNR breaks ties)."""
+        """The quantized ops that add the most noise (lowest local SQNR; end-to-end SQNR breaks
+        ties). Float ops are left out: they add no quantization noise of their own (what
+        their local SQNR shows is noise they received, amplified) and are float already."""
         ranked = sorted(self.layers, key=lambda lc: (lc.local_sqnr_db, lc.sqnr_db))
-        ranked = [lc for lc in ranked if not math.isinf(lc.local_sqnr_db)]
+        ranked = [lc for lc in ranked
+                  if not math.isinf(lc.local_sqnr_db) and lc.status != FLOAT]
         return ranked if n is None else ranked[:n]
 
     def worst_layers(self, n: Optional[int] = 5) -> list[str]:
