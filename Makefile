@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fxquant-installed
 TORCH   := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup graphviz clean optable
+.PHONY: demo test bench setup graphviz clean optable docs
 
 setup: $(STAMP) graphviz
 
@@ -36,6 +36,11 @@ bench: setup
 # The README's supported-op table, regenerated from the backend / fusion / spelling tables.
 optable: setup
 	$(VPY) -m fxquant.optable --write README.md
+
+# The README's decision picture (docs/decisions*.svg) and the demo's text report (docs/report.txt),
+# from examples/report_and_viz.py; its HTML / Markdown reports go to out/docs/.
+docs: setup
+	$(VPY) examples/report_and_viz.py --out out/docs --docs docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -3,16 +3,17 @@
 Quantizes the ResNet-style CNN of ``static_ptq_resnet.py`` (x86 backend, 8 random calibration
 batches), then
 
-* draws the converted graph, colored by decision (``fxquant.visualize``), in full and
-  collapsed to one box per top-level module;
+* draws the converted graph, colored by decision (``fxquant.visualize``);
 * writes the report with per-layer SQNR against float (``fxquant.report``) as text, Markdown
   and a self-contained HTML page;
 * finds the layers that add the most noise (``fxquant.compare``), leaves the worst one float
-  with ``fxquant.skip_layers`` and quantizes again.
+  with ``fxquant.skip_layers``, quantizes again and draws that graph collapsed to one box
+  per ``layerN.M`` block.
 
     python examples/report_and_viz.py [--out DIR] [--docs DIR]
 
-``--docs docs`` (``make docs``) also refreshes the picture and text report in the README.
+``--docs docs`` (``make docs``) also refreshes the pictures in docs/ and the text report in
+the README (between its ``report_and_viz`` markers).
 """
 from __future__ import annotations
 
@@ -37,6 +38,25 @@ def quantize(model: torch.nn.Module, mapping: fxquant.QConfigMapping,
         for batch in batches:
             prepared(batch)
     return fxquant.convert_fx(prepared)
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BEGIN, END = "<!-- report_and_viz:begin -->", "<!-- report_and_viz:end -->"
+
+
+def update_readme(text: str, path: str = README) -> bool:
+    """Put ``text`` in the README's code block between the report_and_viz markers."""
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        readme = f.read()
+    if BEGIN not in readme or END not in readme:
+        return False
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{BEGIN}\n```\n{text}\n```\n{END}{tail}")
+    return True
 
 
 def main() -> None:
@@ -64,18 +84,21 @@ def main() -> None:
         os.makedirs(args.docs, exist_ok=True)
         fxquant.visualize(quantized, os.path.join(args.docs, "decisions.svg"),
                           title="ResNetish (examples/static_ptq_resnet.py), converted for x86")
-        fxquant.visualize(quantized, os.path.join(args.docs, "decisions_collapsed.svg"),
-                          collapse_depth=1, title="the same, collapse_depth=1")
         with open(os.path.join(args.docs, "report.txt"), "w", encoding="utf-8") as f:
             f.write(rep.to_text() + "\n")
+        update_readme(rep.to_text())
 
     worst = rep.comparison.worst_layers(1)
     print(f"\nleaving {worst} float and quantizing again")
     retry = quantize(model, fxquant.skip_layers(mapping, worst), calib)
     again = fxquant.compare(model, retry, test)
     print(f"output SQNR {rep.comparison.output_sqnr_db:.1f} dB -> {again.output_sqnr_db:.1f} dB")
+    if args.docs:
+        fxquant.visualize(retry, os.path.join(args.docs, "decisions_skipped.svg"),
+                          collapse_depth=2,
+                          title=f"the same with {', '.join(worst)} left float, collapse_depth=2")
     print(f"wrote {args.out}/report.html, report.md, decisions.svg"
-          + (f"; {args.docs}/decisions.svg, decisions_collapsed.svg, report.txt"
+          + (f"; {args.docs}/decisions.svg, decisions_skipped.svg, report.txt"
              if args.docs else ""))
 
 

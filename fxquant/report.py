@@ -419,9 +419,10 @@ class Report:
              "output qparams"]
         return h + (["SQNR dB", "max err"] if self.has_numerics else [])
 
-    def to_text(self, width: int = 48, worst: int = 5) -> str:
-        """A terminal table, one row per op, then the summary."""
-        widths = [24, 20, 11, 14, 16, width, 24] + ([7, 8] if self.has_numerics else [])
+    def to_text(self, width: int = 42, worst: int = 5) -> str:
+        """A terminal table, one row per op, then the summary (``width``: of the kernel /
+        reason column)."""
+        widths = [24, 20, 11, 14, 14, width, 23] + ([7, 8] if self.has_numerics else [])
         body = [self._cells(r) for r in self.op_rows()]
         return "\n".join(_table(self._headers(), body, widths) + [""] + self.summary_lines(worst))
 
@@ -545,7 +546,7 @@ def build(gm: fx.GraphModule, float_model: Optional[nn.Module] = None, inputs: A
                   summary(gm, all_rows), comparison, size_float, size_model, title)
 
 
-def text_report(gm: fx.GraphModule, width: int = 48) -> str:
+def text_report(gm: fx.GraphModule, width: int = 42) -> str:
     """A terminal table: one row per op, then how many ops run int8 / float and why."""
     return build(gm).to_text(width)
 
