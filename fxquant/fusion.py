@@ -25,6 +25,8 @@ class ModuleFusion:
     pattern: Chain
     build: Builder  # (matched modules, training) -> fused module, or None to decline
     description: str
+    # for chains ending in a clamp: build takes the clamp's (min, max) as a third argument
+    clamp_root: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,36 @@ class GroupFusion:
 
 
 RELU = Op(F.relu, name="relu")
+
+
+def clamp_bounds(node, modules) -> Optional[tuple[float, float]]:
+    """(min, max) of a ReLU6 / Hardtanh / clamp node, when both are constants."""
+    import torch.fx as fx
+
+    if node.op == "call_module":
+        m = modules[node.target]
+        return (float(m.min_val), float(m.max_val)) if isinstance(m, nn.Hardtanh) else None
+    if node.target in (F.relu6,):
+        return (0.0, 6.0)
+    args = list(node.args[1:]) + [None, None]
+    if node.target in (F.hardtanh, F.hardtanh_):
+        lo = node.kwargs.get("min_val", args[0] if args[0] is not None else -1.0)
+        hi = node.kwargs.get("max_val", args[1] if args[1] is not None else 1.0)
+    else:  # torch.clamp / x.clamp / torch.clip
+        lo = node.kwargs.get("min", args[0])
+        hi = node.kwargs.get("max", args[1])
+    if any(isinstance(v, fx.Node) or v is None for v in (lo, hi)):
+        return None
+    return float(lo), float(hi)
+
+
+def _clamp_fusable(node, modules) -> bool:
+    bounds = clamp_bounds(node, modules)
+    return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
+
+
+CLAMP = Op(nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clip,
+           "clamp", "clip", name="clamp", check=_clamp_fusable)
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -92,6 +124,17 @@ def _linear_bn_relu(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Mo
     return _fused().LinearReLU(_fold().fold_linear_bn_eval(mods[0], mods[1]), nn.ReLU())
 
 
+def _with_clamp(kind: str) -> Callable[[Sequence[nn.Module], bool, tuple[float, float]],
+                                       Optional[nn.Module]]:
+    def build(mods: Sequence[nn.Module], training: bool, bounds: tuple[float, float]
+              ) -> Optional[nn.Module]:
+        if training:
+            return None  # no QAT module for conv/linear + clamp: they stay apart in QAT
+        clamp = nn.ReLU6() if bounds == (0.0, 6.0) else nn.Hardtanh(*bounds)
+        return getattr(_fused(), kind)(mods[0], clamp)
+    return build
+
+
 def _bn_relu(d: int) -> Builder:
     def build(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
         return getattr(_fused(), f"BNReLU{d}d")(mods[0], nn.ReLU())
@@ -117,6 +160,15 @@ def default_module_fusions() -> tuple[ModuleFusion, ...]:
                                name=f"convtranspose{d}d_bn"), _convt_bn,
                          f"ConvTranspose{d}d + BatchNorm{d}d"),
         ]
+    for d in (1, 2, 3):
+        table.append(ModuleFusion(Chain(Op(_CONV[d], name="conv"), CLAMP, name=f"conv{d}d_clamp"),
+                                  _with_clamp(f"ConvClamp{d}d"),
+                                  f"Conv{d}d + ReLU6/Hardtanh/clamp (bound in output qparams)",
+                                  clamp_root=True))
+    table.append(ModuleFusion(Chain(Op(nn.Linear, name="linear"), CLAMP, name="linear_clamp"),
+                              _with_clamp("LinearClamp"),
+                              "Linear + ReLU6/Hardtanh/clamp (bound in output qparams)",
+                              clamp_root=True))
     for d in (2, 3):
         table.append(ModuleFusion(Chain(Op(_BN[d], name="bn"), RELU, name=f"bn{d}d_relu"),
                                   _bn_relu(d), f"BatchNorm{d}d + ReLU"))

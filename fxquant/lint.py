@@ -9,7 +9,6 @@ import torch.fx as fx
 from fxquant.errors import VerifyError
 from fxquant.meta import META_KEY, Decision, QNodeInfo
 
-_QDTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.float16)
 
 
 def verify(gm: fx.GraphModule, after: Optional[str] = None) -> None:
@@ -20,16 +19,21 @@ def verify(gm: fx.GraphModule, after: Optional[str] = None) -> None:
     and that every quantize node asks for a quantized dtype with a sane scale/zero_point.
     """
     where = f" after pass '{after}'" if after else ""
+    modules = dict(gm.named_modules(remove_duplicate=False))  # aliased observers share modules
+    seen: set[fx.Node] = set()
+    for node in gm.graph.nodes:  # our checks first: they name the node, fx's lint does not
+        if node.op == "call_module" and node.target not in modules:
+            raise VerifyError(f"call_module target '{node.target}' does not exist{where}", node)
+        for inp in node.all_input_nodes:
+            if inp not in seen:
+                raise VerifyError(f"{node.name} uses {inp.name} before it is defined{where}", node)
+        seen.add(node)
+        _check_meta(node, where)
+        _check_quantize(node, where)
     try:
         gm.graph.lint()
     except Exception as e:  # noqa: BLE001 - fx raises plain RuntimeError/AssertionError
         raise VerifyError(f"graph lint failed{where}: {e}") from e
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in modules:
-            raise VerifyError(f"call_module target '{node.target}' does not exist{where}", node)
-        _check_meta(node, where)
-        _check_quantize(node, where)
 
 
 def _check_meta(node: fx.Node, where: str) -> None:
@@ -46,14 +50,16 @@ def _check_meta(node: fx.Node, where: str) -> None:
 
 
 def _check_quantize(node: fx.Node, where: str) -> None:
-    if node.op != "call_function" or node.target is not torch.quantize_per_tensor:
+    from fxquant.backends.reference_ops import QUANTIZE_DTYPES, is_quantize
+
+    if not is_quantize(node):
         return
     if len(node.args) < 4:
         raise VerifyError(f"quantize_per_tensor with {len(node.args)} args{where}", node)
     _, scale, zp, dtype = node.args[:4]
-    if dtype not in _QDTYPES:
+    if dtype not in QUANTIZE_DTYPES:
         raise VerifyError(f"quantize to non-quantized dtype {dtype}{where}", node)
     if isinstance(scale, float) and not scale > 0:
         raise VerifyError(f"quantize with scale {scale} <= 0{where}", node)
-    if isinstance(zp, int) and dtype == torch.quint8 and not 0 <= zp <= 255:
+    if isinstance(zp, int) and str(dtype) == "torch.quint8" and not 0 <= zp <= 255:
         raise VerifyError(f"quint8 zero_point {zp} outside 0..255{where}", node)

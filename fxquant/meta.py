@@ -50,9 +50,11 @@ class QSpec:
 
 @dataclass(frozen=True)
 class SharedSpec:
-    """The output shares the quantization parameters of input ``input_index``."""
+    """The output shares the quantization parameters of input ``input_index`` (a slot key:
+    ``i`` or ``(i, j)``). ``all_inputs``: every quantized input shares them too (cat)."""
 
-    input_index: int = 0
+    input_index: Any = 0
+    all_inputs: bool = False
 
 
 OutputSpec = Union[QSpec, SharedSpec, None]

@@ -133,10 +133,14 @@ class Chain:
         return Match(ordered, names)
 
 
-def find_matches(graph: fx.Graph, patterns: Sequence[Chain], modules: Mapping[str, nn.Module]
+def find_matches(graph: fx.Graph, patterns: Sequence[Chain], modules: Mapping[str, nn.Module],
+                 accept: Optional[Callable[[Chain, Match], bool]] = None,
+                 declined: Optional[Callable[[fx.Node, Chain, NoMatch], None]] = None
                  ) -> list[tuple[Chain, Match]]:
     """Non-overlapping matches, longest pattern first at each root, roots in reverse graph order
-    (so conv-bn-relu wins over conv-bn)."""
+    (so conv-bn-relu wins over conv-bn). ``accept`` may refuse a match (e.g. its fused module
+    cannot be built), and the next pattern is tried. ``declined`` hears of each match that
+    failed only because an interior node has other users."""
     taken: set[fx.Node] = set()
     found: list[tuple[Chain, Match]] = []
     ordered = sorted(patterns, key=lambda p: -len(p.ops))
@@ -145,9 +149,14 @@ def find_matches(graph: fx.Graph, patterns: Sequence[Chain], modules: Mapping[st
             continue
         for pat in ordered:
             m = pat.match(node, modules)
-            if m and not (set(m.nodes) & taken):
-                taken |= set(m.nodes)
-                found.append((pat, m))
-                break
+            if not m:
+                if declined is not None and isinstance(m, NoMatch) and " users;" in m.reason:
+                    declined(node, pat, m)
+                continue
+            if set(m.nodes) & taken or (accept is not None and not accept(pat, m)):
+                continue
+            taken |= set(m.nodes)
+            found.append((pat, m))
+            break
     found.reverse()
     return found

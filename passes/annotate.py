@@ -12,14 +12,16 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.fx as fx
 
-from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, WEIGHT_ONLY, WEIGHTED, Backend,
-                                   Rule, get_backend)
+from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY, WEIGHTED,
+                                   Backend, Rule, get_backend)
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
 from fxquant.patterns import target_name
 from fxquant.pipeline import PassContext, PassResult
 from fxquant.slots import node_inputs
 
-_STATIC_ACT = (torch.quint8, torch.qint8)
+from fxquant.backends.reference_ops import FIXED_QPARAMS_DTYPE, STATIC_ACTIVATION_DTYPES
+
+_STATIC_ACT = STATIC_ACTIVATION_DTYPES
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,18 @@ def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
     if kind in (DYNAMIC, WEIGHT_ONLY):
         _mark_group(info, groups, None)
         return _annotate_weights_only(node, info, backend, modules, kind)
-    if info.value is not None and info.value.kind != "tensor":
+    if _is_item_of_quantized_tuple(node):
+        return _annotate_tuple_item(node, info)
+    if info.value is not None and info.value.kind == "tensors":
+        rule, _ = backend.rule_for(node, modules, qconfig)
+        if rule is None or not rule.multi_output:
+            _mark_group(info, groups, None)
+            return _keep_float(node, f"produces a {info.value.python_type} of tensors; no "
+                                     f"quantized kernel for {_op_name(node, modules)}")
+    elif info.value is not None and info.value.kind != "tensor":
         _mark_group(info, groups, None)
         return _keep_float(node, f"produces {info.value.python_type}, not a tensor; not quantized")
-    if info.value is not None and not info.value.is_float_tensor:
+    if info.value is not None and info.value.kind == "tensor" and not info.value.is_float_tensor:
         _mark_group(info, groups, None)
         return _keep_float(node, f"produces a {info.value.dtype} tensor; only float tensors are "
                                  f"quantized")
@@ -126,6 +136,25 @@ def _annotate_weights_only(node: fx.Node, info: QNodeInfo, backend: Backend, mod
     return kind
 
 
+def _is_item_of_quantized_tuple(node: fx.Node) -> bool:
+    import operator
+
+    if not (node.op == "call_function" and node.target is operator.getitem and node.args
+            and isinstance(node.args[0], fx.Node)):
+        return False
+    src = qinfo(node.args[0])
+    return src.rule is not None and src.value is not None and src.value.kind == "tensors" \
+        and bool(src.input_specs)
+
+
+def _annotate_tuple_item(node: fx.Node, info: QNodeInfo) -> str:
+    info.rule, info.qkind = "tuple_item", "static"
+    info.output_spec = SharedSpec(0)
+    record(node, Annotate.name, "share_qparams", "item of a quantized tuple: shares the qparams "
+                                                 "of the tuple's input")
+    return "quantized"
+
+
 def _mark_group(info: QNodeInfo, groups: dict[int, Optional[str]], rule: Optional[str]) -> None:
     if info.group is not None and not info.group_root:
         groups[info.group] = rule
@@ -164,7 +193,9 @@ def _apply_rule(node: fx.Node, info: QNodeInfo, rule: Rule, act: QSpec, qconfig:
     info.input_specs = {key: act for key, _ in inputs}
     info.rule, info.qkind = rule.name, "static"
     interior = info.group is not None and not info.group_root
-    info.output_spec = None if interior else _output_spec(rule, act)
+    info.output_spec = None if interior or rule.multi_output else _output_spec(rule, act)
+    if rule.qparams == SHARED_ALL:
+        info.output_spec = SharedSpec(inputs[0][0], all_inputs=True)
     _mark_group(info, groups, rule.name)
     record(node, Annotate.name, _action(rule, interior), _reason(rule, info, interior),
            rule=rule.name, kernel=rule.kernel)
@@ -179,14 +210,15 @@ def _output_spec(rule: Rule, act: QSpec) -> Any:
 
         scale, zp = rule.fixed
         factory = FixedQParamsObserver.with_args(scale=scale, zero_point=zp)
-        return QSpec(torch.quint8, factory, torch.per_tensor_affine, fixed=rule.fixed)
+        return QSpec(FIXED_QPARAMS_DTYPE, factory, torch.per_tensor_affine, fixed=rule.fixed)
     return act
 
 
 def _action(rule: Rule, interior: bool) -> str:
     if interior:
         return "quantize_inputs"
-    return {SHARED: "share_qparams", FIXED: "fixed_qparams"}.get(rule.qparams, "quantize")
+    return {SHARED: "share_qparams", SHARED_ALL: "share_qparams",
+            FIXED: "fixed_qparams"}.get(rule.qparams, "quantize")
 
 
 def _reason(rule: Rule, info: QNodeInfo, interior: bool) -> str:
@@ -195,6 +227,9 @@ def _reason(rule: Rule, info: QNodeInfo, interior: bool) -> str:
         return f"{rule.kernel} with the op after it; inputs {dt}"
     if rule.qparams == SHARED:
         return f"runs on the {dt} input as is; output shares the input's scale/zero_point"
+    if rule.qparams == SHARED_ALL:
+        return (f"{rule.kernel}: every input and the output share one observer, so the "
+                f"op only copies {dt} data")
     if rule.qparams == FIXED:
         return f"{rule.kernel}; output qparams fixed at scale={rule.fixed[0]}, zp={rule.fixed[1]}"
     weight = ""

@@ -27,6 +27,10 @@ class Cleanup:
             if is_quantize(node) and _drop_requantize(node):
                 gm.graph.erase_node(node)
                 stats["dq_q_removed"] += 1
+            elif is_dequantize(node):
+                moved = _read_metadata_from_quantized(node)
+                if moved:
+                    stats["metadata_reads_rewired"] += moved
         for node in reversed(list(gm.graph.nodes)):
             if not node.users and qinfo(node).role in _REMOVABLE_ROLES and node.op != "output":
                 gm.graph.erase_node(node)
@@ -34,6 +38,24 @@ class Cleanup:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return PassResult(gm, bool(stats), dict(stats))
+
+
+_METADATA = ("size", "dim", "numel", "ndimension", "nelement")
+
+
+def _read_metadata_from_quantized(dq: fx.Node) -> int:
+    """``x.size()`` / ``x.dim()`` of a dequantized tensor: read them from the quantized tensor,
+    which has the same shape, and skip the dequantize."""
+    moved = 0
+    for user in list(dq.users):
+        if user.op == "call_method" and user.target in _METADATA and user.args[0] is dq:
+            user.replace_input_with(dq, dq.args[0])
+            moved += 1
+        elif user.op == "call_function" and getattr(user.target, "__name__", "") == "getattr" \
+                and user.args[1] in ("shape", "ndim") and user.args[0] is dq:
+            user.replace_input_with(dq, dq.args[0])
+            moved += 1
+    return moved
 
 
 def _known_qparams(node: fx.Node) -> Optional[tuple[float, int, object]]:

@@ -18,7 +18,7 @@ from fxquant.errors import FxQuantError
 from fxquant.meta import QNodeInfo, inherit, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
 
-_INT_DTYPES = (torch.quint8, torch.qint8, torch.qint32)
+from fxquant.backends.reference_ops import INTEGER_DTYPES as _INT_DTYPES
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,22 @@ class Fuse:
         training = bool(ctx.get("is_qat", gm.training))
         modules = dict(gm.named_modules())
         by_pattern = {f.pattern: f for f in self.module_fusions}
-        for pattern, match in find_matches(gm.graph, list(by_pattern), modules):
-            if _fuse_modules(gm, by_pattern[pattern], match.nodes, modules, training):
-                stats["fused"] += 1
+        built: dict[int, nn.Module] = {}
+
+        def buildable(pattern, match) -> bool:
+            module = _build(gm, by_pattern[pattern], match.nodes, modules, training)
+            if module is not None:
+                built[id(match.nodes[-1])] = module
+            return module is not None
+
+        for pattern, match in find_matches(gm.graph, list(by_pattern), modules, buildable,
+                                           _record_declined):
+            _replace(gm, by_pattern[pattern], match.nodes, built[id(match.nodes[-1])], training)
+            stats["fused"] += 1
         modules = dict(gm.named_modules())
         by_group = {f.pattern: f for f in self.group_fusions}
-        for pattern, match in find_matches(gm.graph, list(by_group), modules):
+        ungrouped = lambda pattern, match: all(qinfo(n).group is None for n in match.nodes)
+        for pattern, match in find_matches(gm.graph, list(by_group), modules, ungrouped):
             _mark_group(by_group[pattern], match.nodes)
             stats["grouped"] += 1
         if stats:
@@ -54,20 +64,50 @@ def _module_call_count(graph: fx.Graph, target: str) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
 
 
-def _fuse_modules(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...],
-                  modules: dict[str, nn.Module], training: bool) -> bool:
+def _record_declined(root: fx.Node, pattern, no: "NoMatch") -> None:
+    """Record, on the first node of the would-be chain, why it was not fused."""
+    node = root
+    for _ in range(len(pattern.ops) - 1):
+        if not (node.args and isinstance(node.args[0], fx.Node)):
+            return
+        node = node.args[0]
+    reason = f"not fused as {pattern.name}: {no.reason}"
+    if not any(d.reason == reason for d in qinfo(node).decisions):
+        record(node, Fuse.name, "not_fused", reason)
+
+
+def _build(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...],
+           modules: dict[str, nn.Module], training: bool) -> Optional[nn.Module]:
+    """The fused module for a match, or None (with a not_fused decision) when it can't be."""
     first = nodes[0]
     mods = [modules[n.target] for n in nodes if n.op == "call_module"]
     calls = [_module_call_count(gm.graph, n.target) for n in nodes if n.op == "call_module"]
     if any(c != 1 for c in calls):
         record(first, Fuse.name, "not_fused", f"{fusion.description}: a module of the chain is "
                f"called more than once, so it cannot be replaced by a fused module")
-        return False
-    fused = fusion.build(mods, training)
+        return None
+    try:
+        if fusion.clamp_root:
+            from fxquant.fusion import clamp_bounds
+
+            fused = fusion.build(mods, training, clamp_bounds(nodes[-1], modules))
+        else:
+            fused = fusion.build(mods, training)
+    except (ValueError, TypeError) as e:
+        record(first, Fuse.name, "not_fused", f"{fusion.description}: {e}")
+        return None
     if fused is None:
         record(first, Fuse.name, "not_fused", f"{fusion.description}: no fused module in "
                f"{'training' if training else 'eval'} mode")
-        return False
+    return fused
+
+
+def _replace(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...],
+             fused: nn.Module, training: bool) -> None:
+    first = nodes[0]
+    for n in nodes[1:]:
+        if n.op == "call_module":
+            _del_submodule(gm, str(n.target))  # lives on inside the fused module only
     _set_submodule(gm, first.target, fused)
     root = nodes[-1]
     with gm.graph.inserting_before(root):
@@ -76,14 +116,21 @@ def _fuse_modules(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node
     info = inherit(new, first)
     info.fused_from = tuple(_describe(n) for n in nodes)
     info.debug_handle = qinfo(root).debug_handle  # the node whose output the fused node gives
-    folded = " (BatchNorm folded into the weights)" if ("BatchNorm" in fusion.description
-                                                         and not training) else ""
+    folded = " (BatchNorm folded into the weights)" if (
+        "BatchNorm" in fusion.description and not training
+        and not fusion.description.startswith("BatchNorm")) else ""
     record(new, Fuse.name, "fuse", f"{fusion.description} → {type(fused).__name__}{folded}",
            pattern=fusion.pattern.name, members=info.fused_from)
     root.replace_all_uses_with(new)
     for n in reversed(nodes):
         gm.graph.erase_node(n)
-    return True
+
+
+def _del_submodule(gm: fx.GraphModule, path: str) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    if hasattr(parent, attr):
+        delattr(parent, attr)
 
 
 def _describe(node: fx.Node) -> str:

@@ -106,6 +106,11 @@ class _Inserter:
 
     def share_output(self, node: fx.Node, spec: SharedSpec) -> None:
         src = get_input(node, spec.input_index)
+        while not is_observer_node(src) and isinstance(src, fx.Node) and src.args \
+                and qinfo(src).rule is not None and qinfo(src).output_spec is None:
+            src = src.args[0]  # an item of a tuple op: the observer of the tuple op's input
+        if spec.all_inputs and is_observer_node(src):
+            self._alias_inputs(node, str(src.target))
         if not is_observer_node(src):
             raise FxQuantError(f"{node.name} shares the qparams of input {spec.input_index}, "
                                f"which is not observed", node,
@@ -115,6 +120,23 @@ class _Inserter:
                          shared_target=str(src.target))
         _redirect_users(node, obs)
         self.observed[node] = obs
+
+
+def _alias(self: "_Inserter", node: fx.Node, target: str) -> None:
+    """Make every input observer of ``node`` the same module as ``target`` (cat: inputs and
+    output share one scale/zero_point, so the kernel copies data without requantizing)."""
+    shared = self.gm.get_submodule(target)
+    for key in qinfo(node).input_specs:
+        arg = get_input(node, key)
+        if is_observer_node(arg) and arg.target != target:
+            parent, _, attr = str(arg.target).rpartition(".")
+            setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, shared)
+            record(arg, InsertObservers.name, "share_observer",
+                   f"shares {target} with the other inputs of {node.name}")
+            self.stats["aliased"] += 1
+
+
+_Inserter._alias_inputs = _alias
 
 
 def _redirect_users(node: fx.Node, obs: fx.Node) -> None:

@@ -11,7 +11,7 @@ from typing import ClassVar, Optional
 
 import torch.fx as fx
 
-from fxquant.backends.base import Backend, LowerCtx, get_backend
+from fxquant.backends.base import SHARED, SHARED_ALL, Backend, LowerCtx, get_backend
 from fxquant.backends.engine import engine
 from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
 from fxquant.meta import inherit, qinfo, record
@@ -36,6 +36,8 @@ class LowerToBackend:
                     continue
                 if info.group is not None and not info.group_root:
                     continue  # lowered with its group's root
+                if info.rule == "tuple_item":
+                    continue  # lowered with its tuple op
                 stats[_lower_one(gm, backend, node)] += 1
         gm.recompile()
         return PassResult(gm, stats["lowered"] > 0, dict(stats))
@@ -70,9 +72,50 @@ def _lower_in_place(gm: fx.GraphModule, backend: Backend, node: fx.Node) -> str:
     return "lowered"
 
 
+def _lower_tuple(gm: fx.GraphModule, node: fx.Node) -> str:
+    """chunk / split / unbind on a quantized tensor: run it on the quantized tensor; each item
+    (getitem) keeps the input's qparams, so the quantize after each item goes away."""
+    src = node.args[0]
+    if not is_dequantize(src):
+        return _decline(node, "input is not a dequantized tensor")
+    qin = src.args[0]
+    items = list(node.users)
+    quantizes = []
+    for item in items:
+        users = list(item.users)
+        if qinfo(item).rule != "tuple_item" or len(users) != 1 or not is_quantize(users[0]):
+            return _decline(node, f"item {item.name} is not requantized with shared qparams")
+        quantizes.append(users[0])
+    node.args = (qin, *node.args[1:])
+    record(node, LowerToBackend.name, "lower", "runs on the quantized tensor; items keep its "
+                                               "scale/zero_point")
+    qinfo(node).kernel = f"{node.target if isinstance(node.target, str) else node.target.__name__}"\
+                         f" on the quantized tensor"
+    for item, q in zip(items, quantizes):
+        q.replace_all_uses_with(item)
+        gm.graph.erase_node(q)
+        info = qinfo(item)
+        info.kernel, info.qparams = "item of a quantized tuple", _qparams_dict(q)
+        record(item, LowerToBackend.name, "lower", "item of the quantized tuple")
+    return "lowered"
+
+
+def _runtime_qparams(node: fx.Node) -> bool:
+    """Is ``node`` a quantized value whose qparams only a kernel knows (add_scalar, or a shared
+    op downstream of one)?"""
+    return not is_quantize(node) and qinfo(node).kernel is not None and qinfo(node).qparams is None
+
+
+def _qparams_dict(q: fx.Node) -> dict:
+    scale, zp, dtype = quantize_qparams(q)
+    return {"scale": scale, "zero_point": zp, "dtype": dtype}
+
+
 def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
     if qinfo(root).qkind in ("dynamic", "weight_only"):
         return _lower_in_place(gm, backend, root)
+    if backend.rule_named(qinfo(root).rule).multi_output:
+        return _lower_tuple(gm, root)
     group = _group_nodes(gm, root)
     first = group[0]
     users = list(root.users)
@@ -94,6 +137,9 @@ def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
     if isinstance(new, NoMatch):
         return _decline(root, new.reason)
     _finish(gm, root, group, q_out, new, lctx.kernel or rule.kernel, (scale, zp, dtype))
+    if lctx.derived_qparams or (rule.qparams in (SHARED, SHARED_ALL)
+                                and any(_runtime_qparams(q) for q in qinputs.values())):
+        qinfo(new).qparams = None  # chosen by a kernel at run time (add_scalar ...)
     return "lowered"
 
 

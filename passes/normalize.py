@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxquant.functional import build_module, functional_entry
 from fxquant.meta import inherit, qinfo, record
 from fxquant.ops import (DROPOUT_FUNCTIONS, DROPOUT_MODULES, IDENTITY_MODULES, Spelling,
                          module_is_inplace, spelling_for)
@@ -42,14 +43,48 @@ class Normalize:
                 _remove_identity(gm, node, modules)
                 stats["removed"] += 1
                 continue
+            entry = functional_entry(node)
+            if entry is not None:
+                stats[_functional_to_module(gm, node, entry)] += 1
+                continue
             spelling = spelling_for(node.op, node.target, modules.get(node.target)
                                     if node.op == "call_module" else None)
             if spelling is not None and _rewrite(gm, node, spelling, modules):
                 stats["rewritten"] += 1
-        if stats:
+        modified = bool(stats) and set(stats) != {"kept_functional"}
+        if modified:
+            _drop_dead_get_attrs(gm)
             gm.delete_all_unused_submodules()
             gm.recompile()
-        return PassResult(gm, bool(stats), dict(stats))
+        return PassResult(gm, modified, dict(stats))
+
+
+def _functional_to_module(gm: fx.GraphModule, node: fx.Node, entry) -> str:
+    """F.linear / F.conv*d with parameter weights → the module, sharing the parameters."""
+    written = target_name(node.target)
+    module = build_module(gm, node, entry)
+    if not isinstance(module, nn.Module):
+        record(node, Normalize.name, "keep_functional", f"{written} stays functional: "
+               f"{module.reason}; it runs float")
+        return "kept_functional"
+    weight_target = str((node.args[1] if len(node.args) > 1 else node.kwargs["weight"]).target)
+    name = _free_name(gm, weight_target.replace(".", "_") + "_" + entry.module.__name__.lower())
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
+    inherit(new, node, Normalize.name, "normalize",
+            f"{written}(x, {weight_target}, ...) rewritten as nn.{entry.module.__name__} "
+            f"'{name}' sharing its parameters")
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return "functional_to_module"
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 def _is_identity_at_inference(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -67,6 +102,12 @@ def _remove_identity(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Mo
     gm.graph.erase_node(node)
 
 
+def _drop_dead_get_attrs(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+
+
 def _tensor_valued(node: fx.Node) -> bool:
     value = qinfo(node).value
     return value is not None and value.kind == "tensor"
@@ -81,6 +122,11 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
     args, kwargs = new_args
     inplace = sp.inplace or _inplace_kwarg(node) or (
         node.op == "call_module" and module_is_inplace(modules.get(node.target)))
+    if inplace and isinstance(node.args[0], fx.Node) and _has_alias(node.args[0]):
+        record(node, Normalize.name, "keep_inplace",
+               f"kept in place: {node.args[0].name} is a view of another tensor or has views, so "
+               f"an out-of-place rewrite would lose the mutation they see")
+        return False
     if node.op == "call_function" and node.target is sp.canonical and not inplace:
         node.args, node.kwargs = args, kwargs  # same op, only defaults dropped
         return False
@@ -95,6 +141,24 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
         _repoint_later_readers(gm.graph, node.args[0], new)
     gm.graph.erase_node(node)
     return True
+
+
+_ALIASING = {"view", "view_as", "reshape", "transpose", "permute", "squeeze", "unsqueeze",
+             "expand", "expand_as", "narrow", "select", "t", "flatten", "unflatten", "detach",
+             "contiguous", "as_strided", "movedim", "diagonal", "unbind", "chunk", "split",
+             "tensor_split", "swapaxes", "unfold", "__getitem__", "getitem", "real", "imag"}
+
+
+def _aliasing_op(node: fx.Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name in _ALIASING
+
+
+def _has_alias(value: fx.Node) -> bool:
+    """Is ``value`` (possibly) a view of another tensor, or does any op take a view of it?"""
+    if _aliasing_op(value):
+        return True
+    return any(_aliasing_op(u) for u in value.users)
 
 
 def _inplace_kwarg(node: fx.Node) -> bool:

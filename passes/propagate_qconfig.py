@@ -29,12 +29,17 @@ class PropagateQConfig:
             info = qinfo(node)
             index: Optional[int] = None
             if node.op != "call_module":
-                key = (info.module_path, node.target)
+                # counted over the op as written (x + y and torch.add are different types)
+                key = (info.module_path, info.original if info.original is not None
+                       else node.target)
                 index = order[key]
                 order[key] += 1
             qconfig, reason = _resolve(mapping, node, modules, index)
             info.qconfig, info.qconfig_reason, info.has_qconfig = qconfig, reason, True
-            record(node, self.name, "assign_qconfig", f"{reason} → {describe_qconfig(qconfig)}")
+            described = describe_qconfig(qconfig)
+            text = reason if qconfig is None and reason.rstrip().endswith("None") \
+                else f"{reason} → {described}"
+            record(node, self.name, "assign_qconfig", text)
             stats["float" if qconfig is None else "quantizable"] += 1
         return PassResult(gm, False, dict(stats))
 
@@ -63,7 +68,8 @@ def _scope_type(node: fx.Node) -> Optional[type]:
 def _resolve(mapping: Any, node: fx.Node, modules: dict, index: Optional[int]) -> tuple[Any, str]:
     path = qinfo(node).module_path
     scope = _scope_type(node)
-    results = [mapping.resolve(path, t, index, scope_type=scope)
+    results = [mapping.resolve(path, t, index if t is qinfo(node).original else None,
+                               scope_type=scope)
                for t in _object_types(node, modules)]
     for qconfig, reason in results:
         if reason.startswith(("module_name_object_type_order", "object_type")):

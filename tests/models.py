@@ -16,14 +16,15 @@ class PlainCNN(nn.Module):
         self.relu1 = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(8, 16, 3)
-        self.relu2 = nn.ReLU6()
+        self.pool2 = nn.MaxPool2d(2)
+        self.relu2 = nn.ReLU6()  # after a pool, so it stays a standalone (shared-qparams) op
         self.avg = nn.AdaptiveAvgPool2d((1, 1))
         self.drop = nn.Dropout(0.2)
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.relu1(self.conv1(x)))
-        x = self.relu2(self.conv2(x))
+        x = self.relu2(self.pool2(self.conv2(x)))
         x = torch.flatten(self.avg(x), 1)
         return self.fc(self.drop(x))
 

@@ -227,19 +227,12 @@ def test_passes_never_call_quantized_ops():
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (layering): fxquant/lint.py:49 names "
-                   "torch.quantize_per_tensor (verify recognizes quantize nodes itself instead of "
-                   "through fxquant.backends.reference_ops.is_quantize/quantize_qparams)")
 def test_quantized_ops_only_in_backends_and_nn():
     offenders = quantized_op_offenders()
     assert not offenders, ("quantized-tensor ops outside fxquant/backends and fxquant/nn:\n"
                            + "\n".join(offenders))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (layering): passes name quantized dtypes: "
-                   "passes/annotate.py:22 (torch.quint8, torch.qint8: _STATIC_ACT), "
-                   "passes/annotate.py:182 (torch.quint8: fixed-qparams output spec), "
-                   "passes/convert.py:21 (torch.quint8, torch.qint8, torch.qint32: _INT_DTYPES)")
 def test_passes_never_name_quantized_dtypes():
     offenders = passes_dtype_offenders()
     assert not offenders, "quantized dtypes named in passes/:\n" + "\n".join(offenders)

@@ -190,14 +190,10 @@ def test_verify_catches_bad_meta_naming_pass_before_node_module_and_source():
 
 def test_verify_catches_a_missing_submodule():
     err, node = _broken("target")
-    assert f"Node {node} target no_such_module references nonexistent attribute" in str(err)
+    assert "call_module target 'no_such_module' does not exist after pass 'breaks'" in str(err)
+    assert err.node_name == node
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when fx's graph.lint() fails (call_module target "
-                   "missing, node used before defined) verify raises VerifyError without the "
-                   "node, so PassFailed has empty node_name/module_path/source (the node is only "
-                   "inside fx's message text); verify's own call_module-target check, which "
-                   "would name the node, is unreachable because lint runs first")
 def test_lint_failure_names_the_node_module_and_source():
     err, node = _broken("target")
     assert err.node_name == node
@@ -210,8 +206,8 @@ def test_verify_catches_a_graph_out_of_order():
         pm.run(gm_of(), PassContext())
     err = e.value
     assert err.pass_name == "breaks" and err.before == ("normalize",)
-    assert "graph lint failed after pass 'breaks'" in str(err)
-    assert "conv" in str(err)  # fx's lint message names the node used before its definition
+    assert "uses conv before it is defined after pass 'breaks'" in str(err)
+    assert err.node_name == "bn"  # verify names the node that reads too early
 
 
 def test_a_pass_that_raises_is_wrapped():

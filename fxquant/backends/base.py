@@ -21,6 +21,7 @@ from fxquant.patterns import NoMatch, Op
 WEIGHTED = "weighted"  # activation input + quantized weight + own output qparams
 OWN = "own"  # quantized inputs, own output qparams (add, cat with different inputs, ...)
 SHARED = "shared"  # output shares the input's qparams (pooling, reshape, relu ...)
+SHARED_ALL = "shared_all"  # every tensor input and the output share one observer (cat)
 FIXED = "fixed"  # output qparams fixed by the op's range (sigmoid, tanh, softmax)
 DYNAMIC = "dynamic"  # weights quantized ahead of time, activations at run time
 WEIGHT_ONLY = "weight_only"  # embeddings: weights quantized, activations are indices
@@ -40,6 +41,7 @@ class LowerCtx:
     out_dtype: torch.dtype = torch.quint8
     group: tuple[fx.Node, ...] = ()  # the nodes of a fused functional group, root last
     kernel: Optional[str] = None  # set by a lowering that picks a kernel other than the rule's
+    derived_qparams: bool = False  # the kernel chooses its own output qparams (add_scalar)
 
     @property
     def module(self) -> nn.Module:
@@ -112,6 +114,7 @@ class Rule:
     fixed: Optional[tuple[float, int]] = None
     check: Optional[CheckFn] = None
     notes: str = ""
+    multi_output: bool = False  # returns a tuple of tensors (chunk, split): items share qparams
 
     @property
     def kind(self) -> str:

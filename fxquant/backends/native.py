@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Union
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, WEIGHT_ONLY, WEIGHTED, LowerCtx,
-                                   Lowered, Rule)
+from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY,
+                                   WEIGHTED, LowerCtx, Lowered, Rule)
 from fxquant.backends.reference_ops import weighted_core
 from fxquant.nn import dynamic as dyn
 from fxquant.nn import embedding as emb
@@ -30,6 +32,12 @@ def lower_weighted(ctx: LowerCtx) -> Lowered:
     core, container = weighted_core(ctx.module)
     qcls = _QUANTIZED_WEIGHTED.get((type(container) if container is not None else None,
                                     _float_class(core)))
+    if isinstance(container, _CLAMPED):
+        # the clamp's upper bound is in the output qparams (observed after the clamp); its
+        # lower bound is the relu of the kernel when it is 0, else saturation as well
+        relu = float(container[1].min_val) == 0.0
+        qcls = _QUANTIZED_WEIGHTED[(_RELU_OF[type(container)] if relu else None,
+                                    _float_class(core))]
     if qcls is None:
         return NoMatch(f"no quantized module for {type(ctx.module).__name__}")
     qmod = qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point)
@@ -67,6 +75,63 @@ def lower_same_op(ctx: LowerCtx) -> Lowered:
     args[0] = ctx.qinputs[0]
     ctx.kernel = f"{_op_label(ctx)} on the quantized tensor"
     return ctx.gm.graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
+
+
+def lower_view_as_reshape(ctx: LowerCtx) -> Lowered:
+    """``x.view(shape)`` on a quantized tensor: quantized convs return channels-last tensors,
+    which ``view`` cannot reshape; ``reshape`` gives the same values (copying when needed)."""
+    node = ctx.node
+    if node.target == "view_as":
+        args = (ctx.qinputs[0], node.args[1])
+        shape = ctx.gm.graph.call_method("size", (node.args[1],))
+        args = (ctx.qinputs[0], shape)
+    else:
+        args = (ctx.qinputs[0], *node.args[1:])
+    ctx.kernel = "reshape on the quantized tensor (view cannot take channels-last input)"
+    return ctx.gm.graph.call_method("reshape", args, dict(node.kwargs))
+
+
+def lower_shared_list(ctx: LowerCtx) -> Lowered:
+    """cat / stack of quantized tensors that share one scale/zero_point: a plain copy."""
+    node = ctx.node
+    tensors = node.args[0]
+    if len(ctx.qinputs) != len(tensors):
+        return NoMatch("not every input is a quantized tensor")
+    qs = [ctx.qinputs[(0, i)] for i in range(len(tensors))]
+    err = ctx.probe(lambda *xs: node.target(list(xs), *node.args[1:], **node.kwargs),
+                    keys=tuple((0, i) for i in range(len(tensors))))
+    if err:
+        return NoMatch(f"{_op_label(ctx)} has no quantized kernel on this engine: {err}")
+    ctx.kernel = f"{_op_label(ctx)} of quantized tensors with shared qparams (no requantize)"
+    return ctx.gm.graph.call_function(node.target, (qs, *node.args[1:]), dict(node.kwargs))
+
+
+def lower_scalar(kernel: Any, kernel_relu: Any = None):
+    """x + c / x * c: the kernel derives its output qparams from the input's (add: same scale,
+    shifted zero point; mul: scaled), as torch.ao does; the output observer is shared."""
+    def lower(ctx: LowerCtx) -> Lowered:
+        scalar = ctx.node.args[1]
+        if isinstance(scalar, fx.Node) or not isinstance(scalar, (int, float)):
+            return NoMatch("the scalar operand is only known at run time")
+        if len(ctx.group) > 1:
+            return NoMatch("scalar form with a fused relu has no kernel")
+        ctx.kernel = f"quantized::{kernel.__name__}"
+        ctx.derived_qparams = True
+        return ctx.gm.graph.call_function(kernel, (ctx.qinputs[0], float(scalar)))
+    return lower
+
+
+def lower_matmul(ctx: LowerCtx) -> Lowered:
+    if set(ctx.qinputs) != {0, 1}:
+        return NoMatch("one operand is not a quantized tensor")
+    err = ctx.probe(lambda a, b: torch.ops.quantized.matmul(a, b, ctx.out_scale,
+                                                            ctx.out_zero_point), keys=(0, 1))
+    if err:
+        return NoMatch(f"quantized::matmul does not run here: {err}")
+    ctx.kernel = "quantized::matmul"
+    return ctx.gm.graph.call_function(torch.ops.quantized.matmul,
+                                      (ctx.qinputs[0], ctx.qinputs[1], ctx.out_scale,
+                                       ctx.out_zero_point))
 
 
 def lower_same_op_contiguous(ctx: LowerCtx) -> Lowered:
@@ -109,16 +174,6 @@ def lower_binary(kernel: Any, kernel_relu: Any):
         return ctx.gm.graph.call_function(
             target, (ctx.qinputs[0], ctx.qinputs[1], ctx.out_scale, ctx.out_zero_point))
     return lower
-
-
-def lower_cat(ctx: LowerCtx) -> Lowered:
-    tensors = ctx.node.args[0]
-    if len(ctx.qinputs) != len(tensors):
-        return NoMatch("not every input of cat is a quantized tensor")
-    qs = [ctx.qinputs[i] for i in range(len(tensors))]
-    dim = ctx.node.args[1] if len(ctx.node.args) > 1 else 0
-    return ctx.gm.graph.call_function(torch.ops.quantized.cat,
-                                      (qs, dim, ctx.out_scale, ctx.out_zero_point))
 
 
 def lower_dynamic(ctx: LowerCtx) -> Lowered:
@@ -178,6 +233,22 @@ def check_transpose(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: An
     return True
 
 
+def _float_tensor_args(node: fx.Node) -> list[fx.Node]:
+    from fxquant.meta import qinfo
+
+    return [a for a in node.args[:2] if isinstance(a, fx.Node)
+            and qinfo(a).value is not None and qinfo(a).value.is_float_tensor]
+
+
+def check_tensor_scalar(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
+                        ) -> Union[bool, NoMatch]:
+    if len(_float_tensor_args(node)) != 1 or len(node.args) != 2:
+        return NoMatch("not the tensor-scalar form")
+    if isinstance(node.args[1], fx.Node) or not isinstance(node.args[1], (int, float)):
+        return NoMatch("the scalar is not a Python number known when tracing")
+    return True
+
+
 def check_two_tensors(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
                       ) -> Union[bool, NoMatch]:
     from fxquant.meta import qinfo
@@ -209,13 +280,30 @@ def _weighted_table() -> None:
 
 
 _weighted_table()
+_CLAMPED = (fused.ConvClamp1d, fused.ConvClamp2d, fused.ConvClamp3d, fused.LinearClamp)
+_RELU_OF = {fused.ConvClamp1d: fused.ConvReLU1d, fused.ConvClamp2d: fused.ConvReLU2d,
+            fused.ConvClamp3d: fused.ConvReLU3d, fused.LinearClamp: fused.LinearReLU}
 
 SHARED_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
                   nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 SHARED_FUNCTIONS = (F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten)
-CLAMP_FAMILY = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh)
+CLAMP_FAMILY = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, "clamp",
+                torch.clip, "clip")
+# Ops that move or pick values without changing them: they run on the quantized tensor and
+# keep its scale/zero_point.
+RESHAPE_FAMILY = ("reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                  "flatten", "expand", "expand_as", "repeat", "detach", "narrow", "flip",
+                  torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+                  torch.narrow, torch.flip, torch.t, "t", torch.swapaxes, "swapaxes",
+                  torch.movedim, "movedim", operator.getitem, "mean", torch.mean,
+                  nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
+                  nn.Flatten, nn.Unflatten, "unflatten", torch.unflatten)
+VIEW_FAMILY = ("view", "view_as")  # lowered as reshape: quantized convs return channels-last
+TUPLE_FAMILY = ("chunk", "split", "unbind", "tensor_split", torch.chunk, torch.split,
+                torch.unbind, torch.tensor_split)
+MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 
 
 def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> tuple[Rule, ...]:
@@ -226,6 +314,8 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
         Rule("linear", Op(nn.Linear), WEIGHTED, "quantized::linear", lower_weighted),
         Rule("linear_relu", Op(fused.LinearReLU), WEIGHTED, "quantized::linear_relu",
              lower_weighted),
+        Rule("linear_clamp", Op(fused.LinearClamp), WEIGHTED, "quantized::linear(_relu)",
+             lower_weighted, notes="ReLU6/Hardtanh/clamp bound folded into the output qparams"),
     ]
     for d in (1, 2, 3):
         rules += [
@@ -233,6 +323,9 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
                  lower_weighted),
             Rule(f"conv{d}d_relu", Op(getattr(fused, f"ConvReLU{d}d")), WEIGHTED,
                  f"quantized::conv{d}d_relu", lower_weighted),
+            Rule(f"conv{d}d_clamp", Op(getattr(fused, f"ConvClamp{d}d")), WEIGHTED,
+                 f"quantized::conv{d}d(_relu)", lower_weighted,
+                 notes="ReLU6/Hardtanh/clamp bound folded into the output qparams"),
             Rule(f"conv_transpose{d}d", Op(getattr(nn, f"ConvTranspose{d}d")), WEIGHTED,
                  f"quantized::conv_transpose{d}d", lower_weighted, check=check_transpose),
         ]
@@ -250,7 +343,23 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
         Rule("mul", Op(torch.mul), OWN, "quantized::mul",
              lower_binary(torch.ops.quantized.mul, torch.ops.quantized.mul_relu),
              inputs="tensors", check=check_two_tensors),
-        Rule("cat", Op(torch.cat), OWN, "quantized::cat", lower_cat, inputs="tensors"),
+        Rule("add_scalar", Op(torch.add), SHARED, "quantized::add_scalar",
+             lower_scalar(torch.ops.quantized.add_scalar), check=check_tensor_scalar,
+             notes="output qparams derived by the kernel from the input's"),
+        Rule("mul_scalar", Op(torch.mul), SHARED, "quantized::mul_scalar",
+             lower_scalar(torch.ops.quantized.mul_scalar), check=check_tensor_scalar,
+             notes="output qparams derived by the kernel from the input's"),
+        Rule("cat", Op(torch.cat, torch.stack), SHARED_ALL, "cat of quantized tensors",
+             lower_shared_list, inputs="tensors",
+             notes="inputs and output share one observer: no data goes through float"),
+        Rule("matmul", Op(*MATMUL), OWN, "quantized::matmul", lower_matmul, inputs="tensors"),
+        Rule("reshape_family", Op(*RESHAPE_FAMILY), SHARED, "same op on the quantized tensor",
+             lower_same_op),
+        Rule("view", Op(*VIEW_FAMILY), SHARED, "reshape on the quantized tensor",
+             lower_view_as_reshape),
+        Rule("tuple_family", Op(*TUPLE_FAMILY), SHARED, "same op on the quantized tensor",
+             None, notes="outputs a tuple; each item shares the input's qparams",
+             multi_output=True),
         Rule("shared_module", Op(*SHARED_MODULES), SHARED, "same op on the quantized tensor",
              lower_same_op),
         Rule("shared_function", Op(*SHARED_FUNCTIONS), SHARED, "same op on the quantized tensor",

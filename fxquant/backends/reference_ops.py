@@ -16,6 +16,12 @@ from fxquant.nn.common import WeightQParams
 QUANTIZE = torch.quantize_per_tensor
 DEQUANTIZE = "dequantize"  # a method call: q.dequantize()
 
+# The dtype vocabulary the passes reason with, owned here with the rest of the quantized types.
+STATIC_ACTIVATION_DTYPES = (torch.quint8, torch.qint8)  # observed ahead of time, int8 kernels
+INTEGER_DTYPES = (torch.quint8, torch.qint8, torch.qint32)  # what a quantize node produces
+QUANTIZE_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2, torch.float16)
+FIXED_QPARAMS_DTYPE = torch.quint8  # sigmoid / tanh / softmax outputs
+
 _REFERENCE: dict[type, type] = {
     nn.Linear: reference.Linear,
     nn.Conv1d: reference.Conv1d, nn.Conv2d: reference.Conv2d, nn.Conv3d: reference.Conv3d,

@@ -18,7 +18,8 @@ __all__ = [
     "ConvBn1d", "ConvBn2d", "ConvBn3d",
     "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d",
     "ConvReLU1d", "ConvReLU2d", "ConvReLU3d",
-    "FusedModule", "LinearBn1d", "LinearReLU",
+    "FusedModule", "LinearBn1d", "LinearReLU", "ConvClamp1d", "ConvClamp2d", "ConvClamp3d",
+    "LinearClamp",
 ]
 
 
@@ -58,6 +59,28 @@ class ConvReLU3d(FusedModule):
 
 class LinearReLU(FusedModule):
     _MEMBERS = (nn.Linear, nn.ReLU)
+
+
+class ConvClamp1d(FusedModule):
+    """Conv followed by ReLU6 / Hardtanh(a, b) / clamp(a, b) with a <= 0 <= b: the quantized
+    conv's output saturates at its observed range, which the clamp keeps inside [a, b]."""
+
+    _MEMBERS = (nn.Conv1d, nn.Hardtanh)
+
+
+class ConvClamp2d(FusedModule):
+    __doc__ = ConvClamp1d.__doc__
+    _MEMBERS = (nn.Conv2d, nn.Hardtanh)
+
+
+class ConvClamp3d(FusedModule):
+    __doc__ = ConvClamp1d.__doc__
+    _MEMBERS = (nn.Conv3d, nn.Hardtanh)
+
+
+class LinearClamp(FusedModule):
+    __doc__ = ConvClamp1d.__doc__
+    _MEMBERS = (nn.Linear, nn.Hardtanh)
 
 
 class BNReLU2d(FusedModule):

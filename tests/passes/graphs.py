@@ -23,7 +23,8 @@ def target_str(node: fx.Node, modules: Optional[dict[str, nn.Module]] = None) ->
     ``torch.ops.quantized.add_relu``, a module class name, a method name."""
     t = node.target
     if node.op == "call_module":
-        modules = modules if modules is not None else dict(node.graph.owning_module.named_modules())
+        modules = modules if modules is not None else dict(
+            node.graph.owning_module.named_modules(remove_duplicate=False))
         return type(modules[t]).__name__
     if node.op == "call_method":
         return str(t)
@@ -49,7 +50,7 @@ def structure(gm: fx.GraphModule, calls_only: bool = False) -> list[str]:
     """The graph as a list of ``"<op>:<target kind>"`` strings, names ignored:
     ``placeholder``, ``call_function:torch.add``, ``call_module:Conv2d``,
     ``call_method:dequantize``, ``get_attr``, ``output``."""
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     out = []
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
@@ -132,7 +133,7 @@ def assert_every_call_decided(gm: fx.GraphModule, pass_name: Optional[str] = Non
 
 def find(gm: fx.GraphModule, op: str, kind: str) -> list[fx.Node]:
     """Nodes whose structure string is ``f"{op}:{kind}"``."""
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules(remove_duplicate=False))
     return [n for n in gm.graph.nodes if n.op == op and target_str(n, modules) == kind]
 
 

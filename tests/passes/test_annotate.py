@@ -240,8 +240,10 @@ class KeepFloat(nn.Module):
 def test_keep_float_reasons():
     r = annotate(KeepFloat(), A, leaf=(Leaf,))
     want = {
-        "call_function:torch.sort": "produces sort, not a tensor; not quantized",
-        "call_function:torch.topk": "produces topk, not a tensor; not quantized",
+        "call_function:torch.sort": "produces a sort of tensors; no quantized kernel for "
+                                    "torch.sort",
+        "call_function:torch.topk": "produces a topk of tensors; no quantized kernel for "
+                                    "torch.topk",
         "call_module:Leaf": "no quantized kernel for Leaf on x86",
         "call_method:size": "produces int, not a tensor; not quantized",
         "call_function:operator.mul": "produces int, not a tensor; not quantized",

@@ -48,8 +48,9 @@ def observe(model, *inputs, mapping=None, options=None):
     assert_every_call_decided(r.gm)
     for n in call_nodes(r.gm):
         if qinfo(n).role == "observer":
-            (d,) = decisions(n)
-            assert d.pass_name == "insert_observers" and d.action in ("observe", "share_observer")
+            ds = decisions(n)
+            assert ds and all(d.pass_name == "insert_observers"
+                              and d.action in ("observe", "share_observer") for d in ds)
     # observers are the identity: the prepared graph computes what the model does
     want = model(*inputs)
     got = r.gm(*inputs)
@@ -114,6 +115,10 @@ def test_cat_list_inputs_observed():
     assert structure(r.gm) == [P, OBS, P, OBS, "call_function:torch.cat", OBS, O]
     cat = next(n for n in call_nodes(r.gm) if n.target is torch.cat)
     assert all(qinfo(a).role == "observer" for a in cat.args[0])
+    # inputs and output share one observer module, so cat copies quantized data as is
+    mods = {id(r.gm.get_submodule(a.target)) for a in cat.args[0]}
+    out = next(iter(cat.users))
+    assert len(mods) == 1 and id(r.gm.get_submodule(out.target)) in mods
 
 
 def test_float_op_between_observed_ops():
@@ -178,7 +183,7 @@ def test_before_expected_on_a_model():
 
     before, r = observe(build(PlainCNN), torch.randn(2, 3, 16, 16))
     assert structure(r.gm) == [P, OBS, "call_module:ConvReLU2d", OBS, "call_module:MaxPool2d",
-                               OBS, "call_module:Conv2d", OBS, "call_module:ReLU6", OBS,
-                               "call_module:AdaptiveAvgPool2d", OBS,
+                               OBS, "call_module:Conv2d", OBS, "call_module:MaxPool2d", OBS,
+                               "call_module:ReLU6", OBS, "call_module:AdaptiveAvgPool2d", OBS,
                                "call_function:torch.flatten", OBS, "call_module:Linear", OBS, O]
-    assert r.stats == {"observers": 4, "shared": 4}
+    assert r.stats == {"observers": 4, "shared": 5}
