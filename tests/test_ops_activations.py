@@ -454,6 +454,30 @@ def test_qnnpack_clamp_without_max_stays_float():
         assert sqnr(_run(model, x)[0], _run(quantized, x)[0]) >= 28
 
 
+def test_kernel_output_dtype_or_qparams_mismatch_stays_reference():
+    """qint8 activations: quantized::sigmoid keeps its input's dtype (qint8) while the fixed
+    [0, 1] output is quint8, and hardswish then gets a quint8 input for a qint8 output. The
+    checked probe compares the kernel's output with the reference graph's quantize and keeps
+    such ops as float reference ops instead of lowering them wrongly."""
+    from fxquant.observers import MinMaxObserver, default_weight_observer
+
+    qconfig = fxquant.QConfig(activation=MinMaxObserver.with_args(dtype=torch.qint8),
+                              weight=default_weight_observer)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sigmoid(), nn.Hardswish()).eval()
+    mapping = fxquant.QConfigMapping().set_global(qconfig).set_module_name("0", None)
+    prepared = fxquant.prepare_fx(model, mapping, (torch.randn(*SHAPES[4]),), backend="x86")
+    for batch in calibration_batches(SHAPES[4], n=2):
+        prepared(batch)
+    quantized = fxquant.convert_fx(prepared)
+    kept = decisions(quantized, "keep_reference")
+    assert any("quantized::sigmoid" in r and "torch.qint8" in r and "torch.quint8" in r
+               for r in kept), kept
+    assert any("quantized::hardswish" in r for r in kept), kept
+    x = _test_input(SHAPES[4])
+    assert sqnr(model(x), quantized(x)) >= 30
+
+
 class _Unbatched(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -4,10 +4,10 @@ interpolate, pad, the clamp spellings the native table does not list), shared by
 backends.
 
 Every op is listed in all its spellings (nn module, F function, torch function, Tensor method
-name, ``torch.Tensor.<method>`` called as a function, in-place variants). A lowering builds the
-kernel call, runs it once on quantized zeros shaped like the real input (``ctx.probe``) and
-declines with the kernel's own error when the engine lacks it, so the op stays a correct float
-reference op. Kernels are chosen once per op by what torch 2.13 runs on quint8:
+name, in-place variants). A lowering builds the kernel call, runs it once on quantized zeros
+shaped like the real input (``ctx.probe``, through :func:`_checked`, which also demands the
+dtype / scale / zero point the reference graph quantizes the op's output to) and declines with
+the kernel's own error when the engine lacks it, so the op stays a correct float reference op. Kernels are chosen once per op by what torch 2.13 runs on quint8:
 
 * own output qparams: ``quantized::hardswish / elu / celu / leaky_relu / prelu / layer_norm /
   group_norm / instance_norm / batch_norm*``, and SiLU as ``quantized::sigmoid`` +
@@ -54,28 +54,21 @@ def _present(*targets: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _method(name: str) -> Any:
-    """``torch.Tensor.<name>`` called as a function, when the method exists."""
-    return getattr(torch.Tensor, name, None)
-
-
 # ---------------------------------------------------------------- spellings
 HARDSWISH = _present(nn.Hardswish, F.hardswish)
 ELU = _present(nn.ELU, F.elu, F.elu_)
 SELU = _present(nn.SELU, F.selu, torch.selu, torch.selu_)
 CELU = _present(nn.CELU, F.celu, torch.celu, torch.celu_)
 LEAKY_RELU = _present(nn.LeakyReLU, F.leaky_relu, F.leaky_relu_)
-PRELU = _present(nn.PReLU, F.prelu, torch.prelu, "prelu", _method("prelu"))
+PRELU = _present(nn.PReLU, F.prelu, torch.prelu, "prelu")
 GELU = _present(nn.GELU, F.gelu)
 SILU = _present(nn.SiLU, F.silu)
 SIGMOID = _present(nn.Sigmoid, torch.sigmoid, F.sigmoid, torch.sigmoid_, torch.special.expit,
-                   torch._C._special.special_expit, "sigmoid", "sigmoid_", _method("sigmoid"),
-                   _method("sigmoid_"))
+                   torch._C._special.special_expit, "sigmoid", "sigmoid_")
 HARDSIGMOID = _present(nn.Hardsigmoid, F.hardsigmoid)  # (no Tensor method)
-TANH = _present(nn.Tanh, torch.tanh, F.tanh, torch.tanh_, "tanh", "tanh_", _method("tanh"),
-                _method("tanh_"))
+TANH = _present(nn.Tanh, torch.tanh, F.tanh, torch.tanh_, "tanh", "tanh_")
 SOFTMAX = _present(nn.Softmax, nn.Softmax2d, F.softmax, torch.softmax, torch.special.softmax,
-                   "softmax", _method("softmax"))
+                   "softmax")
 LAYER_NORM = _present(nn.LayerNorm, F.layer_norm, torch.layer_norm)
 GROUP_NORM = _present(nn.GroupNorm, F.group_norm, torch.group_norm)
 INSTANCE_NORM = _present(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
@@ -90,8 +83,7 @@ PAD = _present(F.pad, torch.constant_pad_nd, nn.ZeroPad1d, nn.ZeroPad2d, nn.Zero
                getattr(nn, "CircularPad1d", None), getattr(nn, "CircularPad2d", None),
                getattr(nn, "CircularPad3d", None))
 CLAMP = _present(torch.clamp, torch.clip, torch.clamp_, torch.clip_, F.hardtanh_,
-                 "clamp", "clip", "clamp_", "clip_", _method("clamp"), _method("clip"),
-                 _method("clamp_"), _method("clip_"))
+                 "clamp", "clip", "clamp_", "clip_")
 
 
 # ---------------------------------------------------------------- reading a node's arguments
@@ -294,11 +286,30 @@ def _constant(ctx: LowerCtx, hint: str, tensor: torch.Tensor) -> tuple[Any, Any]
     return tensor, _Attr((hint or "act").replace(".", "_"), tensor)
 
 
+def _checked(ctx: LowerCtx, fn: Callable[[torch.Tensor], torch.Tensor]
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` for ctx.probe, failing unless the kernel returns exactly the quantized tensor the
+    reference graph's quantize makes: its dtype, scale and zero point (a kernel picking its own
+    qparams, or keeping a qint8 input's dtype, must not be lowered silently)."""
+    want = (ctx.out_dtype, float(ctx.out_scale), int(ctx.out_zero_point))
+
+    def run(qx: torch.Tensor) -> torch.Tensor:
+        y = fn(qx)
+        got = (y.dtype, y.q_scale(), y.q_zero_point())
+        if got[0] != want[0] or got[2] != want[2] or not math.isclose(got[1], want[1],
+                                                                      rel_tol=1e-6):
+            raise RuntimeError(f"the kernel returns {got[0]} scale={got[1]:.6g} "
+                               f"zero_point={got[2]}, not the output's {want[0]} "
+                               f"scale={want[1]:.6g} zero_point={want[2]}")
+        return y
+    return run
+
+
 def _emit(ctx: LowerCtx, fn: Any, pairs: Iterable[tuple[Any, Any]], kernel: str) -> Lowered:
     """Probe ``fn(qx, *values)`` on the engine, then call ``fn(qx, *graph args)``."""
     pairs = list(pairs)
     values = [p for p, _ in pairs]
-    err = ctx.probe(lambda qx: fn(qx, *values))
+    err = ctx.probe(_checked(ctx, lambda qx: fn(qx, *values)))
     if err:
         return NoMatch(f"{kernel} does not run on this engine: {err}")
     ctx.kernel = kernel
@@ -376,7 +387,7 @@ def lower_silu(ctx: LowerCtx) -> Lowered:
     def silu(qx: torch.Tensor) -> torch.Tensor:
         return Q.mul(qx, Q.sigmoid(qx, *UNIT), s, zp)
 
-    err = ctx.probe(silu)
+    err = ctx.probe(_checked(ctx, silu))
     if err:
         return NoMatch(f"quantized::sigmoid + quantized::mul do not run on this engine: {err}")
     graph = ctx.gm.graph
@@ -394,27 +405,15 @@ def _helper(new: fx.Node, node: fx.Node, kernel: str) -> None:
 
 
 # ---------------------------------------------------------------- fixed-qparams ops
-def _check_fixed(fn: Callable[[torch.Tensor], torch.Tensor], scale: float, zp: int
-                 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Run fn, and fail when the kernel's own output qparams are not the op's fixed ones."""
-    def run(qx: torch.Tensor) -> torch.Tensor:
-        y = fn(qx)
-        if not (math.isclose(y.q_scale(), scale, rel_tol=1e-6) and y.q_zero_point() == zp):
-            raise RuntimeError(f"the kernel's output qparams ({y.q_scale():.6g}, "
-                               f"{y.q_zero_point()}) are not the fixed ({scale:.6g}, {zp})")
-        return y
-    return run
-
-
 def lower_sigmoid(ctx: LowerCtx) -> Lowered:
     return _emit(ctx, Q.sigmoid, _out(ctx), "quantized::sigmoid")
 
 
 def _lower_fixed_aten(fn: Any, kernel: str) -> Callable[[LowerCtx], Lowered]:
     """Ops whose aten QuantizedCPU kernel picks the fixed output qparams itself (tanh,
-    hardsigmoid); the probe proves they are the rule's."""
+    hardsigmoid); the checked probe proves they are the rule's."""
     def lower(ctx: LowerCtx) -> Lowered:
-        err = ctx.probe(_check_fixed(fn, ctx.out_scale, ctx.out_zero_point))
+        err = ctx.probe(_checked(ctx, fn))
         if err:
             return NoMatch(f"{kernel} does not run on this engine: {err}")
         ctx.kernel = kernel
@@ -551,7 +550,7 @@ def _same_op(ctx: LowerCtx, target: Any, probe_args: tuple, probe_kwargs: dict,
     (sizes, pad amounts computed from shapes) replaced by stand-ins of the same kind."""
     node = ctx.node
     fn = ctx.module if node.op == "call_module" else _as_callable(node.op, target)
-    err = ctx.probe(lambda qx: fn(qx, *probe_args, **probe_kwargs))
+    err = ctx.probe(_checked(ctx, lambda qx: fn(qx, *probe_args, **probe_kwargs)))
     if err:
         return NoMatch(f"{kernel} has no quantized kernel on this engine: {err}")
     ctx.kernel = f"{kernel} on the quantized tensor"
@@ -622,7 +621,7 @@ def lower_clamp(contiguous: bool) -> Callable[[LowerCtx], Lowered]:
                                          _arg(node, 2, "max_val", 1.0))
         else:
             target, extra = torch.clamp, (_arg(node, 1, "min"), _arg(node, 2, "max"))
-        err = ctx.probe(lambda qx: target(qx, *extra))
+        err = ctx.probe(_checked(ctx, lambda qx: target(qx, *extra)))
         if err:
             return NoMatch(f"{target_name(target)} has no quantized kernel here: {err}")
         x = ctx.qinputs[0]
