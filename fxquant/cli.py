@@ -187,7 +187,8 @@ def check_shape(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"the model does not accept an input of shape {list(shape)}: "
                          f"{type(e).__name__}: {first}. Fix: pass the --example-shape its "
-                         f"forward expects (batch first), e.g. 1,3,224,224 for an image model") from e
+                         f"forward expects (batch first), e.g. 1,3,224,224 for an image "
+                         f"model") from e
     return x
 
 

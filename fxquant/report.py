@@ -52,7 +52,6 @@ STATUS_DESCRIPTIONS = {
     REFERENCE: "reference op (float between dequantize/quantize)", FLOAT: "kept float",
     OBSERVER: "observer / fake-quant", QUANTIZE: "quantize", DEQUANTIZE: "dequantize",
 }
-QUANTIZED_DTYPES = (torch.quint8, torch.qint8, torch.qint32, torch.quint4x2)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _CONVT_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -377,7 +376,8 @@ class Report:
 
     def summary_lines(self, worst: int = 5) -> list[str]:
         s = self.summary
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(s["counts"].items(), key=lambda kv: -kv[1]))
+        ranked = sorted(s["counts"].items(), key=lambda kv: -kv[1])
+        counts = ", ".join(f"{v} {k}" for k, v in ranked)
         lines = [f"stage: {s['stage']}", f"ops: {counts}"]
         for reason, n in sorted(s["float_reasons"].items(), key=lambda kv: -kv[1]):
             lines.append(f"  float x{n}: {reason}")
@@ -402,8 +402,9 @@ class Report:
                  f"(max abs error {_fmt_err(c.output_max_abs_err)})",
                  f"worst layers (SQNR of the noise each adds; end-to-end SQNR):"]
         for lc in c.worst(worst):
-            lines.append(f"  {lc.name or lc.node:<28} {lc.op:<22} local {_fmt_db(lc.local_sqnr_db):>6} dB"
-                         f"   end-to-end {_fmt_db(lc.sqnr_db):>6} dB")
+            lines.append(f"  {lc.name or lc.node:<28} {lc.op:<22} "
+                         f"local {_fmt_db(lc.local_sqnr_db):>6} dB   "
+                         f"end-to-end {_fmt_db(lc.sqnr_db):>6} dB")
         return lines
 
     def _cells(self, r: ReportRow) -> list[str]:
@@ -419,10 +420,10 @@ class Report:
              "output qparams"]
         return h + (["SQNR dB", "max err"] if self.has_numerics else [])
 
-    def to_text(self, width: int = 42, worst: int = 5) -> str:
+    def to_text(self, width: int = 40, worst: int = 5) -> str:
         """A terminal table, one row per op, then the summary (``width``: of the kernel /
         reason column)."""
-        widths = [24, 20, 11, 14, 14, width, 23] + ([7, 8] if self.has_numerics else [])
+        widths = [24, 20, 11, 14, 16, width, 23] + ([7, 8] if self.has_numerics else [])
         body = [self._cells(r) for r in self.op_rows()]
         return "\n".join(_table(self._headers(), body, widths) + [""] + self.summary_lines(worst))
 
@@ -443,9 +444,7 @@ class Report:
         """One self-contained HTML file (inline CSS, the graph as inline SVG, no scripts or
         external references). Written to ``path`` when given; the text is returned."""
         if svg is None and graph:
-            from fxquant.viz import render_svg
-
-            svg = render_svg(self.gm, collapse_depth=collapse_depth, title=self.title)
+            svg = _svg_or_note(self.gm, collapse_depth, self.title)
         text = _html_page(self, inline_svg(svg) if svg else "")
         if path is not None:
             with open(path, "w", encoding="utf-8") as f:
@@ -478,6 +477,17 @@ table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;paddin
 text-align:left;vertical-align:top}th{background:#eee}pre{background:#f6f6f6;padding:8px}
 .graph{overflow:auto;border:1px solid #ddd;max-height:90vh}.sw{display:inline-block;width:1em;
 height:1em;border:1px solid #888;vertical-align:middle;margin-right:4px}"""
+
+
+def _svg_or_note(gm: fx.GraphModule, collapse_depth: Optional[int], title: str) -> str:
+    import graphviz
+
+    from fxquant.viz import render_svg
+
+    try:
+        return render_svg(gm, collapse_depth=collapse_depth, title=title)
+    except graphviz.ExecutableNotFound:
+        return "<p>(graph not drawn: Graphviz's <code>dot</code> is not installed)</p>"
 
 
 def inline_svg(svg: str) -> str:
@@ -546,7 +556,7 @@ def build(gm: fx.GraphModule, float_model: Optional[nn.Module] = None, inputs: A
                   summary(gm, all_rows), comparison, size_float, size_model, title)
 
 
-def text_report(gm: fx.GraphModule, width: int = 42) -> str:
+def text_report(gm: fx.GraphModule, width: int = 40) -> str:
     """A terminal table: one row per op, then how many ops run int8 / float and why."""
     return build(gm).to_text(width)
 

@@ -108,7 +108,8 @@ def test_reference_model_ops_are_reference_between_qdq():
     nodes = _nodes(render_svg(fxquant.convert_to_reference_fx(_prepared(WithFloatHead))))
     assert STATUS_COLORS["reference"] in nodes["stem_1"]["fills"]
     assert nodes["stem_1"]["texts"][-1] == "reference: conv2d_relu"
-    q = [v for k, v in nodes.items() if k.startswith("quantize_per_tensor") and v["class"] == "node"]
+    q = [v for k, v in nodes.items()
+         if k.startswith("quantize_per_tensor") and v["class"] == "node"]
     assert len(q) == 5 and all(v["texts"][0] == "quantize" for v in q)
 
 
