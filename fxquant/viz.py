@@ -20,6 +20,7 @@ from typing import Any, Optional
 import graphviz
 import torch.fx as fx
 
+from fxquant.patterns import target_name
 from fxquant.report import (DEQUANTIZE, FLOAT, OBSERVER, PLANNED, QUANTIZE, REFERENCE,
                             STATUS_COLORS,
                             STATUS_DESCRIPTIONS, STATUSES, graph_stage, info_of, op_label,
@@ -77,7 +78,8 @@ def tooltip(gm: fx.GraphModule, node: fx.Node, stage: str) -> str:
     """Everything the record says about the node, one fact per line."""
     info = info_of(node)
     out = tensor_out(node, stage)
-    lines = [f"{node.name}: {op_label(gm, node)} ({node.op} {node.target})",
+    target = target_name(node.target) if node.op == "call_function" else node.target
+    lines = [f"{node.name}: {op_label(gm, node)} ({node.op} {target})",
              f"status: {_status(node, stage) or node.op}"]
     facts = (("module", info.module_path), ("source", info.source),
              ("qconfig", info.qconfig_reason), ("rule", info.rule), ("kernel", info.kernel),
