@@ -290,10 +290,14 @@ def _checked(ctx: LowerCtx, fn: Callable[[torch.Tensor], torch.Tensor]
              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn`` for ctx.probe, failing unless the kernel returns exactly the quantized tensor the
     reference graph's quantize makes: its dtype, scale and zero point (a kernel picking its own
-    qparams, or keeping a qint8 input's dtype, must not be lowered silently)."""
+    qparams, or keeping a qint8 input's dtype, must not be lowered silently). 4-d / 5-d inputs
+    are also tried channels-last, the layout quantized convs return."""
     want = (ctx.out_dtype, float(ctx.out_scale), int(ctx.out_zero_point))
 
     def run(qx: torch.Tensor) -> torch.Tensor:
+        if qx.dim() in (4, 5):  # what a quantized conv returns: some kernels fail only on it
+            layout = torch.channels_last if qx.dim() == 4 else torch.channels_last_3d
+            fn(qx.contiguous(memory_format=layout))
         y = fn(qx)
         got = (y.dtype, y.q_scale(), y.q_zero_point())
         if got[0] != want[0] or got[2] != want[2] or not math.isclose(got[1], want[1],
