@@ -16,9 +16,9 @@ this data: 0.39% and 0 steps).
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
-import tempfile
 import time
 from datetime import timedelta
 
@@ -179,23 +179,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(outdir: str) -> None:
+    ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIME_LIMIT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} processes did not finish within {TIME_LIMIT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
 @pytest.fixture(scope="module")
-def results():
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + TIME_LIMIT_S
-        try:
-            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the {WORLD} processes did not finish within {TIME_LIMIT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-        yield [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+def results(tmp_path_factory):
+    """Runs the processes once per test session, also when pytest-xdist spreads these tests
+    over several workers (they share the session's base temp directory; a file lock elects
+    the one that runs them)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    outdir = root / "fxquant_test_distributed"
+    with FileLock(str(root / "fxquant_test_distributed.lock")):
+        if not (outdir / "done").exists():
+            outdir.mkdir(exist_ok=True)
+            _spawn(str(outdir))
+            (outdir / "done").write_text("ok")
+    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@functools.lru_cache(maxsize=None)
 def _single_process() -> dict:
     torch.set_num_threads(1)
     out = {}
