@@ -67,6 +67,14 @@ def _reduce(t: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
     return out
 
 
+def _assign(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """Overwrite a statistics buffer in place (it may change size), keeping the tensor object
+    that the module — and DDP's buffer list — hold."""
+    with torch.no_grad():
+        buffer.resize_(value.shape)
+        buffer.copy_(value)
+
+
 def _sync_min_max(obs: nn.Module, group: Any) -> None:
     obs.min_val.copy_(_reduce(obs.min_val, dist.ReduceOp.MIN, group))
     obs.max_val.copy_(_reduce(obs.max_val, dist.ReduceOp.MAX, group))
@@ -82,7 +90,8 @@ def _sync_per_channel(obs: PerChannelMinMaxObserver, group: Any) -> None:
         lo, hi = torch.full((n,), float("inf"), **fk), torch.full((n,), float("-inf"), **fk)
     else:
         lo, hi = obs.min_val, obs.max_val
-    obs._store(_reduce(lo, dist.ReduceOp.MIN, group), _reduce(hi, dist.ReduceOp.MAX, group))
+    _assign(obs.min_val, _reduce(lo, dist.ReduceOp.MIN, group))
+    _assign(obs.max_val, _reduce(hi, dist.ReduceOp.MAX, group))
 
 
 def _sync_histogram(obs: HistogramObserver, group: Any) -> None:
@@ -96,9 +105,9 @@ def _sync_histogram(obs: HistogramObserver, group: Any) -> None:
         local = qmath.combine_histograms(obs.histogram, obs.min_val, obs.max_val,
                                          torch.zeros_like(obs.histogram), lo, hi, obs.upsample_rate)
     total = _reduce(local.to(obs.histogram.dtype), dist.ReduceOp.SUM, group)
-    obs._set("histogram", total)
-    obs._set("min_val", lo)
-    obs._set("max_val", hi)
+    _assign(obs.histogram, total)
+    _assign(obs.min_val, lo)
+    _assign(obs.max_val, hi)
 
 
 def _sync_observer(obs: nn.Module, group: Any) -> str | None:
