@@ -1,11 +1,12 @@
 """The activation / normalization / resampling op set (fxquant/backends/activations.py).
 
-Every case is a conv (or linear) followed by the op under test, in one of its spellings,
-quantized with the default mapping of the engine, calibrated on the same batches and converted.
+Every case is a family: a conv (or linear) whose output feeds each spelling of one op (a
+fan-out, one converted model per family and engine), quantized with the default mapping of the
+engine (x86 and qnnpack), calibrated on the same batches and converted.
 
 Positive cases: the converted graph holds the op's kernel (counted), the quantized region is
-unbroken (one quantize at the input, one dequantize at the output: the op ran on the quantized
-tensor), and the output is within a per-op SQNR floor of float. Where torch.ao's FX flow
+unbroken (one quantize at the input, one dequantize per output: every op ran on the quantized
+tensor), and each output is within a per-op SQNR floor of float. Where torch.ao's FX flow
 quantizes the same op, the output must also be within one output quantum of torch.ao's on the
 same calibration data and identical on >= 99% of the elements (observed: identical everywhere).
 Where fxquant goes past torch.ao (GELU, SiLU, SELU, CELU, F.softmax, nn.GroupNorm, functional
@@ -15,16 +16,20 @@ Negative cases: an op or a case without a kernel stays float with a keep_float (
 rule, or a rule's check declined) or keep_reference (lowering: the engine's kernel is missing)
 decision that names the reason, and the converted model still matches float.
 
-Observed SQNR (dB, x86 / qnnpack), for the record: hardswish 31 / 33, elu 31 / 35,
-leaky_relu 32 / 35, sigmoid 44 / 49, hardsigmoid 47 / 49, tanh 32 / 37, softmax 37 / 38,
-layer_norm 31 / 36, group_norm 30 / 35, instance_norm 29-32 / 35-36, interpolate 29-33 / 33-37,
-selu 31 / 35, celu 32 / 37, prelu 32 / 35, gelu 26-28 / 29-31, silu 30-32 / 31-37.
+Observed SQNR (dB, x86 / qnnpack; x86's default activation observer has 7-bit range, hence
+its ~5 dB less): hardswish 30.6 / 36.4, elu 31.2-31.4 / 36.5, leaky_relu 30.9-31.5 / 36.7,
+sigmoid 44.5 / 48.8, hardsigmoid 46.6 / 50.3, tanh 32.4 / 37.3, softmax 37.3-37.4 / 39.9-40.4,
+layer_norm 30.3-30.5 / 34.1-36.3, group_norm 29.4-30.4 / 33.8-36.4, instance_norm 29.2-31.9 /
+27.2-38.3, selu 31.0 / 36.7, celu 30.5-31.3 / 36.4, prelu 31.1-32.1 / 36.3-36.4, gelu 28.5 /
+33.7, silu 30.8 / 36.4, batch norm (functional, BatchNorm1d, running-stats instance norm)
+28.7-34.2 / 33.3-39.5, interpolate / upsample 29.0-32.5 (area 25.9) / 32.7-37.9, pad 32.4-36.0 /
+36.6-41.9, clamp_ 31.1 / 36.9.
 """
 from __future__ import annotations
 
 import copy
 import io
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.meta import qinfo
 from tests.models import calibration_batches
-from tests.util import ao_quantization, ao_quantize_fx, op_counts, output_scale
+from tests.util import ao_quantization, ao_quantize_fx, op_counts
 
 ENGINES = ["x86", "qnnpack"]
 FRONTS = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
@@ -146,7 +151,7 @@ WITH_TORCH_AO = [
     ("instance_norm1d", 3, [lambda: nn.InstanceNorm1d(8, affine=True)],
      {"quantized::instance_norm": 1}, 28),
     ("instance_norm2d", 4, [lambda: nn.InstanceNorm2d(8), lambda: Affine("instance_norm")],
-     {"quantized::instance_norm": 2}, 27),
+     {"quantized::instance_norm": 2}, 26),
     ("instance_norm3d", 5, [lambda: nn.InstanceNorm3d(8, affine=True)],
      {"quantized::instance_norm": 1}, 27),
     ("interpolate", 4, [lambda: Fn(lambda x: F.interpolate(x, scale_factor=2)),
@@ -173,7 +178,7 @@ BEYOND_TORCH_AO = [
     ("group_norm_module", 4, [lambda: nn.GroupNorm(2, 8)], {"quantized::group_norm": 1}, 28),
     ("norm_running_stats2d", 4, [lambda: _running_in(4), lambda: Affine("instance_norm_running"),
                                  lambda: Affine("batch_norm"), lambda: Affine("torch.batch_norm")],
-     {"quantized::batch_norm2d": 4}, 28),
+     {"quantized::batch_norm2d": 4}, 27),
     ("norm_running_stats1d", 3, [lambda: _running_in(3), lambda: Affine("batch_norm"),
                                  _bn1d_after_relu], {"quantized::batch_norm1d": 3}, 28),
     ("batch_norm3d", 5, [lambda: Affine("batch_norm_no_affine")],
@@ -297,7 +302,8 @@ def test_fixed_qparams_are_the_ops_range():
     fixed = {qinfo(n).kernel: (qinfo(n).qparams["scale"], qinfo(n).qparams["zero_point"])
              for n in quantized.graph.nodes if qinfo(n).kernel in ("quantized::sigmoid",
                                                                    "aten::tanh (QuantizedCPU)")}
-    assert fixed == {"quantized::sigmoid": (1 / 256, 0), "aten::tanh (QuantizedCPU)": (2 / 256, 128)}
+    assert fixed == {"quantized::sigmoid": (1 / 256, 0),
+                     "aten::tanh (QuantizedCPU)": (2 / 256, 128)}
 
 
 class _InPlaceChain(nn.Module):

@@ -7,7 +7,8 @@ Every op is listed in all its spellings (nn module, F function, torch function, 
 name, in-place variants). A lowering builds the kernel call, runs it once on quantized zeros
 shaped like the real input (``ctx.probe``, through :func:`_checked`, which also demands the
 dtype / scale / zero point the reference graph quantizes the op's output to) and declines with
-the kernel's own error when the engine lacks it, so the op stays a correct float reference op. Kernels are chosen once per op by what torch 2.13 runs on quint8:
+the kernel's own error when the engine lacks it, so the op stays a correct float reference op.
+Kernels are chosen once per op by what torch 2.13 runs on quint8:
 
 * own output qparams: ``quantized::hardswish / elu / celu / leaky_relu / prelu / layer_norm /
   group_norm / instance_norm / batch_norm*``, and SiLU as ``quantized::sigmoid`` +
@@ -641,10 +642,11 @@ def lower_clamp(contiguous: bool) -> Callable[[LowerCtx], Lowered]:
 # ---------------------------------------------------------------- the table
 def activation_rules(backend: str) -> list[Rule]:
     """The rules for ``backend`` ("fbgemm", "x86", "qnnpack", "onednn")."""
-    from fxquant.backends.native import CLAMP_FAMILY
+    return _activations() + _fixed_qparams() + _norms() + _resampling(backend)
 
+
+def _activations() -> list[Rule]:
     inplace = check_inplace
-    clamp = tuple(t for t in CLAMP if t not in CLAMP_FAMILY)  # the rest: the native table's
     return [
         Rule("hardswish", Op(*HARDSWISH), OWN, "quantized::hardswish", lower_hardswish,
              check=inplace, notes="own output qparams, as torch.ao"),
@@ -664,6 +666,12 @@ def activation_rules(backend: str) -> list[Rule]:
         Rule("silu", Op(*SILU), OWN, "quantized::sigmoid + quantized::mul", lower_silu,
              check=inplace, notes="x * sigmoid(x) on quantized kernels (no aten::silu kernel); "
                                   "torch.ao leaves SiLU float"),
+    ]
+
+
+def _fixed_qparams() -> list[Rule]:
+    inplace = check_inplace
+    return [
         Rule("sigmoid", Op(*SIGMOID), FIXED, "quantized::sigmoid", lower_sigmoid, fixed=UNIT,
              check=inplace, notes="output in [0, 1]: fixed scale 1/256, zero_point 0"),
         Rule("hardsigmoid", Op(*HARDSIGMOID), FIXED, "aten::hardsigmoid (QuantizedCPU)",
@@ -675,6 +683,11 @@ def activation_rules(backend: str) -> list[Rule]:
         Rule("softmax", Op(*SOFTMAX), FIXED, "quantized::softmax", lower_softmax, fixed=UNIT,
              check=_softmax_dtype, notes="output in [0, 1]: fixed scale 1/256, zero_point 0; "
                                          "every spelling (torch.ao: nn.Softmax only)"),
+    ]
+
+
+def _norms() -> list[Rule]:
+    return [
         Rule("layer_norm", Op(*LAYER_NORM), OWN, "quantized::layer_norm", lower_layer_norm,
              check=_tensor_args((2, "weight"), (3, "bias")),
              notes="float weight/bias, own output qparams"),
@@ -691,6 +704,14 @@ def activation_rules(backend: str) -> list[Rule]:
              lower_batch_norm, check=_checks(_bn_eval, _tensor_args(
                  (1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))),
              notes="F.batch_norm / torch.batch_norm / nn.BatchNorm1d with running statistics"),
+    ]
+
+
+def _resampling(backend: str) -> list[Rule]:
+    from fxquant.backends.native import CLAMP_FAMILY
+
+    clamp = tuple(t for t in CLAMP if t not in CLAMP_FAMILY)  # the rest: the native table's
+    return [
         Rule("interpolate", Op(*INTERPOLATE), SHARED, "aten::upsample_* (QuantizedCPU)",
              lower_interpolate, notes="nearest / nearest-exact 2d-3d, bilinear, area run "
                                       "quantized; other modes are probed and stay float"),
@@ -698,6 +719,6 @@ def activation_rules(backend: str) -> list[Rule]:
              lower_pad, notes="constant (any value: the shared observer sees it) and reflect "
                               "1d/2d run quantized; replicate / circular / reflect 3d stay float"),
         Rule("clamp", Op(*clamp), SHARED, "aten::clamp / hardtanh (QuantizedCPU)",
-             lower_clamp(backend == "qnnpack"), check=_checks(inplace, _clamp_bounds),
+             lower_clamp(backend == "qnnpack"), check=_checks(check_inplace, _clamp_bounds),
              notes="number bounds only; qnnpack: input made contiguous, min-and-max only"),
     ]
