@@ -73,7 +73,8 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     name = _resolve_backend(backend, qconfig_mapping)
     gm = _traced(model, example_inputs, leaf_modules, leaf_names, concrete_args)
     options = {"qconfig_mapping": qconfig_mapping, "backend": name,
-               "is_qat": False, "example_inputs": None}
+               "is_qat": False, "example_inputs": None,
+               "trace_config": TraceConfig(tuple(leaf_modules), tuple(leaf_names), concrete_args)}
     gm.eval() if not model.training else gm.train()
     gm = _run(gm, passes or prepare_pipeline(), options, dump_dir=dump_dir,
               instruments=instruments, verify=verify, facts={"traced"})

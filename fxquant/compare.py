@@ -362,6 +362,8 @@ def compare(float_model: nn.Module, model: fx.GraphModule, inputs: Any, *,
     ``trace_config``: the :class:`fxquant.trace.TraceConfig` the model was prepared with
     when it used leaf modules (the float model must be traced the same way for the debug
     handles to match)."""
+    if trace_config is None:  # the leaf-module rules the model was prepared with
+        trace_config = getattr(model, "meta", {}).get("fxquant_options", {}).get("trace_config")
     gm = quantized_of(model)
     fgm = _float_graph(float_model, trace_config)
     stats: dict[Key, _Stat] = {}
