@@ -35,10 +35,34 @@ class Annotate:
         modules = dict(gm.named_modules())
         stats: Counter[str] = Counter()
         groups: dict[int, Optional[str]] = {}  # group id -> rule of its interior, None if float
+        fallback = _input_fallback(ctx.get("qconfig_mapping"), bool(ctx.get("is_qat")))
         for node in gm.graph.nodes:
             if node.op.startswith("call_"):
-                stats[_annotate_node(node, backend, modules, groups)] += 1
+                stats[_annotate_node(node, backend, modules, groups, fallback)] += 1
         return PassResult(gm, False, dict(stats))
+
+
+def _input_fallback(mapping: Any, is_qat: bool) -> QSpec:
+    """How to quantize the *input* of a fixed-qparams op (sigmoid, tanh, softmax) when nothing
+    upstream is observed: the mapping's global activation, never the op's own fixed range
+    (which would clip an input to [0, 1] or [-1, 1])."""
+    glob = getattr(mapping, "global_qconfig", None)
+    if glob is not None and glob.activation is not None and not _is_fixed(glob.activation):
+        return spec_of(glob.activation)
+    if is_qat:
+        from fxquant.fake_quantize import default_fake_quant
+
+        return spec_of(default_fake_quant)
+    from fxquant.observers import default_observer
+
+    return spec_of(default_observer)
+
+
+def _is_fixed(factory: Any) -> bool:
+    from fxquant.observers import factory_parts
+
+    cls, _ = factory_parts(factory)
+    return "FixedQParams" in cls.__name__
 
 
 def spec_of(factory: Any) -> QSpec:
@@ -59,7 +83,7 @@ def _op_name(node: fx.Node, modules: dict) -> str:
 
 
 def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
-                   groups: dict[int, Optional[str]]) -> str:
+                   groups: dict[int, Optional[str]], fallback: QSpec) -> str:
     info = qinfo(node)
     qconfig = info.qconfig
     if info.group is not None and not info.group_root and info.group in groups:
@@ -99,7 +123,7 @@ def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
         _mark_group(info, groups, None)
         return _keep_float(node, declined or f"no quantized kernel for {_op_name(node, modules)} "
                                              f"on {backend.name}")
-    return _apply_rule(node, info, rule, act, qconfig, groups)
+    return _apply_rule(node, info, rule, act, qconfig, groups, fallback)
 
 
 def qconfig_kind(qconfig: Any, act: QSpec) -> Optional[str]:
@@ -180,7 +204,7 @@ def _float_tensor_inputs(node: fx.Node, mode: str) -> list[tuple[Any, fx.Node]]:
 
 
 def _apply_rule(node: fx.Node, info: QNodeInfo, rule: Rule, act: QSpec, qconfig: Any,
-                groups: dict[int, Optional[str]]) -> str:
+                groups: dict[int, Optional[str]], fallback: QSpec) -> str:
     inputs = _float_tensor_inputs(node, rule.inputs)
     if not inputs:
         _mark_group(info, groups, None)
@@ -190,7 +214,10 @@ def _apply_rule(node: fx.Node, info: QNodeInfo, rule: Rule, act: QSpec, qconfig:
             _mark_group(info, groups, None)
             return _keep_float(node, "qconfig has no weight observer for a weighted op")
         info.weight_spec = spec_of(qconfig.weight)
-    info.input_specs = {key: act for key, _ in inputs}
+    in_spec = act
+    if _is_fixed(act.observer):
+        in_spec = fallback
+    info.input_specs = {key: in_spec for key, _ in inputs}
     info.rule, info.qkind = rule.name, "static"
     interior = info.group is not None and not info.group_root
     info.output_spec = None if interior or rule.multi_output else _output_spec(rule, act)

@@ -51,6 +51,8 @@ class Normalize:
                                     if node.op == "call_module" else None)
             if spelling is not None and _rewrite(gm, node, spelling, modules):
                 stats["rewritten"] += 1
+            elif _is_inplace(node, modules) and _make_mutation_explicit(gm.graph, node):
+                stats["inplace_readers_repointed"] += 1
         modified = bool(stats) and set(stats) != {"kept_functional"}
         if modified:
             _drop_dead_get_attrs(gm)
@@ -159,6 +161,40 @@ def _has_alias(value: fx.Node) -> bool:
     if _aliasing_op(value):
         return True
     return any(_aliasing_op(u) for u in value.users)
+
+
+def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Does ``node`` mutate its first argument? (``x.sigmoid_()``, ``torch.tanh_``,
+    ``F.elu(x, inplace=True)``, ``nn.Hardswish(inplace=True)``)"""
+    if node.graph is None or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_module":
+        return module_is_inplace(modules.get(node.target))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    trailing = name.endswith("_") and not name.startswith("__")
+    return trailing or bool(node.kwargs.get("inplace", False))
+
+
+def _make_mutation_explicit(graph: fx.Graph, node: fx.Node) -> bool:
+    """An in-place op without an out-of-place spelling stays as written, but every later reader
+    of the tensor it mutates reads its result instead, which is the same tensor in eager mode.
+    Once the op runs on a dequantized copy, the readers still see the mutation."""
+    x = node.args[0]
+    if _has_alias(x):
+        record(node, Normalize.name, "keep_inplace",
+               f"in place on {x.name}, which is a view of another tensor or has views: the "
+               f"views may not see the mutation once quantized; left as written")
+        return False
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    later = [u for u in x.users if u is not node and order[u] > order[node]]
+    if not later:
+        return False
+    for user in later:
+        user.replace_input_with(x, node)
+    record(node, Normalize.name, "normalize",
+           f"in-place op: {', '.join(u.name for u in later)} now read its result, the tensor "
+           f"it mutated")
+    return True
 
 
 def _inplace_kwarg(node: fx.Node) -> bool:

@@ -32,20 +32,41 @@ def lower_weighted(ctx: LowerCtx) -> Lowered:
     core, container = weighted_core(ctx.module)
     qcls = _QUANTIZED_WEIGHTED.get((type(container) if container is not None else None,
                                     _float_class(core)))
+    bounds = None
     if isinstance(container, _CLAMPED):
-        # the clamp's upper bound is in the output qparams (observed after the clamp); its
-        # lower bound is the relu of the kernel when it is 0, else saturation as well
-        relu = float(container[1].min_val) == 0.0
-        qcls = _QUANTIZED_WEIGHTED[(_RELU_OF[type(container)] if relu else None,
+        # the clamp was observed, so its bounds are in the output qparams; its lower bound is
+        # the kernel's relu when it is 0
+        bounds = (float(container[1].min_val), float(container[1].max_val))
+        qcls = _QUANTIZED_WEIGHTED[(_RELU_OF[type(container)] if bounds[0] == 0.0 else None,
                                     _float_class(core))]
     if qcls is None:
         return NoMatch(f"no quantized module for {type(ctx.module).__name__}")
-    qmod = qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point)
+    try:
+        qmod = qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        return NoMatch(f"{qcls.__name__} cannot take these qparams: {e}")
     err = ctx.probe(qmod)
     if err:
         return NoMatch(f"{qcls.__name__} does not run on this engine: {err}")
     ctx.set_module(qmod)
-    return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
+    out = ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
+    if bounds is not None and not _saturation_enforces(bounds, ctx):
+        # reduce_range (x86/fbgemm) leaves headroom: the kernel saturates at 255, past the
+        # observed range, so the clamp must still run (on the int8 tensor)
+        ctx.kernel = f"{qcls.__name__} + clamp{bounds} on the quantized tensor"
+        src = out
+        if torch.backends.quantized.engine == "qnnpack":
+            src = ctx.gm.graph.call_method("contiguous", (out,))  # see lower_same_op_contiguous
+        return ctx.gm.graph.call_function(torch.clamp, (src, bounds[0], bounds[1]))
+    return out
+
+
+def _saturation_enforces(bounds: tuple[float, float], ctx: LowerCtx) -> bool:
+    """Do the output's integer limits map inside [lo, hi] (up to half a step)? Then the kernel's
+    saturation is the clamp and no clamp op is needed."""
+    lo_int, hi_int = (0, 255) if ctx.out_dtype == torch.quint8 else (-128, 127)
+    s, z = ctx.out_scale, ctx.out_zero_point
+    return (hi_int - z) * s <= bounds[1] + s / 2 and (lo_int - z) * s >= bounds[0] - s / 2
 
 
 def _float_class(mod: nn.Module) -> type:
@@ -139,6 +160,11 @@ def lower_same_op_contiguous(ctx: LowerCtx) -> Lowered:
     (hardtanh, relu6, clamp) give wrong values on channels-last tensors, which is what every
     quantized conv returns (seen on torch 2.13: errors up to the full clamp range)."""
     node = ctx.node
+    err = ctx.probe(lambda x, *rest: _callable_of(ctx)(x.contiguous(), *rest),
+                    extra=tuple(node.args[1:]))
+    if err or any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return NoMatch(f"{_op_label(ctx)} has no quantized kernel here for these arguments: "
+                       f"{err or 'bounds known only at run time'}")
     args = list(node.args)
     contiguous = ctx.gm.graph.call_method("contiguous", (ctx.qinputs[0],))
     args[0] = contiguous
