@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -15,6 +16,7 @@ _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "custom_pass_a
 def _example():
     spec = importlib.util.spec_from_file_location("custom_pass_and_rule", _PATH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
