@@ -37,5 +37,9 @@ def test_custom_pass_and_rule():
     # float island gone: one quantize in, one dequantize out
     calls = [n.target for n in extended.graph.nodes if n.op != "placeholder"]
     assert calls.count("dequantize") == 1
-    assert torch.allclose(plain(x), extended(x), atol=0.05)
+    from fxquant.measure import sqnr_db
+
+    with torch.no_grad():
+        ref = model(x)
+    assert sqnr_db(ref, plain(x)) > 25 and sqnr_db(ref, extended(x)) > 25
     assert (plain.meta["fxquant_timings"].get("count_macs") is not None)
