@@ -40,7 +40,10 @@ def _run(gm: fx.GraphModule, passes: Sequence[Pass], options: dict[str, Any], *,
                      initial_facts=facts)
     result = pm.run(gm, ctx)
     result.gm.meta[OPTIONS_KEY] = dict(options)
-    result.gm.meta["fxquant_timings"] = dict(ctx.timings)
+    # every pass that ever ran on this model: prepare's, then convert's
+    result.gm.meta["fxquant_timings"] = {**gm.meta.get("fxquant_timings", {}), **ctx.timings}
+    result.gm.meta["fxquant_stats"] = {**gm.meta.get("fxquant_stats", {}),
+                                       **{k: dict(v) for k, v in ctx.stats.items()}}
     return result.gm
 
 
