@@ -167,3 +167,23 @@ def prepared(model: nn.Module, *inputs: Any, mapping: Any = None, backend: Any =
 
 
 CONVERT_FACTS = PREPARE_FACTS
+
+
+class Fn(nn.Module):
+    """forward(x) = fn(self, x); modules passed as keyword arguments become children."""
+
+    def __init__(self, fn, **mods) -> None:
+        super().__init__()
+        self.fn = fn
+        for k, m in mods.items():
+            setattr(self, k, m)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+class Fn2(Fn):
+    """forward(x, y) = fn(self, x, y)."""
+
+    def forward(self, x, y):
+        return self.fn(self, x, y)

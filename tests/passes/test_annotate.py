@@ -22,6 +22,9 @@ from tests.passes.graphs import (assert_every_call_decided, call_nodes, decision
 QU8, QI8 = torch.quint8, torch.qint8
 
 
+from tests.passes.graphs import Fn, Fn2
+
+
 def annotate(model, *inputs, mapping=None, backend="x86", leaf=()):
     model = model.eval()
     if leaf:
@@ -50,22 +53,6 @@ def node_of(gm, kind):
 
     op, _, k = kind.partition(":")
     return one(gm, op, k)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, **mods):
-        super().__init__()
-        self.fn = fn
-        for k, m in mods.items():
-            setattr(self, k, m)
-
-    def forward(self, x):
-        return self.fn(self, x)
-
-
-class Fn2(Fn):
-    def forward(self, x, y):
-        return self.fn(self, x, y)
 
 
 X4 = torch.randn(2, 3, 6, 6)

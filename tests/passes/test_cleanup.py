@@ -14,19 +14,11 @@ from tests.passes.graphs import (CONVERT_FACTS, assert_every_call_decided, call_
 
 P, O = "placeholder", "output"
 Q, DQ = "call_function:torch.quantize_per_tensor", "call_method:dequantize"
+from tests.passes.graphs import Fn
+
+
 FACTS = CONVERT_FACTS + ("reference", "lowered")
 X4 = torch.randn(2, 3, 6, 6)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, **mods):
-        super().__init__()
-        self.fn = fn
-        for k, m in mods.items():
-            setattr(self, k, m)
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 def cleanup(gm, opts=None):

@@ -15,20 +15,12 @@ from tests.passes.graphs import (CONVERT_FACTS, assert_every_call_decided, call_
                                  prepared, run_passes, structure)
 
 P, O = "placeholder", "output"
+from tests.passes.graphs import Fn
+
+
 OBS = "call_module:HistogramObserver"
 Q, DQ = "call_function:torch.quantize_per_tensor", "call_method:dequantize"
 X4 = torch.randn(2, 3, 6, 6)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, **mods):
-        super().__init__()
-        self.fn = fn
-        for k, m in mods.items():
-            setattr(self, k, m)
-
-    def forward(self, x):
-        return self.fn(self, x)
 
 
 def convert(model, *inputs, **kw):

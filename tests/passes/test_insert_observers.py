@@ -16,25 +16,12 @@ from tests.passes.graphs import (assert_every_call_decided, call_nodes, decision
                                  structure, traced)
 
 P, O = "placeholder", "output"
+from tests.passes.graphs import Fn, Fn2
+
+
 OBS = "call_module:HistogramObserver"
 X4 = torch.randn(2, 3, 6, 6)
 A, B = torch.randn(2, 4), torch.randn(2, 4)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, **mods):
-        super().__init__()
-        self.fn = fn
-        for k, m in mods.items():
-            setattr(self, k, m)
-
-    def forward(self, x):
-        return self.fn(self, x)
-
-
-class Fn2(Fn):
-    def forward(self, x, y):
-        return self.fn(self, x, y)
 
 
 def observe(model, *inputs, mapping=None, options=None):

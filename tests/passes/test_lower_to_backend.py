@@ -19,24 +19,11 @@ from tests.passes.graphs import (CONVERT_FACTS, assert_every_call_decided, call_
 
 P, O = "placeholder", "output"
 Q, DQ = "call_function:torch.quantize_per_tensor", "call_method:dequantize"
+from tests.passes.graphs import Fn, Fn2
+
+
 X4 = torch.randn(2, 3, 6, 6)
 A, B = torch.randn(2, 4), torch.randn(2, 4)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, **mods):
-        super().__init__()
-        self.fn = fn
-        for k, m in mods.items():
-            setattr(self, k, m)
-
-    def forward(self, x):
-        return self.fn(self, x)
-
-
-class Fn2(Fn):
-    def forward(self, x, y):
-        return self.fn(self, x, y)
 
 
 def lower(model, *inputs, backend="x86", **kw):

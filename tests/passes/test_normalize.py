@@ -19,6 +19,9 @@ from tests.passes.graphs import (assert_decisions_well_formed, call_nodes, decis
 P, O = "placeholder", "output"
 
 
+from tests.passes.graphs import Fn, Fn2
+
+
 def normalize(model: nn.Module, *inputs, **opts):
     """trace + record values + normalize (verified); returns (before structure, result)."""
     gm = traced(model, *[i.clone() for i in inputs])
@@ -38,26 +41,6 @@ def same_output(model: nn.Module, gm: fx.GraphModule, *inputs) -> None:
     assert len(want) == len(got)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
-
-
-class Fn(nn.Module):
-    """forward(x) = fn(self, x); modules passed as keyword arguments become children."""
-
-    def __init__(self, fn, **mods) -> None:
-        super().__init__()
-        self.fn = fn
-        for k, m in mods.items():
-            setattr(self, k, m)
-
-    def forward(self, x):
-        return self.fn(self, x)
-
-
-class Fn2(Fn):
-    """forward(x, y) = fn(self, x, y)."""
-
-    def forward(self, x, y):
-        return self.fn(self, x, y)
 
 
 X = torch.randn(2, 4)
