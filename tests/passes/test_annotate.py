@@ -18,11 +18,9 @@ from fxquant.qconfig import (QConfig, QConfigMapping, default_dynamic_qconfig,
 from fxquant.trace import TraceConfig, record_values, trace
 from tests.passes.graphs import (assert_every_call_decided, call_nodes, decisions, run_passes,
                                  structure, traced)
+from tests.passes.graphs import Fn, Fn2
 
 QU8, QI8 = torch.quint8, torch.qint8
-
-
-from tests.passes.graphs import Fn, Fn2
 
 
 def annotate(model, *inputs, mapping=None, backend="x86", leaf=()):

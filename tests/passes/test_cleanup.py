@@ -11,10 +11,10 @@ from fxquant.meta import QNodeInfo, qinfo, record
 from fxquant.passes import Cleanup, Convert, LowerToBackend
 from tests.passes.graphs import (CONVERT_FACTS, assert_every_call_decided, call_nodes, prepared,
                                  run_passes, structure)
+from tests.passes.graphs import Fn
 
 P, O = "placeholder", "output"
 Q, DQ = "call_function:torch.quantize_per_tensor", "call_method:dequantize"
-from tests.passes.graphs import Fn
 
 
 FACTS = CONVERT_FACTS + ("reference", "lowered")

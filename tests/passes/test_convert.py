@@ -13,9 +13,9 @@ from fxquant.passes import Convert
 from fxquant.qconfig import QConfigMapping
 from tests.passes.graphs import (CONVERT_FACTS, assert_every_call_decided, call_nodes, decisions,
                                  prepared, run_passes, structure)
+from tests.passes.graphs import Fn
 
 P, O = "placeholder", "output"
-from tests.passes.graphs import Fn
 
 
 OBS = "call_module:HistogramObserver"

@@ -14,9 +14,9 @@ from fxquant.passes import Annotate, Fuse, InsertObservers, Normalize, Propagate
 from fxquant.qconfig import QConfigMapping, get_default_qconfig_mapping
 from tests.passes.graphs import (assert_every_call_decided, call_nodes, decisions, run_passes,
                                  structure, traced)
+from tests.passes.graphs import Fn, Fn2
 
 P, O = "placeholder", "output"
-from tests.passes.graphs import Fn, Fn2
 
 
 OBS = "call_module:HistogramObserver"

@@ -16,10 +16,10 @@ from fxquant.patterns import Op
 from fxquant.qconfig import QConfigMapping
 from tests.passes.graphs import (CONVERT_FACTS, assert_every_call_decided, call_nodes, decisions,
                                  prepared, run_passes, structure)
+from tests.passes.graphs import Fn, Fn2
 
 P, O = "placeholder", "output"
 Q, DQ = "call_function:torch.quantize_per_tensor", "call_method:dequantize"
-from tests.passes.graphs import Fn, Fn2
 
 
 X4 = torch.randn(2, 3, 6, 6)

@@ -15,11 +15,9 @@ from fxquant.passes import Normalize
 from fxquant.trace import annotate_trace_meta, record_values
 from tests.passes.graphs import (assert_decisions_well_formed, call_nodes, decisions, run_passes,
                                  structure, traced)
+from tests.passes.graphs import Fn, Fn2
 
 P, O = "placeholder", "output"
-
-
-from tests.passes.graphs import Fn, Fn2
 
 
 def normalize(model: nn.Module, *inputs, **opts):
