@@ -48,6 +48,7 @@ from fxquant.observers import (
     default_fixed_qparams_range_neg1to1_observer,
     default_placeholder_observer,
     factory_parts,
+    resize_to_saved,
 )
 from fxquant.qconfig import (
     FIXED_QPARAMS_OP_TO_OBSERVER,
@@ -266,9 +267,7 @@ class FakeQuantize(FakeQuantizeBase):
         error_msgs: list[str],
     ) -> None:
         # per-channel qparams have the saved shape, not the [1] they start with
-        for name in ("scale", "zero_point"):
-            if prefix + name in state_dict:
-                getattr(self, name).resize_(state_dict[prefix + name].shape)
+        resize_to_saved(self, state_dict, prefix, ("scale", "zero_point"))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

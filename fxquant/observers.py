@@ -456,12 +456,19 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         error_msgs: list[str],
     ) -> None:
         # The per-channel buffers start empty: size them to the saved statistics first.
-        for name in ("min_val", "max_val"):
-            if prefix + name in state_dict:
-                getattr(self, name).resize_(state_dict[prefix + name].shape)
+        resize_to_saved(self, state_dict, prefix, ("min_val", "max_val"))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def resize_to_saved(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
+                    names: tuple[str, ...]) -> None:
+    """Give ``module``'s buffers ``names`` the shapes they have in ``state_dict`` (per-channel
+    buffers start empty or with one element), so that loading can copy into them."""
+    for name in names:
+        if prefix + name in state_dict:
+            getattr(module, name).resize_(state_dict[prefix + name].shape)
 
 
 class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
