@@ -58,6 +58,36 @@ def _input_fallback(mapping: Any, is_qat: bool) -> QSpec:
     return spec_of(default_observer)
 
 
+def _is_reuse_input(qconfig: Any) -> bool:
+    from fxquant.qconfig import is_reuse_input_qconfig
+
+    return is_reuse_input_qconfig(qconfig)
+
+
+def _producer_quantized(arg: fx.Node) -> bool:
+    src = qinfo(arg)
+    return src.qkind == "static" and (src.output_spec is not None or src.rule == "tuple_item")
+
+
+def _apply_reuse_input(node: fx.Node, info: QNodeInfo, rule: Rule, inputs: list,
+                       groups: dict[int, Optional[str]]) -> str:
+    """The reuse-input qconfig (reshape & co in the default mapping): the output reuses the
+    input's observer when the input is quantized, and the op stays float when it is not."""
+    key, arg = inputs[0]
+    if rule.qparams not in (SHARED,) or not _producer_quantized(arg):
+        _mark_group(info, groups, None)
+        why = "its input is float" if rule.qparams == SHARED else "the op has no shared form"
+        return _keep_float(node, f"reuse-input qconfig ({info.qconfig_reason}) and {why}: "
+                                 f"nothing to reuse")
+    info.input_specs = {}
+    info.rule, info.qkind = rule.name, "static"
+    info.output_spec = SharedSpec(key)
+    record(node, Annotate.name, "share_qparams", "reuse-input qconfig: runs on the quantized "
+                                                 "input as is and reuses its observer",
+           rule=rule.name, kernel=rule.kernel)
+    return "quantized"
+
+
 def _is_fixed(factory: Any) -> bool:
     from fxquant.observers import factory_parts
 
@@ -217,6 +247,8 @@ def _apply_rule(node: fx.Node, info: QNodeInfo, rule: Rule, act: QSpec, qconfig:
     in_spec = act
     if _is_fixed(act.observer):
         in_spec = fallback
+    if _is_reuse_input(qconfig):
+        return _apply_reuse_input(node, info, rule, inputs, groups)
     info.input_specs = {key: in_spec for key, _ in inputs}
     info.rule, info.qkind = rule.name, "static"
     interior = info.group is not None and not info.group_root

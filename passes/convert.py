@@ -29,6 +29,9 @@ class Convert:
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
+        stats["modules_unshared"] = _unshare_weighted_modules(gm)
+        if not stats["modules_unshared"]:
+            del stats["modules_unshared"]
         for node in list(gm.graph.nodes):
             info = qinfo(node)
             if info.role == "observer":
@@ -42,6 +45,31 @@ class Convert:
         gm.delete_all_unused_submodules()
         gm.recompile()
         return PassResult(gm, bool(stats), dict(stats))
+
+
+def _unshare_weighted_modules(gm: fx.GraphModule) -> int:
+    """A weighted module called from several places gets one copy per call: each call has
+    its own output qparams, which a quantized module holds."""
+    import copy as _copy
+
+    seen: set[str] = set()
+    copies = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or qinfo(node).weight_spec is None:
+            continue
+        target = str(node.target)
+        if target not in seen:
+            seen.add(target)
+            continue
+        name, i = f"{target.replace('.', '_')}_call", 1
+        while hasattr(gm, f"{name}{i}"):
+            i += 1
+        gm.add_submodule(f"{name}{i}", _copy.deepcopy(gm.get_submodule(target)))
+        node.target = f"{name}{i}"
+        record(node, Convert.name, "unshare", f"module '{target}' is called more than once: "
+               f"this call gets its own copy '{name}{i}' (its own output qparams)")
+        copies += 1
+    return copies
 
 
 def _convert_observer(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -14,7 +14,7 @@ import torch.fx as fx
 from fxquant.backends.base import SHARED, SHARED_ALL, Backend, LowerCtx, get_backend
 from fxquant.backends.engine import engine
 from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
-from fxquant.meta import inherit, qinfo, record
+from fxquant.meta import SharedSpec, inherit, qinfo, record
 from fxquant.patterns import NoMatch
 from fxquant.pipeline import PassContext, PassResult
 from fxquant.slots import get_input
@@ -123,7 +123,11 @@ def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
         return _decline(root, "output is not quantized here (no single quantize after it)")
     q_out = users[0]
     qinputs = {}
-    for key in qinfo(first).input_specs:
+    keys = list(qinfo(first).input_specs)
+    shared = qinfo(root).output_spec
+    if isinstance(shared, SharedSpec) and shared.input_index not in keys:
+        keys.append(shared.input_index)  # reuse-input: the input was observed upstream
+    for key in keys:
         arg = get_input(first, key)
         if not is_dequantize(arg):
             return _decline(root, f"input {key} is not a dequantized tensor")

@@ -155,9 +155,12 @@ def test_linear_bn_relu_folds_and_fuses():
     assert sqnr(model(x), quantized(x)) >= SQNR_FLOOR_DB
 
 
-def test_relu6_and_clamp_fuse_into_conv_and_linear():
-    """torch.ao leaves ReLU6 after a conv unfused (15% of MobileNetV2's int8 time); fxquant folds
-    the bound into the conv's output qparams and runs conv2d_relu."""
+@pytest.mark.parametrize("backend", ["qnnpack", "onednn", "x86"])
+def test_relu6_and_clamp_fuse_into_conv_and_linear(backend):
+    """torch.ao leaves ReLU6 after a conv unfused (15% of MobileNetV2's int8 time); fxquant
+    fuses it: conv2d_relu with the upper bound in the output qparams. On x86/fbgemm the default
+    activations use reduce_range (0..127, for fbgemm's input accumulation), so the kernel's
+    saturation at 255 is past the bound and a clamp on the int8 tensor stays."""
     import torch.nn as nn
 
     class M(nn.Module):
@@ -171,17 +174,21 @@ def test_relu6_and_clamp_fuse_into_conv_and_linear():
             x = torch.clamp(self.conv2(x), -1.0, 1.0)
             return nn.functional.hardtanh(self.fc(x.mean((2, 3))), 0.0, 0.5)
 
+    torch.backends.quantized.engine = backend
     model = build(M)
-    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"),
-                                  (torch.randn(2, 3, 8, 8),), backend="x86")
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend),
+                                  (torch.randn(2, 3, 8, 8),), backend=backend)
     for batch in calibration_batches((2, 3, 8, 8), n=3):
-        prepared(batch)
+        prepared(batch * 3)  # the clamps are active on this data
     quantized = fxquant.convert_fx(prepared)
     counts = op_counts(quantized)
     assert counts["quantized.ConvReLU2d"] == 1 and counts["quantized.Conv2d"] == 1
     assert counts["quantized.LinearReLU"] == 1
-    assert not any("hardtanh" in k or "clamp" in k or "relu6" in k for k in counts), dict(counts)
+    assert not any("hardtanh" in k or "relu6" in k for k in counts), dict(counts)
+    if backend != "x86":
+        assert counts["clamp"] == 0, dict(counts)  # the bounds live in the output qparams
     x = torch.randn(2, 3, 8, 8) * 3
     out, ref = quantized(x), model(x)
     assert sqnr(ref, out) >= SQNR_FLOOR_DB
-    assert out.max() <= 0.5 + 1e-6 and out.min() >= 0.0  # the bounds hold exactly
+    step = output_scale(quantized) or 0.0
+    assert out.max() <= 0.5 + step / 2 + 1e-6 and out.min() >= 0.0  # the bounds hold

@@ -60,12 +60,22 @@ class LowerCtx:
             if sample is None:
                 return None  # no example shape recorded: nothing to probe with
             args.append(sample)
-        try:
-            with torch.no_grad():
-                fn(*args, *extra)
-        except Exception as e:  # noqa: BLE001 - any failure means "no kernel here"
-            return str(e).strip().splitlines()[0][:200]
+        for layout in _layouts(args):
+            try:
+                with torch.no_grad():
+                    fn(*layout, *extra)
+            except Exception as e:  # noqa: BLE001 - any failure means "no kernel here"
+                return str(e).strip().splitlines()[0][:200]
         return None
+
+    def note(self, node: fx.Node, reason: str) -> fx.Node:
+        """Give a node that a lowering adds beside the kernel (contiguous, clamp, ...) the
+        record of the op it serves, and a decision saying why it is there."""
+        from fxquant.meta import inherit, record
+
+        inherit(node, self.node)
+        record(node, "lower_to_backend", "lower", reason)
+        return node
 
     def set_module(self, new: nn.Module) -> None:
         from fxquant.passes.fuse import _set_submodule
@@ -87,6 +97,16 @@ def _sample_quantized(node: fx.Node) -> Optional[torch.Tensor]:
     else:
         return None
     return torch.quantize_per_tensor(torch.zeros(info.value.shape), scale, zp, dtype)
+
+
+def _layouts(args: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The samples as given (contiguous) and, for 4-d/5-d tensors, channels-last: the layout
+    every quantized conv returns, which some kernels (mean over 1x1, clamp) mishandle."""
+    out = [args]
+    if args and all(a.dim() in (4, 5) for a in args):
+        out.append([a.contiguous(memory_format=torch.channels_last if a.dim() == 4
+                                 else torch.channels_last_3d) for a in args])
+    return out
 
 
 Lowered = Union[fx.Node, NoMatch]

@@ -54,9 +54,12 @@ def lower_weighted(ctx: LowerCtx) -> Lowered:
         # reduce_range (x86/fbgemm) leaves headroom: the kernel saturates at 255, past the
         # observed range, so the clamp must still run (on the int8 tensor)
         ctx.kernel = f"{qcls.__name__} + clamp{bounds} on the quantized tensor"
+        ctx.note(out, f"runs on {qcls.__name__}; the clamp after it keeps {bounds} because "
+                      f"the output range has headroom (reduce_range)")
         src = out
         if torch.backends.quantized.engine == "qnnpack":
-            src = ctx.gm.graph.call_method("contiguous", (out,))  # see lower_same_op_contiguous
+            src = ctx.note(ctx.gm.graph.call_method("contiguous", (out,)),
+                           "qnnpack's clamp needs a contiguous input")
         return ctx.gm.graph.call_function(torch.clamp, (src, bounds[0], bounds[1]))
     return out
 
@@ -103,13 +106,33 @@ def lower_view_as_reshape(ctx: LowerCtx) -> Lowered:
     which ``view`` cannot reshape; ``reshape`` gives the same values (copying when needed)."""
     node = ctx.node
     if node.target == "view_as":
-        args = (ctx.qinputs[0], node.args[1])
-        shape = ctx.gm.graph.call_method("size", (node.args[1],))
+        shape = ctx.note(ctx.gm.graph.call_method("size", (node.args[1],)), "shape for reshape")
         args = (ctx.qinputs[0], shape)
     else:
         args = (ctx.qinputs[0], *node.args[1:])
     ctx.kernel = "reshape on the quantized tensor (view cannot take channels-last input)"
     return ctx.gm.graph.call_method("reshape", args, dict(node.kwargs))
+
+
+def lower_mean(ctx: LowerCtx) -> Lowered:
+    """``x.mean(dims)`` on a quantized tensor, as ``mean(dims, keepdim=True)`` then ``squeeze``:
+    torch's quantized mean without keepdim fails on tensors whose strides read as both
+    contiguous and channels-last (a conv output of 1x1 spatial size, or of one channel)."""
+    node = ctx.node
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dims is None or isinstance(dims, fx.Node) or isinstance(keepdim, fx.Node) \
+            or "dtype" in node.kwargs:
+        return NoMatch("mean over all elements, run-time dims or a dtype: no quantized form here")
+    err = ctx.probe(lambda x: x.mean(dims, keepdim=True))
+    if err:
+        return NoMatch(f"quantized mean does not run here: {err}")
+    ctx.kernel = "mean on the quantized tensor"
+    mean = ctx.gm.graph.call_method("mean", (ctx.qinputs[0], dims), {"keepdim": True})
+    if keepdim:
+        return mean
+    ctx.note(mean, "mean with keepdim; the squeeze after it drops the reduced dims")
+    return ctx.gm.graph.call_method("squeeze", (mean, dims))
 
 
 def lower_shared_list(ctx: LowerCtx) -> Lowered:
@@ -166,7 +189,8 @@ def lower_same_op_contiguous(ctx: LowerCtx) -> Lowered:
         return NoMatch(f"{_op_label(ctx)} has no quantized kernel here for these arguments: "
                        f"{err or 'bounds known only at run time'}")
     args = list(node.args)
-    contiguous = ctx.gm.graph.call_method("contiguous", (ctx.qinputs[0],))
+    contiguous = ctx.note(ctx.gm.graph.call_method("contiguous", (ctx.qinputs[0],)),
+                          "qnnpack's clamp kernels are wrong on channels-last input")
     args[0] = contiguous
     ctx.kernel = f"{_op_label(ctx)} on the quantized tensor (made contiguous first: qnnpack)"
     return ctx.gm.graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs))
@@ -323,7 +347,7 @@ RESHAPE_FAMILY = ("reshape", "permute", "transpose", "contiguous", "squeeze", "u
                   "flatten", "expand", "expand_as", "repeat", "detach", "narrow", "flip",
                   torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                   torch.narrow, torch.flip, torch.t, "t", torch.swapaxes, "swapaxes",
-                  torch.movedim, "movedim", operator.getitem, "mean", torch.mean,
+                  torch.movedim, "movedim", operator.getitem,
                   nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
                   nn.Flatten, nn.Unflatten, "unflatten", torch.unflatten)
 VIEW_FAMILY = ("view", "view_as")  # lowered as reshape: quantized convs return channels-last
@@ -391,6 +415,8 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
              lower_same_op),
         Rule("view", Op(*VIEW_FAMILY), SHARED, "reshape on the quantized tensor",
              lower_view_as_reshape),
+        Rule("mean", Op("mean", torch.mean), SHARED, "mean on the quantized tensor", lower_mean,
+             notes="keeps the input's scale/zero_point"),
         Rule("tuple_family", Op(*TUPLE_FAMILY), SHARED, "same op on the quantized tensor",
              None, notes="outputs a tuple; each item shares the input's qparams",
              multi_output=True),
