@@ -95,7 +95,10 @@ def _lower_tuple(gm: fx.GraphModule, node: fx.Node) -> str:
         q.replace_all_uses_with(item)
         gm.graph.erase_node(q)
         info = qinfo(item)
-        info.kernel, info.qparams = "item of a quantized tuple", _qparams_dict(q)
+        known = qinfo(qin).qparams if not is_quantize(qin) else None
+        info.kernel = "item of a quantized tuple"
+        info.qparams = dict(known) if known else (None if _runtime_qparams(qin)
+                                                   else _qparams_dict(q))
         record(item, LowerToBackend.name, "lower", "item of the quantized tuple")
     return "lowered"
 
@@ -141,9 +144,18 @@ def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
     if isinstance(new, NoMatch):
         return _decline(root, new.reason)
     _finish(gm, root, group, q_out, new, lctx.kernel or rule.kernel, (scale, zp, dtype))
-    if lctx.derived_qparams or (rule.qparams in (SHARED, SHARED_ALL)
-                                and any(_runtime_qparams(q) for q in qinputs.values())):
-        qinfo(new).qparams = None  # chosen by a kernel at run time (add_scalar ...)
+    if lctx.derived_qparams and lctx.derived is not None:
+        qinfo(new).qparams = {"scale": lctx.derived[0], "zero_point": lctx.derived[1],
+                              "dtype": dtype}  # what the kernel derives (add_scalar ...)
+    elif lctx.derived_qparams:
+        qinfo(new).qparams = None  # chosen by a kernel at run time
+    elif rule.qparams in (SHARED, SHARED_ALL) and qinputs:
+        first = next(iter(qinputs.values()))
+        src = qinfo(first).qparams if not is_quantize(first) else None
+        if _runtime_qparams(first):
+            qinfo(new).qparams = None
+        elif src is not None:
+            qinfo(new).qparams = dict(src)  # the kernel keeps its input's qparams
     return "lowered"
 
 

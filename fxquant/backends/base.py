@@ -42,6 +42,7 @@ class LowerCtx:
     group: tuple[fx.Node, ...] = ()  # the nodes of a fused functional group, root last
     kernel: Optional[str] = None  # set by a lowering that picks a kernel other than the rule's
     derived_qparams: bool = False  # the kernel chooses its own output qparams (add_scalar)
+    derived: Optional[tuple[float, int]] = None  # ... and these are they, when known statically
 
     @property
     def module(self) -> nn.Module:

@@ -159,8 +159,19 @@ def lower_scalar(kernel: Any, kernel_relu: Any = None):
             return NoMatch("the scalar operand is only known at run time")
         if len(ctx.group) > 1:
             return NoMatch("scalar form with a fused relu has no kernel")
+        seen: list[tuple[float, int]] = []
+
+        def run(a: torch.Tensor) -> None:
+            out = kernel(a, float(scalar))
+            seen.append((float(out.q_scale()), int(out.q_zero_point())))
+
+        err = ctx.probe(run)
+        if err:
+            return NoMatch(f"quantized::{kernel.__name__} does not run here: {err}")
         ctx.kernel = f"quantized::{kernel.__name__}"
         ctx.derived_qparams = True
+        # the kernel derives its output qparams from the input's and the scalar only: known now
+        ctx.derived = seen[0] if seen and len(set(seen)) == 1 else None
         return ctx.gm.graph.call_function(kernel, (ctx.qinputs[0], float(scalar)))
     return lower
 
@@ -220,6 +231,9 @@ def lower_binary(kernel: Any, kernel_relu: Any):
             return NoMatch("one operand is not a quantized tensor (tensor-scalar form has no "
                            "kernel here yet)")
         target = kernel_relu if len(ctx.group) > 1 else kernel
+        err = ctx.probe(lambda a, b: target(a, b, ctx.out_scale, ctx.out_zero_point), keys=(0, 1))
+        if err:  # e.g. qnnpack refuses input/output scale ratios outside [2**-14, 2**8)
+            return NoMatch(f"quantized::{target.__name__} refuses these qparams: {err}")
         ctx.kernel = f"quantized::{target.__name__}"
         return ctx.gm.graph.call_function(
             target, (ctx.qinputs[0], ctx.qinputs[1], ctx.out_scale, ctx.out_zero_point))
