@@ -212,8 +212,11 @@ def fusion_table(module_fusions: Sequence[ModuleFusion],
     head = ["pattern", "chain (root last)", "becomes", "what"]
     lines = [_row(head), _row(["---"] * len(head))]
     for f in module_fusions:
-        lines.append(_row([_code(f.pattern.name), _chain_text(f.pattern),
-                           "one fused module (BatchNorm folded in eval mode)", f.description]))
+        folds = any(isinstance(t, type) and "BatchNorm" in t.__name__
+                    for op in f.pattern.ops for t in op.targets)
+        becomes = "one fused module" + (" (BatchNorm folded in eval mode)" if folds else "")
+        lines.append(_row([_code(f.pattern.name), _chain_text(f.pattern), becomes,
+                           f.description]))
     for g in group_fusions:
         lines.append(_row([_code(g.pattern.name), _chain_text(g.pattern),
                            f"one kernel group: `{g.kernel}`", g.description]))
