@@ -23,7 +23,7 @@ Modules
     FixedQParamsFakeQuantize(observer)
 Switches (module methods, and functions that apply to every fake-quant module of a model)
     enable_observer / disable_observer / enable_fake_quant / disable_fake_quant
-Defaults (definitions as in torch.ao.quantization.fake_quantize)
+Defaults (definitions as in PyTorch's fake_quantize module)
     default_fake_quant, default_weight_fake_quant, default_per_channel_weight_fake_quant, ...
     get_default_qat_qconfig(backend), get_default_qat_qconfig_mapping(backend)
 """
@@ -434,7 +434,7 @@ def qat_observer_wrapper(factory: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------
-# Defaults (definitions as in torch.ao.quantization.fake_quantize)
+# Defaults (definitions as in PyTorch's fake_quantize module)
 # ----------------------------------------------------------------------------------------
 
 default_fake_quant = FakeQuantize.with_args(

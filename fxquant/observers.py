@@ -1,7 +1,7 @@
 """Observer modules: record statistics of tensors during calibration, then compute qparams.
 
 Every observer has the constructor arguments, attributes, buffers and numerics of the
-torch.ao.quantization observer of the same name (``calculate_qparams`` is bit-identical on
+PyTorch observer of the same name (``calculate_qparams`` is bit-identical on
 the same inputs); the arithmetic itself lives in :mod:`fxquant.qmath`. Observers never change
 data: ``forward(x)`` returns ``x`` itself.
 
@@ -750,7 +750,7 @@ class ReuseInputObserver(ObserverBase):
 
 
 # ----------------------------------------------------------------------------------------
-# Defaults (definitions as in torch.ao.quantization.observer)
+# Defaults (definitions as in PyTorch's observer module)
 # ----------------------------------------------------------------------------------------
 
 default_observer = MinMaxObserver.with_args(quant_min=0, quant_max=127)

@@ -4,7 +4,7 @@ Weights are quantized ahead of time (``torch.qint8``, per tensor or per channel)
 ``torch.float16``; activations are quantized on the fly inside torch's kernels
 (``quantized::linear_dynamic``, ``torch.quantized_lstm``, ``torch.quantized_gru``,
 ``quantized::quantized_*_cell_dynamic``). ``from_float`` gives exactly what
-``torch.ao.quantization.quantize_dynamic`` gives for the same float module and dtype: same weight
+PyTorch's eager ``quantize_dynamic`` gives for the same float module and dtype: same weight
 qparams, same packing, same kernels, so the outputs are bit-identical.
 
 Packed weights and the quantized engine
@@ -328,7 +328,7 @@ class Linear(_PackedWeightsModule):
     @classmethod
     def from_float(cls, mod: nn.Module, weight_observer_factory: Optional[ObserverFactory] = None,
                    dtype: torch.dtype = torch.qint8) -> "Linear":
-        """Quantize the weight of float ``mod`` as ``torch.ao.quantization.quantize_dynamic``.
+        """Quantize the weight of float ``mod`` as PyTorch's eager ``quantize_dynamic``.
 
         ``weight_observer_factory`` (called once) makes the weight observer; None means torch's
         default for ``dtype`` (MinMax qint8 per_tensor_symmetric; nothing for float16).
@@ -521,7 +521,7 @@ class _RNNBase(_PackedWeightsModule):
     @classmethod
     def from_float(cls, mod: nn.Module, weight_observer_factory: Optional[ObserverFactory] = None,
                    dtype: torch.dtype = torch.qint8) -> "_RNNBase":
-        """Quantize every weight of float ``mod`` as ``torch.ao.quantization.quantize_dynamic``:
+        """Quantize every weight of float ``mod`` as PyTorch's eager ``quantize_dynamic``:
         one fresh observer per weight matrix (``weight_observer_factory`` or torch's default for
         ``dtype``), float biases kept."""
         owner = f"fxquant.nn.dynamic.{cls._mode}"
@@ -739,7 +739,7 @@ class _CellBase(_PackedWeightsModule):
     def from_float(cls, mod: nn.Module, weight_observer_factory: Optional[ObserverFactory] = None,
                    dtype: torch.dtype = torch.qint8) -> "_CellBase":
         """Quantize ``weight_ih`` and ``weight_hh`` of the float cell as
-        ``torch.ao.quantization.quantize_dynamic`` (one fresh observer each)."""
+        PyTorch's eager ``quantize_dynamic`` (one fresh observer each)."""
         return cls._cell_from_float(mod, weight_observer_factory, dtype)
 
 

@@ -4,7 +4,7 @@ Rows are quantized one by one with float qparams (qscheme ``per_channel_affine_f
 ``ch_axis=0``): 8-bit (``torch.quint8``) on ``quantized::embedding_byte`` /
 ``quantized::embedding_bag_byte``, 4-bit (``torch.quint4x2``, even ``embedding_dim``) on
 ``quantized::embedding_4bit`` / ``quantized::embedding_bag_4bit``. ``from_float`` gives exactly
-the weights ``torch.ao.quantization.quantize_dynamic`` gives (same observer math, same packing).
+the weights PyTorch's eager ``quantize_dynamic`` gives (same observer math, same packing).
 
 Bag modes. The bag kernels only sum (they ignore their ``mode`` argument; torch.ao passes
 ``mode=0`` and so returns sums for ``mode="mean"`` too). Here:
