@@ -388,7 +388,24 @@ def _rnn_float_state(mod: nn.Module, keys: List[str], dtype: torch.dtype,
     return state
 
 
-class _RNNBase(_PackedWeightsModule):
+class _NamedWeights(_PackedWeightsModule):
+    """Modules whose weights and biases are named as in the float module (RNNs and cells)."""
+
+    _qname: str
+
+    def set_weight_bias(self, state: Mapping[str, Tensor]) -> None:
+        """Pack weights (qint8 quantized, or float for float16) and biases named as in the
+        float module (``weight_ih_l0``, ``bias_hh_l1_reverse``, ``weight_ih``, ...)."""
+        missing = [k for k in self._state_keys() if k not in state]
+        if missing:
+            raise ValueError(f"set_weight_bias: missing {missing}")
+        self._set_unpacked_state(state)
+
+    def _get_name(self) -> str:
+        return self._qname
+
+
+class _RNNBase(_NamedWeights):
     """Shared parts of the dynamic LSTM and GRU: argument checks, packing, state, repr."""
 
     _mode: ClassVar[str] = ""
@@ -473,17 +490,6 @@ class _RNNBase(_PackedWeightsModule):
     def get_weight_bias(self) -> Dict[str, Tensor]:
         """The stored weights and biases, under the float module's parameter names."""
         return self._unpacked_state()
-
-    def set_weight_bias(self, state: Mapping[str, Tensor]) -> None:
-        """Pack weights (qint8 quantized, or float for float16) and biases named as in the
-        float module (``weight_ih_l0``, ``bias_hh_l1_reverse``, ...)."""
-        missing = [k for k in self._state_keys() if k not in state]
-        if missing:
-            raise ValueError(f"set_weight_bias: missing {missing}")
-        self._set_unpacked_state(state)
-
-    def _get_name(self) -> str:
-        return self._qname
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
@@ -634,7 +640,7 @@ class GRU(_RNNBase):
 # cells
 # --------------------------------------------------------------------------------------------
 
-class _CellBase(_PackedWeightsModule):
+class _CellBase(_NamedWeights):
     """Shared parts of the dynamic LSTMCell, GRUCell and RNNCell."""
 
     _mode: ClassVar[str] = ""
@@ -689,17 +695,6 @@ class _CellBase(_PackedWeightsModule):
     def get_weight_bias(self) -> Dict[str, Tensor]:
         """The stored weights and biases, under the float cell's parameter names."""
         return self._unpacked_state()
-
-    def set_weight_bias(self, state: Mapping[str, Tensor]) -> None:
-        """Pack ``weight_ih``/``weight_hh`` (qint8 quantized, or float for float16) and
-        ``bias_ih``/``bias_hh``."""
-        missing = [k for k in self._state_keys() if k not in state]
-        if missing:
-            raise ValueError(f"set_weight_bias: missing {missing}")
-        self._set_unpacked_state(state)
-
-    def _get_name(self) -> str:
-        return self._qname
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
