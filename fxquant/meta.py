@@ -68,6 +68,7 @@ class ValueInfo:
     dtype: Optional[torch.dtype] = None
     shape: Optional[tuple[int, ...]] = None
     python_type: str = ""
+    items: Optional[tuple[tuple[int, ...], ...]] = None  # shapes of a tuple's tensors
 
     @property
     def is_float_tensor(self) -> bool:

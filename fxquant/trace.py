@@ -103,7 +103,8 @@ def value_info(out: Any) -> "ValueInfo":
     if isinstance(out, torch.Tensor):
         return ValueInfo("tensor", out.dtype, tuple(out.shape), "Tensor")
     if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
-        return ValueInfo("tensors", out[0].dtype, None, type(out).__name__)
+        return ValueInfo("tensors", out[0].dtype, None, type(out).__name__,
+                         items=tuple(tuple(o.shape) for o in out))
     return ValueInfo("other", None, None, type(out).__name__)
 
 

@@ -118,6 +118,8 @@ def _tensor_valued(node: fx.Node) -> bool:
 def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str, nn.Module]) -> bool:
     if sp.tensor_only and not _tensor_valued(node):
         return False
+    if sp.canonical is torch.cat:
+        _expand_tuple_input(gm, node)
     new_args = _canonical_args(node, sp, modules)
     if new_args is None:
         return False
@@ -229,6 +231,32 @@ def _canonical_args(node: fx.Node, sp: Spelling, modules: dict[str, nn.Module]
             a, b = b, a  # 2 + x -> torch.add(x, 2)
         return (a, b), {}
     return args, kwargs
+
+
+def _expand_tuple_input(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``torch.cat(t.chunk(2, 1), 1)`` hands cat the tuple itself: list its items instead, so
+    each item is a tensor that can stay quantized."""
+    import operator
+
+    from fxquant.meta import ValueInfo
+
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    value = qinfo(tensors).value if isinstance(tensors, fx.Node) else None
+    if value is None or value.kind != "tensors" or not value.items:
+        return
+    items = []
+    with gm.graph.inserting_before(node):
+        for i, shape in enumerate(value.items):
+            item = gm.graph.call_function(operator.getitem, (tensors, i))
+            info = inherit(item, tensors)
+            info.value = ValueInfo("tensor", value.dtype, shape, "Tensor")
+            record(item, Normalize.name, "normalize", f"item {i} of {tensors.name}, listed for "
+                                                      f"{node.name}")
+            items.append(item)
+    if node.args:
+        node.args = (items, *node.args[1:])
+    else:
+        node.kwargs = {**node.kwargs, "tensors": items}
 
 
 def _cat_args(node: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any]]:

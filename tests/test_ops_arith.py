@@ -82,7 +82,6 @@ POSITIVE = {
 
 
 def _chunk_cat(t):
-    # (torch.cat(t.chunk(2, 1), 1), which hands cat the tuple itself, runs float: see notes)
     u, v = t.chunk(2, dim=1)
     return torch.cat([v, u], 1)
 
@@ -134,6 +133,7 @@ MOVES = {
     "mean_keepdim": lambda t: torch.mean(t, (2, 3), keepdim=True),
     "squeeze_unsqueeze": lambda t: t.unsqueeze(1).squeeze(1),
     "chunk": lambda t: _chunk_cat(t),
+    "cat_of_chunk_tuple": lambda t: torch.cat(t.chunk(2, dim=1), 1),
     "split": lambda t: t.split(2, dim=1)[1],
     "maxpool": lambda t: F.max_pool2d(t, 2),
 }
