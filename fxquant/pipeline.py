@@ -169,7 +169,10 @@ class PassManager:
         except Exception as e:  # noqa: BLE001 - every failure is reported with its pass
             raise PassFailed(p.name, before, e) from e
         ctx.timings[p.name] = ctx.timings.get(p.name, 0.0) + time.perf_counter() - t0
-        ctx.stats[p.name] = dict(result.stats)
+        key, n = p.name, 2
+        while key in ctx.stats:  # the same pass again in this pipeline: keep both runs' stats
+            key, n = f"{p.name}#{n}", n + 1
+        ctx.stats[key] = dict(result.stats)
         ctx.facts |= set(p.provides)
         for inst in self.instruments:
             inst.after_pass(p, result, ctx, i)

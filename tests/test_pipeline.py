@@ -338,3 +338,13 @@ def test_every_default_pass_declares_name_requires_provides():
         with pytest.raises(dataclasses.FrozenInstanceError):
             p.__setattr__("x", 1)
     assert max(names.values()) == 1
+
+
+def test_a_pass_run_twice_keeps_both_stats():
+    from fxquant.passes import Fuse, Normalize
+
+    pm = PassManager([Normalize(), Fuse(), Fuse()], initial_facts={"traced"})
+    ctx = PassContext()
+    pm.run(gm_of(), ctx)
+    assert "fuse" in ctx.stats and "fuse#2" in ctx.stats
+    assert ctx.stats["fuse#2"] == {}  # nothing left to fuse the second time
