@@ -10,6 +10,16 @@ warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite's tensors are tiny: torch's intra-op threads only add latency, and contend on
+    a busy 2-core machine (aminmax(dim=1) ran ~200x slower with 2 busy threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _restore_engine():
     engine = torch.backends.quantized.engine

@@ -19,14 +19,6 @@ from fxquant.qconfig import qconfig_equals
 BACKENDS = ["fbgemm", "x86", "qnnpack", "onednn"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ao():
     return pytest.importorskip("torch.ao.quantization")
 

@@ -664,14 +664,6 @@ def check_model(source: str, backend: str) -> None:
     assert _structure(out) == _structure(ref), f"{_structure(out)} != {_structure(ref)}\n{source}"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend on a loaded 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])

@@ -18,15 +18,6 @@ from fxquant import qmath
 tq = pytest.importorskip("torch.ao.quantization.observer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: torch's intra-op thread pool only adds latency (aminmax(dim=1) is ~200x
-    slower with 2 busy threads). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 INT_DTYPES = [
     torch.quint8, torch.qint8, torch.qint32, torch.quint4x2,
     torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32,

@@ -30,14 +30,6 @@ from tests.util import op_counts, output_scale
 BACKENDS = ["x86", "fbgemm", "qnnpack", "onednn"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class BnNet(nn.Module):
     """A chain of conv-bn-relu, conv-bn (2d), conv-bn-relu (1d), conv-bn (3d), linear-bn,
     linear-relu and a plain linear; reshapes between them. (No mean over quantized values:

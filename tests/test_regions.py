@@ -27,14 +27,6 @@ SHAPE = (2, 3, 8, 8)
 SQNR_FLOOR_DB = 20.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend on a loaded 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def quantize_and_convert(model: nn.Module, backend: str = "x86", mapping=None, **kwargs
                          ) -> tuple[fx.GraphModule, fx.GraphModule]:
     torch.backends.quantized.engine = backend

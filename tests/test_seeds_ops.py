@@ -27,14 +27,6 @@ SQNR_FLOOR_DB = 25.0
 SHAPE = (4, 3, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only contend on a loaded 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 class Seeds(nn.Module):
     """Convolutions and the classifier as functionals on nn.Parameters; arithmetic as written.
     Conv hyper-parameters are spelled as lists because torch.ao's F.conv2d lowering needs them

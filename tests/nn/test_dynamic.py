@@ -40,15 +40,6 @@ PER_CHANNEL = ao_obs.PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
 FP16_PLACEHOLDER = ao_obs.PlaceholderObserver.with_args(dtype=torch.float16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny; intra-op threads only contend on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def engine_guard():
     before = torch.backends.quantized.engine

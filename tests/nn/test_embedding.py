@@ -40,15 +40,6 @@ IDX = torch.tensor([1, 2, 3, 4, 5, 2, 7, 0, 9])
 OFFSETS = torch.tensor([0, 2, 2, 5])  # bags of 2, 0, 3, 4 entries
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny; intra-op threads only contend on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def engine_guard():
     before = torch.backends.quantized.engine

@@ -16,13 +16,6 @@ from fxquant.nn import fused, qat
 from fxquant.nn.common import WeightQParams
 from fxquant.qconfig import QConfig
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 QCONFIG = QConfig(activation=fq.default_fake_quant, weight=fq.default_per_channel_weight_fake_quant)
 QCONFIG_FUSED = QConfig(activation=fq.default_fused_act_fake_quant,
