@@ -317,8 +317,7 @@ def check_two_tensors(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: 
                       ) -> Union[bool, NoMatch]:
     from fxquant.meta import qinfo
 
-    tensors = [a for a in node.args[:2] if isinstance(a, fx.Node)
-               and qinfo(a).value is not None and qinfo(a).value.is_float_tensor]
+    tensors = _float_tensor_args(node)
     if len(tensors) != 2:
         return NoMatch("tensor-scalar form: no quantized kernel with own output qparams here")
     shapes = [qinfo(a).value.shape for a in tensors]
