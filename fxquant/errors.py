@@ -1,7 +1,8 @@
 """Errors that name the pass, the node, its module path, its source line and the fix."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import difflib
+from typing import Iterable, Optional, Sequence
 
 import torch.fx as fx
 
@@ -22,13 +23,17 @@ class FxQuantError(RuntimeError):
     """A user-facing error about one node of the graph.
 
     The message always says which node, which module (dotted path in the user's model), which
-    source line of the user's code, and what to do about it.
+    source line of the user's code, and what to do about it. Errors found before there is a
+    graph (about the model or the options) pass ``module_path`` / ``source`` / ``node_name``
+    themselves.
     """
 
     def __init__(self, message: str, node: Optional[fx.Node] = None, hint: str = "",
-                 pass_name: str = "") -> None:
-        self.node_name = node.name if node is not None else ""
-        self.module_path, self.source = node_location(node)
+                 pass_name: str = "", *, node_name: str = "", module_path: str = "",
+                 source: str = "") -> None:
+        self.node_name = node.name if node is not None else node_name
+        path, src = node_location(node)
+        self.module_path, self.source = path or module_path, src or source
         self.hint = hint
         self.pass_name = pass_name
         self.raw_message = message
@@ -70,3 +75,73 @@ class PassFailed(FxQuantError):
 
 class VerifyError(FxQuantError):
     """The graph broke an invariant between passes (fx lint, meta schema, dtype consistency)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: what the user passed is wrong (the model, its data, the options), not fxquant.
+# Each is raised at the earliest point that can name it; all are FxQuantError, so existing
+# ``except FxQuantError`` keeps working. Where a builtin type was raised before (ValueError,
+# TypeError), the subclass is that type too.
+# ----------------------------------------------------------------------------------------
+
+
+class InputError(FxQuantError):
+    """Base of the bad-input errors: fix the argument named in the message."""
+
+
+class ModelModeError(InputError):
+    """The model (or a submodule) is in the wrong train/eval mode for the API called."""
+
+
+class UnsupportedDtypeError(InputError, TypeError):
+    """A parameter, buffer or example input has a floating dtype fxquant cannot quantize
+    from (float16, bfloat16, float64, complex): only float32 models are supported."""
+
+
+class NonFiniteParameterError(InputError, ValueError):
+    """A parameter of the model holds NaN or infinity."""
+
+
+class ExampleInputsError(InputError, TypeError):
+    """``example_inputs`` has the wrong type or arity, or the model rejects them."""
+
+
+class CalibrationDataError(InputError, ValueError):
+    """Calibration (or QAT training) data an observer cannot use: NaN, infinities where the
+    observer has no way to ignore them, a changing channel count, or no data at all."""
+
+
+class ConfigError(InputError, ValueError):
+    """A QConfigMapping / qconfig_dict / option is malformed."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An option has the wrong type (a str where a QConfigMapping is expected, ...)."""
+
+
+class UnknownNameError(ConfigError):
+    """A name in the options (module_name, leaf_names, ...) matches nothing in the model."""
+
+
+class FxQuantWarning(UserWarning):
+    """Base of fxquant's warnings."""
+
+
+class CalibrationWarning(FxQuantWarning):
+    """Calibration data that works but is suspicious (e.g. infinities a histogram ignores)."""
+
+
+class ConfigWarning(FxQuantWarning):
+    """An option that is legal but probably not what was meant (a regex matching nothing)."""
+
+
+class ModelModeWarning(FxQuantWarning):
+    """A submodule's train/eval flag that the prepared model will not keep."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """`` (did you mean 'a', 'b'?)`` for the closest candidates, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + ", ".join(repr(c) for c in close) + "?)"

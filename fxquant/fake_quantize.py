@@ -39,6 +39,8 @@ from torch import nn
 
 from fxquant import qmath
 from fxquant.observers import (
+    ObserverSite,
+    check_finite,
     FixedQParamsObserver,
     HistogramObserver,
     MovingAverageMinMaxObserver,
@@ -109,6 +111,7 @@ class FakeQuantizeBase(nn.Module, metaclass=ABCMeta):
         super().__init__()
         self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
         self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
+        self.fxquant_site = ObserverSite()  # where it sits; set after prepare, names bad data
 
     @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -330,7 +333,7 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         app = self.activation_post_process
-        return torch.fused_moving_avg_obs_fake_quant(
+        out = torch.fused_moving_avg_obs_fake_quant(
             x,
             self.observer_enabled,
             self.fake_quant_enabled,
@@ -345,6 +348,9 @@ class FusedMovingAvgObsFakeQuantize(FakeQuantize):
             self.is_per_channel,
             self.is_symmetric_quant,
         )
+        if self.observer_enabled[0] == 1 and app.min_val.numel():
+            check_finite(self, app.min_val, app.max_val)  # the kernel observed NaN / inf
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reduce_range={self.reduce_range}"

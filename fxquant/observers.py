@@ -5,6 +5,12 @@ PyTorch observer of the same name (``calculate_qparams`` is bit-identical on
 the same inputs); the arithmetic itself lives in :mod:`fxquant.qmath`. Observers never change
 data: ``forward(x)`` returns ``x`` itself.
 
+Bad data is refused where torch would silently compute garbage: a batch with NaN (every
+observer) or with infinities (min/max observers; the histogram observer ignores them, as torch
+does, with a :class:`~fxquant.errors.CalibrationWarning`) raises
+:class:`~fxquant.errors.CalibrationDataError` before the statistics change. The error names the
+observed node when the observer was labelled with its :class:`ObserverSite` (prepare does it).
+
 Common attributes: ``dtype``, ``qscheme``, ``quant_min``, ``quant_max``, ``reduce_range``
 (False where it does not apply), ``is_dynamic``; per-channel observers add ``ch_axis``.
 
@@ -35,12 +41,13 @@ import functools
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from fxquant import qmath
+from fxquant.errors import CalibrationDataError, CalibrationWarning
 
 __all__ = [
     "FixedQParamsObserver",
@@ -66,7 +73,9 @@ __all__ = [
     "default_placeholder_observer",
     "default_reuse_input_observer",
     "default_weight_observer",
+    "ObserverSite",
     "factory_parts",
+    "label_observer",
     "per_channel_weight_observer_range_neg_127_to_127",
     "weight_observer_range_neg_127_to_127",
 ]
@@ -169,6 +178,69 @@ def factory_parts(factory: Any) -> tuple[Any, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------
+# Where an observer sits: so that bad calibration data names the node, not just the observer
+# ----------------------------------------------------------------------------------------
+
+
+class ObserverSite(NamedTuple):
+    """The observer's attribute path in the prepared model, and the node it observes with
+    that node's module path and source line (set after prepare by
+    :func:`fxquant.validate.label_observers`; empty for a free-standing observer)."""
+
+    observer: str = ""
+    node: str = ""
+    module_path: str = ""
+    source: str = ""
+
+    def describe(self) -> str:
+        """`` activation_post_process_2 (observing node 'conv1')`` or ``""``."""
+        text = f" {self.observer}" if self.observer else ""
+        return text + (f" (observing node '{self.node}')" if self.node else "")
+
+
+def label_observer(module: nn.Module, site: ObserverSite) -> None:
+    """Tell an observer (or fake-quant module, and the observer inside it) where it sits."""
+    module.fxquant_site = site
+    inner = getattr(module, "activation_post_process", None)
+    if isinstance(inner, nn.Module) and inner is not module:
+        inner.fxquant_site = site
+
+
+def site_of(module: nn.Module) -> ObserverSite:
+    site = getattr(module, "fxquant_site", None)
+    return site if isinstance(site, ObserverSite) else ObserverSite()
+
+
+def non_finite_error(module: nn.Module, what: str, hint: str = "") -> CalibrationDataError:
+    """The error for NaN / infinite data (``what``: "NaN" or "infinity") seen by ``module``,
+    naming its node and the fixes."""
+    site = site_of(module)
+    result = "NaN" if what == "NaN" else "infinite"
+    keep_float = (f"qconfig_mapping.set_module_name({site.module_path!r}, None)"
+                  if site.module_path else "a None qconfig for that op")
+    hint = hint or (f"check the data and the float model for {what} (torch.isfinite) on the same "
+                    f"batch; or keep the op float with {keep_float}")
+    return CalibrationDataError(
+        f"{type(module).__name__}{site.describe()} saw {what} in the data it observes: the "
+        f"quantization range would be {result} and every scale meaningless",
+        node_name=site.node, module_path=site.module_path, source=site.source, hint=hint)
+
+
+def check_finite(module: nn.Module, cur_min: torch.Tensor, cur_max: torch.Tensor) -> None:
+    """Raise :class:`CalibrationDataError` unless the batch's min and max are finite (a NaN
+    anywhere in the batch makes them NaN). Checked before the statistics are updated."""
+    if bool(torch.isfinite(cur_min).all()) and bool(torch.isfinite(cur_max).all()):
+        return
+    if bool(torch.isnan(cur_min).any()) or bool(torch.isnan(cur_max).any()):
+        raise non_finite_error(module, "NaN")
+    raise non_finite_error(
+        module, "infinity",
+        hint="check the data and the float model for infinities on the same batch; a "
+             "HistogramObserver ignores infinite values (with a CalibrationWarning) where they "
+             "are expected, e.g. -inf attention masks")
+
+
+# ----------------------------------------------------------------------------------------
 # Bases
 # ----------------------------------------------------------------------------------------
 
@@ -185,6 +257,7 @@ class ObserverBase(nn.Module, metaclass=ABCMeta):
         self.quant_min: int | None = None
         self.quant_max: int | None = None
         self.reduce_range = False
+        self.fxquant_site = ObserverSite()
 
     @abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -306,6 +379,7 @@ class MinMaxObserver(UniformQuantizationObserverBase):
             return x_orig
         x = x_orig.detach().to(self.min_val.dtype)
         cur_min, cur_max = torch.aminmax(x)
+        check_finite(self, cur_min, cur_max)
         self.min_val.copy_(torch.min(cur_min, self.min_val))
         self.max_val.copy_(torch.max(cur_max, self.max_val))
         return x_orig
@@ -350,10 +424,11 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             return x_orig
         x = x_orig.detach().to(self.min_val.dtype)
         min_val, max_val = self.min_val, self.max_val
+        cur_min, cur_max = torch.aminmax(x)
+        check_finite(self, cur_min, cur_max)
         if min_val == float("inf") and max_val == float("-inf"):
-            min_val, max_val = torch.aminmax(x)
+            min_val, max_val = cur_min, cur_max
         else:
-            cur_min, cur_max = torch.aminmax(x)
             min_val = min_val + self.averaging_constant * (cur_min - min_val)
             max_val = max_val + self.averaging_constant * (cur_max - max_val)
         self.min_val.copy_(min_val)
@@ -410,11 +485,13 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
     def _rows(self, x_orig: torch.Tensor) -> torch.Tensor:
         rows = _channel_rows(x_orig.detach(), self.ch_axis, type(self).__name__).to(self.min_val.dtype)
         if self.min_val.numel() not in (0, rows.shape[0]):
-            raise ValueError(
-                f"{type(self).__name__} saw {rows.shape[0]} channels along axis {self.ch_axis} "
-                f"but has statistics for {self.min_val.numel()}; one observer per tensor shape, "
-                "or call reset_min_max_vals()"
-            )
+            site = site_of(self)
+            raise CalibrationDataError(
+                f"{type(self).__name__}{site.describe()} saw {rows.shape[0]} channels along axis "
+                f"{self.ch_axis} but has statistics for {self.min_val.numel()}",
+                node_name=site.node, module_path=site.module_path, source=site.source,
+                hint="one observer per tensor shape: calibrate with inputs of the same channel "
+                     "count, or call reset_min_max_vals()")
         return rows
 
     def _store(self, min_val: torch.Tensor, max_val: torch.Tensor) -> None:
@@ -428,6 +505,7 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
             return x_orig
         rows = self._rows(x_orig)
         cur_min, cur_max = torch.aminmax(rows, dim=1)
+        check_finite(self, cur_min, cur_max)
         if self.min_val.numel() == 0 or self.max_val.numel() == 0:
             self._store(cur_min, cur_max)
         else:
@@ -495,6 +573,7 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
             return x_orig
         rows = self._rows(x_orig)
         cur_min, cur_max = torch.aminmax(rows, dim=1)
+        check_finite(self, cur_min, cur_max)
         if self.min_val.numel() == 0 or self.max_val.numel() == 0:
             self._store(cur_min, cur_max)
         else:
@@ -517,7 +596,8 @@ class HistogramObserver(UniformQuantizationObserverBase):
 
     When a batch widens the range, the old histogram is re-binned onto the new range
     (``upsample_rate`` sub-bins per bin) and added to the new batch's histogram. Infinite
-    values are ignored with a warning.
+    values are ignored with a :class:`~fxquant.errors.CalibrationWarning` (as torch ignores
+    them); NaN raises :class:`~fxquant.errors.CalibrationDataError`.
     """
 
     histogram: torch.Tensor
@@ -558,8 +638,13 @@ class HistogramObserver(UniformQuantizationObserverBase):
     def _finite(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(x, min, max) with infinite values dropped (and a warning), or None if none are left."""
         x_min, x_max = torch.aminmax(x)
+        if bool(torch.isnan(x_min)) or bool(torch.isnan(x_max)):
+            raise non_finite_error(self, "NaN")
         if x_min == -torch.inf or x_max == torch.inf:
-            warnings.warn("HistogramObserver: ignoring infinite values in the input", UserWarning, stacklevel=3)
+            site = site_of(self)
+            warnings.warn(f"HistogramObserver{site.describe()}: ignoring infinite values in the input"
+                          + (f" (module {site.module_path!r})" if site.module_path else ""),
+                          CalibrationWarning, stacklevel=3)
             x = x[x.abs() != torch.inf]
             if x.numel() == 0:
                 return None

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fxquant.errors import ConfigError, ConfigTypeError, did_you_mean
 from fxquant.observers import (
     FixedQParamsObserver,
     HistogramObserver,
@@ -69,6 +70,7 @@ __all__ = [
     "float_qparams_weight_only_qconfig_4bit",
     "get_default_qconfig",
     "get_default_qconfig_mapping",
+    "as_qconfig_mapping",
     "is_reuse_input_qconfig",
     "per_channel_dynamic_qconfig",
     "qconfig_equals",
@@ -93,12 +95,12 @@ def _check_factory(role: str, factory: Any) -> None:
         return
     if isinstance(factory, nn.Module):
         name = type(factory).__name__
-        raise ValueError(
+        raise ConfigError(
             f"QConfig {role} got an observer instance ({name}); pass a factory so each tensor "
             f"gets its own observer: {name} or {name}.with_args(...)"
         )
     if not callable(factory):
-        raise ValueError(
+        raise ConfigError(
             f"QConfig {role} must be an observer class or factory (e.g. MinMaxObserver.with_args(...)) "
             f"or None, got {factory!r}"
         )
@@ -190,12 +192,13 @@ def resolve_backend(backend: str = "auto") -> str:
             return "x86"
         if machine in _ARM_MACHINES:
             return "qnnpack"
-        raise ValueError(
+        raise ConfigError(
             f"cannot pick a quantization backend automatically for machine {platform.machine()!r}; "
             f"pass backend= one of {list(BACKENDS)}"
         )
     if backend not in BACKENDS:
-        raise ValueError(f"unknown quantization backend {backend!r}; use one of {list(BACKENDS)} or 'auto'")
+        raise ConfigError(f"unknown quantization backend {backend!r}{did_you_mean(str(backend), BACKENDS)}; "
+                          f"use one of {list(BACKENDS)} or 'auto'")
     return backend
 
 
@@ -307,7 +310,7 @@ def describe_object_type(obj: Any) -> str:
 def _check_qconfig_value(where: str, qconfig: Any) -> None:
     if qconfig is None or (isinstance(qconfig, tuple) and hasattr(qconfig, "activation") and hasattr(qconfig, "weight")):
         return
-    raise TypeError(f"{where}: expected a QConfig or None (None keeps the op in float), got {qconfig!r}")
+    raise ConfigTypeError(f"{where}: expected a QConfig or None (None keeps the op in float), got {qconfig!r}")
 
 
 def _is_module_class(obj: Any) -> bool:
@@ -341,7 +344,7 @@ class QConfigMapping:
     def set_object_type(self, object_type: Callable | str, qconfig: QConfigAny) -> QConfigMapping:
         """For a module class, a function (F.relu, torch.add) or a method name ("reshape")."""
         if not (isinstance(object_type, str) or callable(object_type)):
-            raise TypeError(
+            raise ConfigTypeError(
                 "set_object_type: object_type must be a module class, a function or a method name "
                 f"string, got {object_type!r}"
             )
@@ -354,7 +357,7 @@ class QConfigMapping:
         try:
             re.compile(module_name_regex)
         except (re.error, TypeError) as err:
-            raise ValueError(f"set_module_name_regex: invalid regex {module_name_regex!r}: {err}") from err
+            raise ConfigError(f"set_module_name_regex: invalid regex {module_name_regex!r}: {err}") from err
         _check_qconfig_value(f"set_module_name_regex({module_name_regex!r})", qconfig)
         self.module_name_regex_qconfigs[module_name_regex] = qconfig
         return self
@@ -362,9 +365,9 @@ class QConfigMapping:
     def set_module_name(self, module_name: str, qconfig: QConfigAny) -> QConfigMapping:
         """For the module at this path and everything inside it."""
         if not isinstance(module_name, str):
-            raise TypeError(f"set_module_name: module_name must be a str path like 'layer1.0', got {module_name!r}")
+            raise ConfigTypeError(f"set_module_name: module_name must be a str path like 'layer1.0', got {module_name!r}")
         if module_name == "":
-            raise ValueError("set_module_name: the empty path names the root module; use set_global(qconfig)")
+            raise ConfigError("set_module_name: the empty path names the root module; use set_global(qconfig)")
         _check_qconfig_value(f"set_module_name({module_name!r})", qconfig)
         self.module_name_qconfigs[module_name] = qconfig
         return self
@@ -374,9 +377,9 @@ class QConfigMapping:
     ) -> QConfigMapping:
         """For the `index`-th (0-based) call of `object_type` directly inside module `module_name`."""
         if not isinstance(module_name, str):
-            raise TypeError(f"set_module_name_object_type_order: module_name must be a str, got {module_name!r}")
+            raise ConfigTypeError(f"set_module_name_object_type_order: module_name must be a str, got {module_name!r}")
         if not isinstance(index, int) or index < 0:
-            raise ValueError(f"set_module_name_object_type_order: index must be an int >= 0, got {index!r}")
+            raise ConfigError(f"set_module_name_object_type_order: index must be an int >= 0, got {index!r}")
         _check_qconfig_value("set_module_name_object_type_order", qconfig)
         self.module_name_object_type_order_qconfigs[(module_name, object_type, index)] = qconfig
         return self
@@ -464,17 +467,20 @@ class QConfigMapping:
         """Inverse of :meth:`to_dict`; every key is optional, unknown keys are an error."""
         unknown = [key for key in qconfig_dict if key not in _DICT_KEYS]
         if unknown:
-            raise ValueError(f"qconfig_dict has unknown keys {unknown}; allowed keys are {list(_DICT_KEYS)}")
+            close = "".join(did_you_mean(str(key), _DICT_KEYS) for key in unknown)
+            raise ConfigError(f"qconfig_dict has unknown keys {unknown}{close}; allowed keys are "
+                              f"{list(_DICT_KEYS)} ('' is the global qconfig)")
         mapping = cls()
         if _GLOBAL_KEY in qconfig_dict:
             mapping.set_global(qconfig_dict[_GLOBAL_KEY])
-        for object_type, qconfig in qconfig_dict.get(_OBJECT_TYPE_KEY, []):
+        for object_type, qconfig in _entries(qconfig_dict, _OBJECT_TYPE_KEY, "(object_type, qconfig)"):
             mapping.set_object_type(object_type, qconfig)
-        for pattern, qconfig in qconfig_dict.get(_REGEX_KEY, []):
+        for pattern, qconfig in _entries(qconfig_dict, _REGEX_KEY, "(regex, qconfig)"):
             mapping.set_module_name_regex(pattern, qconfig)
-        for name, qconfig in qconfig_dict.get(_MODULE_NAME_KEY, []):
+        for name, qconfig in _entries(qconfig_dict, _MODULE_NAME_KEY, "(module_name, qconfig)"):
             mapping.set_module_name(name, qconfig)
-        for name, object_type, index, qconfig in qconfig_dict.get(_ORDER_KEY, []):
+        for name, object_type, index, qconfig in _entries(
+                qconfig_dict, _ORDER_KEY, "(module_name, object_type, index, qconfig)"):
             mapping.set_module_name_object_type_order(name, object_type, index, qconfig)
         return mapping
 
@@ -491,6 +497,22 @@ class QConfigMapping:
 _Found = tuple[QConfigAny, str]
 
 
+def _entries(qconfig_dict: Mapping[str, Any], key: str, shape: str) -> list[tuple[Any, ...]]:
+    """The list of tuples under ``key`` of a qconfig_dict, each checked to have ``shape``'s
+    number of items (a dict or a bare pair there is a common slip: say so, not 'cannot unpack')."""
+    entries = qconfig_dict.get(key, [])
+    width = shape.count(",") + 1
+    example = f"qconfig_dict[{key!r}] must be a list of {shape} tuples"
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigTypeError(f"{example}, got {type(entries).__name__}",
+                              hint="e.g. list(d.items()) for a dict" if isinstance(entries, dict) else "")
+    for entry in entries:
+        if not isinstance(entry, (list, tuple)) or len(entry) != width:
+            raise ConfigTypeError(f"{example}; got the entry {entry!r}",
+                                  hint=f"write each entry as {shape}")
+    return [tuple(entry) for entry in entries]
+
+
 def _describe_key(key: Any) -> str:
     if isinstance(key, tuple):
         return "(" + ", ".join(describe_object_type(part) if callable(part) else repr(part) for part in key) + ")"
@@ -499,3 +521,32 @@ def _describe_key(key: Any) -> str:
 
 def _reason(rule: str, qconfig: QConfigAny) -> str:
     return f"{rule} → None" if qconfig is None else rule
+
+
+def as_qconfig_mapping(obj: Any, where: str = "qconfig_mapping") -> QConfigMapping:
+    """``obj`` as a :class:`QConfigMapping`: a QConfigMapping as it is, a torch-format
+    qconfig_dict converted; anything else is a :class:`~fxquant.errors.ConfigTypeError` naming
+    its type and what is accepted (a str, a list, a single QConfig, torch.ao's QConfigMapping)."""
+    if isinstance(obj, QConfigMapping):
+        return obj
+    if isinstance(obj, Mapping):
+        return QConfigMapping.from_dict(obj)
+    got = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    raise ConfigTypeError(f"{where} must be a fxquant QConfigMapping or a qconfig_dict, got {got} "
+                          f"({obj!r:.60})", hint=_mapping_hint(obj))
+
+
+def _mapping_hint(obj: Any) -> str:
+    if isinstance(obj, str):
+        return (f"for the default mapping of a backend use "
+                f"fxquant.get_default_qconfig_mapping({obj!r}) (and backend={obj!r})")
+    if isinstance(obj, tuple) and hasattr(obj, "activation") and hasattr(obj, "weight"):
+        return "a single QConfig applies to everything with QConfigMapping().set_global(qconfig)"
+    if type(obj).__name__ == "QConfigMapping":
+        return ("this QConfigMapping is another library's (torch's?): build fxquant's with "
+                "fxquant.get_default_qconfig_mapping(backend) or fxquant.QConfigMapping()")
+    if obj is None:
+        return ("pass fxquant.get_default_qconfig_mapping(backend), or QConfigMapping() to keep "
+                "every op float")
+    return ("pass fxquant.get_default_qconfig_mapping(backend), a QConfigMapping you built, or a "
+            "qconfig_dict {'': qconfig, 'module_name': [(name, qconfig)], ...}")
