@@ -1,4 +1,4 @@
-"""Test helpers: op counting, output quantum, torch.ao oracle access."""
+"""Test helpers: op counting, output quantum, torch.ao oracle access, int16 saturation bounds."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,6 +6,8 @@ from collections import Counter
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from fxquant.meta import qinfo
 
@@ -51,3 +53,45 @@ def ao_quantize_fx():
 
 def ao_quantization():
     return pytest.importorskip("torch.ao.quantization")
+
+
+# ---------------------------------------------------------------------------------------------
+# int16 saturation of uint8 x int8 kernels without VNNI (see fxquant.backends.cpu)
+
+INT16_PAIR_LIMIT = 32767.0
+
+
+def int16_pair_saturation_bound(module: nn.Module, x_int: torch.Tensor, w_int: torch.Tensor,
+                                x_zero_point: int) -> torch.Tensor:
+    """Per output element, in accumulator units (x_scale * w_scale): how far a kernel that adds
+    uint8 x int8 products pairwise into a saturating int16 (``vpmaddubsw``: fbgemm / onednn
+    without VNNI) can be from the exact int32 sum of ``module`` (Linear, Conv*d, ConvTranspose*d).
+
+    A pair of products (p, q) clips by max(0, |p + q| - L) <= max(0, |p| - L/2) + max(0, |q| - L/2)
+    (L = 32767), whichever products the kernel pairs; so the sum of max(0, x * |w| - L/2) over the
+    products of an output bounds its error. It is computed per weight magnitude v as ``module``'s
+    op on max(0, x * v - L/2) with the weight 1[|w| == v] (only v > L/2 / 255 can clip). Padding
+    and other entries holding the zero point add nothing when zero_point * max|w| <= L/2 (checked).
+    """
+    half = INT16_PAIR_LIMIT / 2
+    w_abs = w_int.abs().float()
+    assert x_zero_point * float(w_abs.max()) <= half, "zero-point products could clip too"
+    x = x_int.float()
+    total = torch.zeros_like(_linear_op(module, x, torch.zeros_like(w_abs)))
+    for v in w_abs.unique().tolist():
+        if v * 255 > half:
+            total += _linear_op(module, (x * v - half).clamp_min(0), (w_abs == v).float())
+    return total
+
+
+def _linear_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``module``'s linear map (no bias) with another weight: F.linear, conv, transposed conv."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        op = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[x.dim() - 3]
+        return op(x, weight, None, module.stride, module.padding, module.output_padding,
+                  module.groups, module.dilation)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module._conv_forward(x, weight, None)
+    raise TypeError(f"no linear map for {type(module).__name__}")

@@ -1,0 +1,210 @@
+"""What this CPU's int8 kernels guarantee: can full-range (8-bit) activations be used?
+
+x86 int8 kernels multiply uint8 activations by int8 weights. Without VNNI (AVX2, and AVX-512
+without VNNI) they use ``vpmaddubsw``, which adds the products of two adjacent input channels
+into a *saturating int16* before widening to int32: with full-range activations (0..255 times
+-128..127, pair sums up to 65 280) the sum clips at 32 767 and the output is wrong by many
+steps. With reduce_range activations (0..127) a pair sum stays below 32 512 and nothing clips.
+VNNI (``vpdpbusd``: AVX512_VNNI, AVX_VNNI; AMX) accumulates the products straight into int32.
+
+Which kernel runs depends on the engine:
+
+* fbgemm has VNNI kernels for AVX512_VNNI only (an AVX_VNNI-only CPU runs its AVX2 kernels);
+* onednn uses AVX512_VNNI, AVX_VNNI or AMX;
+* x86 runs fbgemm, and onednn for some convolutions on Linux with AVX512_VNNI
+  (:func:`x86_engine_uses_onednn`, after torch's ``should_use_onednn_quant``);
+* qnnpack accumulates in int32 on every CPU.
+
+Both libraries let a process cap the ISA they use, which also simulates an older CPU:
+``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` and ``ONEDNN_MAX_CPU_ISA=AVX2`` make an AVX-512 VNNI machine
+run the AVX2 kernels, and this module reports what those kernels do. Both variables are read
+once per process by the libraries, so this module reads them once too (:func:`host`).
+
+Check a machine with ``python -c "from fxquant.backends.cpu import cpu_features;
+print(cpu_features())"``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+from fxquant.errors import FxQuantError
+
+__all__ = ["CpuKind", "Host", "classify", "cpu_features", "cpuinfo_flags", "engine_accumulates_int32",
+           "full_range_activations_safe", "host", "host_flags", "parse_cpuinfo_flags",
+           "x86_engine_uses_onednn"]
+
+CpuKind = Literal["vnni", "avx2", "arm", "other"]
+
+VNNI_FLAGS: frozenset[str] = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+"""/proc/cpuinfo (and torch.cpu.get_capabilities) names of int32-accumulating int8 dot products."""
+
+FBGEMM_ENV = "FBGEMM_ENABLE_INSTRUCTIONS"
+ONEDNN_ENVS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN reads the first one set
+
+# fbgemm's names for FBGEMM_ENABLE_INSTRUCTIONS (fbgemmEnvGetIsa); others are ignored by fbgemm.
+_FBGEMM_NO_VNNI = frozenset({"AVX2", "AVX512", "AVX512_256"})
+_FBGEMM_VNNI = frozenset({"AVX512_E1", "AVX512_E1_256"})
+# oneDNN ISA caps below any VNNI ISA, and the caps that allow only AVX_VNNI (not AVX512_VNNI).
+_ONEDNN_NO_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
+_ONEDNN_AVX_VNNI_ONLY = frozenset({"AVX2_VNNI", "AVX2_VNNI_2"})
+_ENGINES = ("fbgemm", "x86", "onednn", "qnnpack")
+
+
+def parse_cpuinfo_flags(text: str) -> frozenset[str] | None:
+    """The feature flags of the first processor in a /proc/cpuinfo text (x86 ``flags`` or
+    ARM ``Features``), lower-cased; None when the text has no such line."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            return frozenset(value.lower().split())
+    return None
+
+
+def cpuinfo_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """Flags from /proc/cpuinfo (Linux); None where the file is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return parse_cpuinfo_flags(f.read())
+    except OSError:
+        return None
+
+
+def _torch_flags() -> frozenset[str] | None:
+    """Flags from torch's cpuinfo (``torch.cpu.get_capabilities``; same names as /proc/cpuinfo);
+    None on a torch without it."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is None:
+        return None
+    try:
+        caps = get()
+    except Exception:  # noqa: BLE001 - an optional probe of a private-ish torch API
+        return None
+    return frozenset(k for k, v in caps.items() if v is True)
+
+
+def _capability_flags() -> frozenset[str]:
+    """Last resort: torch's vectorization level ("AVX512", "AVX2", "DEFAULT"). It says nothing
+    about VNNI, so an AVX-512 CPU counts as AVX2 here (the safe side: 7-bit activations)."""
+    level = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return frozenset({"avx2"}) if level in ("AVX2", "AVX512") else frozenset()
+
+
+@lru_cache(maxsize=1)
+def host_flags() -> frozenset[str]:
+    """This CPU's feature flags: /proc/cpuinfo, else torch's cpuinfo, else torch's capability."""
+    for source in (cpuinfo_flags, _torch_flags):
+        flags = source()
+        if flags:
+            return flags
+    return _capability_flags()
+
+
+def _env_value(env: Mapping[str, str], names: tuple[str, ...]) -> str:
+    for name in names:
+        value = env.get(name, "").strip().upper()
+        if value:
+            return value
+    return ""
+
+
+def _fbgemm_int32(flags: frozenset[str], env: Mapping[str, str]) -> bool:
+    isa = _env_value(env, (FBGEMM_ENV,))
+    return "avx512_vnni" in flags and (isa not in _FBGEMM_NO_VNNI or isa in _FBGEMM_VNNI)
+
+
+def _onednn_int32(flags: frozenset[str], env: Mapping[str, str]) -> bool:
+    isa = _env_value(env, ONEDNN_ENVS)
+    if isa in _ONEDNN_NO_VNNI:
+        return False
+    if isa in _ONEDNN_AVX_VNNI_ONLY:
+        return "avx_vnni" in flags
+    return bool(flags & VNNI_FLAGS)
+
+
+def x86_engine_uses_onednn(flags: frozenset[str] | None = None, system: str | None = None) -> bool:
+    """Whether torch's "x86" engine sends (some) convolutions to onednn rather than fbgemm:
+    on Linux with AVX512_VNNI, as torch's ``should_use_onednn_quant`` decides from cpuinfo
+    (which the ISA-capping variables do not change). torch also requires symmetric weights,
+    groups <= 100 and no output_padding for that op."""
+    flags = host_flags() if flags is None else flags
+    system = platform.system() if system is None else system
+    return system == "Linux" and "avx512_vnni" in flags
+
+
+def engine_accumulates_int32(engine: str, flags: frozenset[str], env: Mapping[str, str],
+                             system: str = "Linux") -> bool:
+    """Whether ``engine``'s uint8 x int8 products accumulate in int32 on a CPU with ``flags``
+    under the ISA caps in ``env`` (False: int16 pair sums saturate on full-range input)."""
+    _check_engine(engine)
+    if engine == "qnnpack":
+        return True
+    if engine == "fbgemm":
+        return _fbgemm_int32(flags, env)
+    if engine == "onednn":
+        return _onednn_int32(flags, env)
+    onednn_too = x86_engine_uses_onednn(flags, system)  # engine == "x86"
+    return _fbgemm_int32(flags, env) and (not onednn_too or _onednn_int32(flags, env))
+
+
+def classify(flags: frozenset[str], machine: str, env: Mapping[str, str]) -> CpuKind:
+    """"arm" (aarch64/arm64), "vnni" (an x86 VNNI flag and no ISA cap below VNNI), "avx2" (x86
+    with AVX2 whose int8 kernels saturate int16 pair sums, AVX-512 without VNNI included), or
+    "other" (x86 without AVX2, or unknown)."""
+    machine = machine.lower()
+    if machine.startswith(("aarch64", "arm")):
+        return "arm"
+    if flags & VNNI_FLAGS:
+        capped = _env_value(env, (FBGEMM_ENV,)) in _FBGEMM_NO_VNNI or not _onednn_int32(flags, env)
+        return "avx2" if capped else "vnni"
+    return "avx2" if "avx2" in flags else "other"
+
+
+@dataclass(frozen=True)
+class Host:
+    """What the answers here are computed from: the CPU's flags, ``platform.machine()`` /
+    ``platform.system()``, and the ISA-capping variables as the process started with them."""
+
+    flags: frozenset[str]
+    machine: str
+    system: str
+    env: Mapping[str, str]
+
+
+@lru_cache(maxsize=1)
+def host() -> Host:
+    """This process's :class:`Host`, read once (fbgemm and oneDNN read their variables once
+    too); ``host.cache_clear()`` re-reads it."""
+    env = {k: os.environ[k] for k in (FBGEMM_ENV, *ONEDNN_ENVS) if k in os.environ}
+    return Host(host_flags(), platform.machine(), platform.system(), env)
+
+
+def cpu_features() -> CpuKind:
+    """This CPU's int8 class (see :func:`classify`), honouring ``FBGEMM_ENABLE_INSTRUCTIONS`` and
+    ``ONEDNN_MAX_CPU_ISA``."""
+    h = host()
+    return classify(h.flags, h.machine, h.env)
+
+
+def full_range_activations_safe(engine: str) -> bool:
+    """Whether full-range (0..255) quint8 activations are exact on ``engine`` here: qnnpack
+    always; fbgemm / x86 / onednn only on a "vnni" CPU whose kernels for that engine accumulate
+    in int32 (fbgemm needs AVX512_VNNI). Elsewhere use reduce_range (0..127) activations."""
+    _check_engine(engine)
+    if engine == "qnnpack":
+        return True
+    h = host()
+    return cpu_features() == "vnni" and engine_accumulates_int32(engine, h.flags, h.env, h.system)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in _ENGINES:
+        raise FxQuantError(f"unknown quantized engine {engine!r}",
+                           hint=f"use one of {', '.join(_ENGINES)}")
