@@ -1,7 +1,7 @@
 """The public entry points: build a pipeline from the options and run it. No graph logic here."""
 from __future__ import annotations
 
-import copy
+import os
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -9,9 +9,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxquant.errors import FxQuantError
-from fxquant.meta import META_KEY, QNodeInfo
 from fxquant.pipeline import Instrument, Pass, PassContext, PassManager
 from fxquant.trace import TraceConfig, record_values, trace
+from fxquant.validate import eval_modes, label_observers, validate_calibrated, validate_prepare
 
 OPTIONS_KEY = "fxquant_options"
 
@@ -39,6 +39,7 @@ def _run(gm: fx.GraphModule, passes: Sequence[Pass], options: dict[str, Any], *,
     pm = PassManager(passes, verify=verify, instruments=instruments, dump_dir=dump_dir,
                      initial_facts=facts)
     result = pm.run(gm, ctx)
+    label_observers(result.gm)  # so that NaN calibration data names the node it ran into
     result.gm.meta[OPTIONS_KEY] = dict(options)
     # every pass that ever ran on this model: prepare's, then convert's
     result.gm.meta["fxquant_timings"] = {**gm.meta.get("fxquant_timings", {}), **ctx.timings}
@@ -49,46 +50,83 @@ def _run(gm: fx.GraphModule, passes: Sequence[Pass], options: dict[str, Any], *,
 
 def _traced(model: nn.Module, example_inputs: Any, leaf_modules: Sequence[type],
             leaf_names: Sequence[str], concrete_args: Optional[dict[str, Any]]) -> fx.GraphModule:
-    if not isinstance(model, nn.Module):
-        raise FxQuantError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     config = TraceConfig(tuple(leaf_modules), tuple(leaf_names), concrete_args)
     gm = trace(model, config)
     record_values(gm, _example_tuple(example_inputs))
     return gm
 
 
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise FxQuantError(f"expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def _prepare(model: nn.Module, example_inputs: Any, config: TraceConfig, options: dict[str, Any],
+             passes: Sequence[Pass], fallback: bool, run: dict[str, Any]) -> nn.Module:
+    """Trace (with fallback, see :mod:`fxquant.fallback`) and run ``passes`` on each piece.
+    ``run``: dump_dir, instruments, verify; ``options["stored_backend"]``, when present, is the
+    backend written into the prepared model's options (QAT prepares with its own)."""
+    from fxquant.fallback import Flow, prepare_model
+
+    _check_module(model)
+    stored = options.pop("stored_backend", None)
+
+    def prepare_unit(gm: fx.GraphModule, values: Optional[tuple[Any, ...]], unit_config: TraceConfig,
+                     path: str) -> fx.GraphModule:
+        record_values(gm, values)
+        unit_options = {**options, "trace_config": unit_config}
+        dump_dir = run["dump_dir"] and (os.path.join(run["dump_dir"], path) if path else run["dump_dir"])
+        out = _run(gm, passes, unit_options, dump_dir=dump_dir, instruments=run["instruments"],
+                   verify=run["verify"], facts={"traced"})
+        if stored is not None:
+            out.meta[OPTIONS_KEY]["backend"] = stored
+        return out
+
+    flow = Flow(config, prepare_unit, options.get("qconfig_mapping"), fallback)
+    return prepare_model(model, _example_tuple(example_inputs), flow)
+
+
 def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
                backend: str = "auto", *, leaf_modules: Sequence[type] = (),
                leaf_names: Sequence[str] = (), concrete_args: Optional[dict[str, Any]] = None,
                passes: Optional[Sequence[Pass]] = None, dump_dir: Optional[str] = None,
-               instruments: Iterable[Instrument] = (), verify: bool = True) -> fx.GraphModule:
+               instruments: Iterable[Instrument] = (), verify: bool = True,
+               fallback: bool = True) -> nn.Module:
     """Trace a copy of ``model``, fuse, assign qconfigs, and insert observers.
 
-    Run the returned GraphModule on calibration data, then call :func:`convert_fx`. The user's
+    Run the returned model on calibration data, then call :func:`convert_fx`. The user's
     ``model`` is not modified. ``backend``: "x86", "fbgemm", "qnnpack", "onednn" or "auto"
     (the mapping's backend if it has one, else x86 on x86 CPUs and qnnpack on ARM).
+
+    ``fallback`` (default True): when torch.fx cannot trace the model, retry with the failing
+    submodules as leaves and quantize their traceable submodules on their own; when the root's
+    own forward fails, keep it eager and prepare each submodule (see :mod:`fxquant.fallback`).
+    The result is then a copy of the user's root, not a GraphModule; what fallback did is in
+    ``fxquant.fallback.fallback_records(prepared)``. ``fallback=False`` raises a
+    :class:`fxquant.trace.TraceFailed` naming the submodule, source line, cause and fix.
     """
     from fxquant.passes import prepare_pipeline
     from fxquant.qconfig import QConfigMapping
 
+    validate_prepare(model, qconfig_mapping, example_inputs, qat=False, leaf_modules=leaf_modules,
+                     leaf_names=leaf_names, concrete_args=concrete_args)
     if isinstance(qconfig_mapping, dict):
         qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
     name = _resolve_backend(backend, qconfig_mapping)
-    gm = _traced(model, example_inputs, leaf_modules, leaf_names, concrete_args)
+    config = TraceConfig(tuple(leaf_modules), tuple(leaf_names), concrete_args)
     options = {"qconfig_mapping": qconfig_mapping, "backend": name,
-               "is_qat": False, "example_inputs": None,
-               "trace_config": TraceConfig(tuple(leaf_modules), tuple(leaf_names), concrete_args)}
-    gm.eval() if not model.training else gm.train()
-    gm = _run(gm, passes or prepare_pipeline(), options, dump_dir=dump_dir,
-              instruments=instruments, verify=verify, facts={"traced"})
-    return gm
+               "is_qat": False, "example_inputs": None}
+    return _prepare(model, example_inputs, config, options, passes or prepare_pipeline(), fallback,
+                    {"dump_dir": dump_dir, "instruments": tuple(instruments), "verify": verify})
 
 
 def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
                    backend: str = "auto", *, leaf_modules: Sequence[type] = (),
                    leaf_names: Sequence[str] = (), concrete_args: Optional[dict[str, Any]] = None,
                    passes: Optional[Sequence[Pass]] = None, dump_dir: Optional[str] = None,
-                   instruments: Iterable[Instrument] = (), verify: bool = True) -> fx.GraphModule:
+                   instruments: Iterable[Instrument] = (), verify: bool = True,
+                   fallback: bool = True) -> nn.Module:
     """Quantization-aware training: trace a copy of ``model`` (in training mode), fuse
     (conv-bn kept for simulated folding), assign qconfigs, insert fake-quant modules on the
     activations and swap the weighted modules for QAT modules (:mod:`fxquant.nn.qat`).
@@ -96,27 +134,25 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     ``qconfig_mapping`` holds fake-quant factories, e.g.
     ``fxquant.get_default_qat_qconfig_mapping("x86")``. Train the returned GraphModule, then
     call :func:`convert_fx` (BatchNorm is folded there). The user's ``model`` is not modified.
+    ``fallback``: as for :func:`prepare_fx`.
     """
     from fxquant.fake_quantize import qat_observer_wrapper
     from fxquant.passes import prepare_qat_pipeline
     from fxquant.passes.swap_qat_modules import qat_backend
     from fxquant.qconfig import QConfigMapping
 
-    if not model.training:
-        raise FxQuantError("prepare_qat_fx needs a model in training mode, got one in eval mode",
-                           hint="call model.train() first; for post-training quantization of an "
-                                "eval-mode model use prepare_fx")
+    validate_prepare(model, qconfig_mapping, example_inputs, qat=True, leaf_modules=leaf_modules,
+                     leaf_names=leaf_names, concrete_args=concrete_args)
     if isinstance(qconfig_mapping, dict):
         qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
     name = _resolve_backend(backend, qconfig_mapping)
-    gm = _traced(model, example_inputs, leaf_modules, leaf_names, concrete_args)
+    config = TraceConfig(tuple(leaf_modules), tuple(leaf_names), concrete_args)
     options = {"qconfig_mapping": qconfig_mapping, "backend": qat_backend(name), "is_qat": True,
-               "example_inputs": None, "observer_factory_wrapper": qat_observer_wrapper}
-    gm.train()
-    gm = _run(gm, passes or prepare_qat_pipeline(), options, dump_dir=dump_dir,
-              instruments=instruments, verify=verify, facts={"traced"})
-    gm.meta[OPTIONS_KEY]["backend"] = name  # convert lowers with the plain backend
-    return gm
+               "example_inputs": None, "observer_factory_wrapper": qat_observer_wrapper,
+               "stored_backend": name}  # convert lowers with the plain backend
+    return _prepare(model, example_inputs, config, options, passes or prepare_qat_pipeline(),
+                    fallback, {"dump_dir": dump_dir, "instruments": tuple(instruments),
+                               "verify": verify})
 
 
 def _options_of(prepared: fx.GraphModule) -> dict[str, Any]:
@@ -127,32 +163,40 @@ def _options_of(prepared: fx.GraphModule) -> dict[str, Any]:
     return opts
 
 
-def _convert(prepared: fx.GraphModule, passes: Sequence[Pass], dump_dir: Optional[str],
-             instruments: Iterable[Instrument], verify: bool) -> fx.GraphModule:
-    options = dict(_options_of(prepared))
-    gm = copy.deepcopy(prepared)
-    for node in gm.graph.nodes:  # deepcopy shares node.meta values: give the copy its own records
-        if isinstance(node.meta.get(META_KEY), QNodeInfo):
-            node.meta[META_KEY] = node.meta[META_KEY].copy()
-    gm.eval()
-    return _run(gm, passes, options, dump_dir=dump_dir, instruments=instruments,
-                verify=verify, facts={"traced", "normalized", "fused", "qconfig", "annotated",
-                                      "observed"})
+def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str],
+             instruments: Iterable[Instrument], verify: bool) -> nn.Module:
+    """Convert a copy of ``prepared``: the GraphModule itself, or each prepared piece of a
+    model that fallback prepared piece by piece."""
+    from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
+
+    validate_calibrated(prepared)
+    if not is_prepared(prepared):
+        _options_of(prepared)  # raises, naming the fix
+
+    def convert_unit(gm: fx.GraphModule) -> fx.GraphModule:
+        path = gm.meta.get(PATH_KEY, "")
+        gm.eval()
+        return _run(gm, passes, dict(_options_of(gm)), instruments=instruments, verify=verify,
+                    dump_dir=dump_dir and (os.path.join(dump_dir, path) if path else dump_dir),
+                    facts={"traced", "normalized", "fused", "qconfig", "annotated", "observed"})
+
+    return convert_tree(copy_model(prepared), convert_unit)
 
 
-def convert_fx(prepared: fx.GraphModule, *, passes: Optional[Sequence[Pass]] = None,
+def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
                dump_dir: Optional[str] = None, instruments: Iterable[Instrument] = (),
-               verify: bool = True) -> fx.GraphModule:
+               verify: bool = True) -> nn.Module:
     """Calibrated (or QAT-trained) prepared model → quantized GraphModule on the backend's
-    kernels. The prepared model is not modified."""
+    kernels. The prepared model is not modified. A model that fallback prepared piece by piece
+    is converted piece by piece (the eager parts stay as they are)."""
     from fxquant.passes import convert_pipeline
 
     return _convert(prepared, passes or convert_pipeline(), dump_dir, instruments, verify)
 
 
-def convert_to_reference_fx(prepared: fx.GraphModule, *, dump_dir: Optional[str] = None,
+def convert_to_reference_fx(prepared: nn.Module, *, dump_dir: Optional[str] = None,
                             instruments: Iterable[Instrument] = (), verify: bool = True
-                            ) -> fx.GraphModule:
+                            ) -> nn.Module:
     """The reference quantized graph: quantize/dequantize around float ops, weights
     quantized→dequantized. Numerically what the backend computes, readable, portable."""
     from fxquant.passes import reference_pipeline
@@ -204,17 +248,18 @@ def dynamic_qconfig_mapping(qconfig_spec: Any = None, dtype: torch.dtype = torch
 
 def quantize_dynamic_fx(model: nn.Module, qconfig_spec: Any = None, dtype: torch.dtype = torch.qint8,
                         example_inputs: Any = None, backend: str = "auto", **kwargs: Any
-                        ) -> fx.GraphModule:
+                        ) -> nn.Module:
     """Graph-mode ``torch.quantization.quantize_dynamic``: weights of Linear / LSTM / GRU / the
     RNN cells (by default) quantized ahead of time to ``dtype`` (qint8 or float16), activations
     quantized by the kernels at run time. No calibration. ``example_inputs`` (optional) lets
     fxquant tell tensors from Python values. Embeddings take a weight-only qconfig in a dict:
-    ``{nn.Embedding: float_qparams_weight_only_qconfig}``."""
+    ``{nn.Embedding: float_qparams_weight_only_qconfig}``.
+
+    Models torch.fx cannot trace are handled by fallback (``kwargs`` go to :func:`prepare_fx`,
+    e.g. ``fallback=False``): every module eager ``quantize_dynamic`` would quantize is
+    quantized, whether it sits in a traced graph or under an eager module. ``example_inputs``
+    let fallback trace untraceable modules' traceable submodules whole (more ops fused)."""
     mapping = dynamic_qconfig_mapping(qconfig_spec, dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_modes(model):  # each module's own train/eval flag comes back afterwards
         prepared = prepare_fx(model, mapping, example_inputs, backend=backend, **kwargs)
-    finally:
-        model.train(was_training)
     return convert_fx(prepared)
