@@ -107,8 +107,9 @@ def _check_modes(model: nn.Module, qat: bool) -> None:
         path, source = "", _class_source(model)
     else:
         first = model.get_submodule(training[0])
+        others = f" (all in training mode: {_listed(training)})" if len(training) > 1 else ""
         what = (f"submodule {training[0]!r} ({type(first).__name__}) is in training mode although "
-                f"the model is in eval mode (all in training mode: {_listed(training)})")
+                f"the model is in eval mode{others}")
         path, source = training[0], _class_source(first)
     raise ModelModeError(
         f"prepare_fx needs a model in eval mode: {what}. BatchNorm would calibrate on batch "
@@ -252,12 +253,47 @@ def _check_arity(model: nn.Module, example_inputs: tuple[Any, ...]) -> None:
     if len(required) <= n and (unbounded or n <= len(positional)):
         return
     names = ", ".join(p.name for p in positional) + (", *args" if unbounded else "")
+    count = f"{len(required)}" + ("" if len(required) == len(positional) else f" to {len(positional)}")
     raise ExampleInputsError(
-        f"{type(model).__name__}.forward({names}) takes "
-        f"{len(required)}{'' if len(required) == len(positional) else f' to {len(positional)}'} "
-        f"positional arguments but example_inputs has {n}: {describe_value(example_inputs)}",
+        f"{type(model).__name__}.forward({names}) takes {count} positional argument"
+        f"{'' if count == '1' else 's'} but example_inputs has {n}: {describe_value(example_inputs)}",
         source=_class_source(model),
         hint="example_inputs is the tuple of positional arguments of forward: (x,) for one input")
+
+
+def _value_text(node: fx.Node) -> str:
+    from fxquant.meta import qinfo_or_none
+
+    info = qinfo_or_none(node)
+    value = info.value if info is not None else None
+    if value is None:
+        return f"'{node.name}' (not computed)"
+    if value.kind == "tensor":
+        return f"'{node.name}' Tensor{list(value.shape or ())} {str(value.dtype).replace('torch.', '')}"
+    if value.kind == "tensors":
+        return f"'{node.name}' {value.python_type}({', '.join(f'Tensor{list(s)}' for s in value.items or ())})"
+    return f"'{node.name}' {value.python_type}"
+
+
+def example_inputs_rejected(gm: fx.GraphModule, example_inputs: tuple[Any, ...],
+                            err: BaseException) -> ExampleInputsError:
+    """The error for a traced model that raised on ``example_inputs`` (while values were
+    recorded): the input shapes, the node that failed (the first without a recorded value)
+    with its module path, source line and the shapes it received, and torch's own message."""
+    from fxquant.meta import qinfo_or_none
+
+    failing = next((n for n in gm.graph.nodes if n.op != "placeholder" and n.op != "output"
+                    and (qinfo_or_none(n) is None or qinfo_or_none(n).value is None)), None)
+    cause = (str(err).strip().splitlines() or [""])[0]
+    at = ""
+    if failing is not None:
+        args = ", ".join(_value_text(a) for a in failing.all_input_nodes) or "no tensor inputs"
+        at = f" at node '{failing.name}', which got {args}"
+    return ExampleInputsError(
+        f"the traced model failed on example_inputs {describe_value(example_inputs)}{at}: "
+        f"{type(err).__name__}: {cause}", failing,
+        hint="pass example_inputs that the float model accepts: a tuple of positional "
+             "arguments to forward, with the shapes forward expects")
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,29 +369,39 @@ def _is_observer(module: Any) -> bool:
     return isinstance(module, (ObserverBase, FakeQuantizeBase))
 
 
-def label_observers(gm: fx.GraphModule) -> int:
+def _graphs(model: nn.Module) -> Iterator[tuple[str, fx.GraphModule]]:
+    """(path, GraphModule) of ``model`` itself and of every GraphModule inside it (a model
+    that fallback prepared piece by piece holds several)."""
+    for path, module in model.named_modules():
+        if isinstance(module, fx.GraphModule):
+            yield path, module
+
+
+def label_observers(model: nn.Module) -> int:
     """Give each observer / fake-quant module of a prepared model its
-    :class:`~fxquant.observers.ObserverSite`: its path and, for the ones in the graph, the node
+    :class:`~fxquant.observers.ObserverSite`: its path and, for the ones in a graph, the node
     it observes with that node's module path and source line, so that bad calibration data
     raises naming the node. A shared observer is labelled with its first node. Returns how
     many observers were labelled with a node."""
     from fxquant.meta import qinfo_or_none
     from fxquant.observers import ObserverSite, label_observer
 
-    for path, module in gm.named_modules(remove_duplicate=False):
+    for path, module in model.named_modules(remove_duplicate=False):
         if _is_observer(module):
             label_observer(module, ObserverSite(path))  # weight fake-quant of QAT modules
     done: set[int] = set()
-    for node in gm.graph.nodes:
-        module = _observer_of(gm, node)
-        if module is None or id(module) in done or not isinstance(node.args[0], fx.Node):
-            continue
-        value = node.args[0]
-        info = qinfo_or_none(value)
-        path = info.module_path if info is not None else ""
-        source = (info.source if info is not None else "") or ""
-        label_observer(module, ObserverSite(str(node.target), value.name, path, source))
-        done.add(id(module))
+    for prefix, gm in _graphs(model):
+        for node in gm.graph.nodes:
+            module = _observer_of(gm, node)
+            if module is None or id(module) in done or not isinstance(node.args[0], fx.Node):
+                continue
+            value = node.args[0]
+            info = qinfo_or_none(value)
+            path = info.module_path if info is not None else ""
+            source = (info.source if info is not None else "") or ""
+            target = f"{prefix}.{node.target}" if prefix else str(node.target)
+            label_observer(module, ObserverSite(target, value.name, path, source))
+            done.add(id(module))
     return len(done)
 
 
@@ -380,14 +426,16 @@ def _saw_no_data(module: nn.Module) -> bool:
     return min_val.numel() == 0 or bool(torch.isinf(min_val).all())
 
 
-def validate_calibrated(prepared: fx.GraphModule) -> None:
+def validate_calibrated(prepared: nn.Module) -> None:
     """Before convert: every observer of an integer dtype in the graph saw data. Raises
     :class:`~fxquant.errors.CalibrationDataError` naming the observed nodes otherwise
     (converting would quantize them with scale 1.0 and zero point 0)."""
     from fxquant.errors import CalibrationDataError
 
-    observers = [(node, m) for node in prepared.graph.nodes
-                 if (m := _observer_of(prepared, node)) is not None]
+    if not isinstance(prepared, nn.Module):
+        return  # convert names what it needs itself
+    observers = [(node, m) for _, gm in _graphs(prepared) for node in gm.graph.nodes
+                 if (m := _observer_of(gm, node)) is not None]
     missing = [node for node, m in observers if _saw_no_data(m)]
     if not missing:
         return
