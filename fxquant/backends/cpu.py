@@ -195,13 +195,11 @@ def cpu_features() -> CpuKind:
 
 def full_range_activations_safe(engine: str) -> bool:
     """Whether full-range (0..255) quint8 activations are exact on ``engine`` here: qnnpack
-    always; fbgemm / x86 / onednn only on a "vnni" CPU whose kernels for that engine accumulate
-    in int32 (fbgemm needs AVX512_VNNI). Elsewhere use reduce_range (0..127) activations."""
-    _check_engine(engine)
-    if engine == "qnnpack":
-        return True
+    always; fbgemm / x86 / onednn only on a VNNI CPU where that engine's kernels accumulate in
+    int32 (fbgemm needs AVX512_VNNI; an ISA cap in the environment counts). Elsewhere use
+    reduce_range (0..127) activations."""
     h = host()
-    return cpu_features() == "vnni" and engine_accumulates_int32(engine, h.flags, h.env, h.system)
+    return engine_accumulates_int32(engine, h.flags, h.env, h.system)
 
 
 def _check_engine(engine: str) -> None:
