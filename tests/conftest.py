@@ -26,3 +26,11 @@ def _restore_engine():
     torch.manual_seed(0)
     yield
     torch.backends.quantized.engine = engine
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The CPU's int8 class at the top of every run: which tolerances the kernels allow."""
+    from fxquant.backends.cpu import cpu_features, full_range_activations_safe
+
+    safe = ", ".join(f"{e}={full_range_activations_safe(e)}" for e in ("fbgemm", "x86", "onednn"))
+    return f"fxquant cpu_features: {cpu_features()} (full-range activations exact: {safe})"

@@ -19,6 +19,7 @@ from torch import nn
 
 import fxquant
 from fxquant import fake_quantize as fq
+from fxquant.backends.cpu import full_range_activations_safe
 from fxquant.backends.base import FIXED, Rule, get_backend, register_backend
 from fxquant.errors import FxQuantError
 from fxquant.meta import qinfo
@@ -121,12 +122,25 @@ def test_swap_pass_stats_and_unchanged_case():
     assert again.modified is False and again.stats == {"already_swapped": 7}
 
 
+def _exact_qat_mapping(backend: str) -> fxquant.QConfigMapping:
+    """The backend's default QAT mapping, with reduce_range (0..127) activations where this CPU
+    runs the backend's int8 kernels without VNNI: there full-range activations (onednn's
+    default) saturate the kernels' int16 pair sums (observed: up to 6 output steps on this
+    model), which is a property of the CPU, not of conv-bn folding (see tests/test_cpu.py)."""
+    mapping = fxquant.get_default_qat_qconfig_mapping(backend)
+    if not full_range_activations_safe(backend):
+        qconfig = mapping.global_qconfig
+        reduced = fxquant.get_default_qat_qconfig("x86").activation  # 0..255, reduce_range
+        mapping.set_global(fxquant.QConfig(activation=reduced, weight=qconfig.weight))
+    return mapping
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_bn_folds_and_converted_matches_fake_quant_within_one_quantum(backend):
     torch.manual_seed(0)
     torch.backends.quantized.engine = backend
     model = BnNet().train()
-    mapping = fxquant.get_default_qat_qconfig_mapping(backend)
+    mapping = _exact_qat_mapping(backend)
     prepared = fxquant.prepare_qat_fx(model, mapping, (torch.randn(2, 3, 8, 8),), backend=backend)
     assert len(_bn_modules(prepared)) == 5, "BatchNorms live inside the QAT modules while training"
     _train(prepared, _data())
