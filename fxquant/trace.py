@@ -293,8 +293,8 @@ def _fix(site: FailureSite) -> str:
                 f"'{site.function}') {where} (it then runs float); {other}")
     if site.scope != "root" and path:
         return leaf
-    return (f"the statement is in the root forward ({site.module_type}), so leaf_modules cannot "
-            f"help: pass concrete_args={{name: value}} for the arguments that steer it, or move "
+    return (f"the statement is in the root forward ({site.module_type}), so no submodule leaf "
+            f"can help: pass concrete_args={{name: value}} for the arguments that steer it, or move "
             f"the untraceable code into a module-level function registered with torch.fx.wrap"
             f"('fn'); with fallback on (the default) fxquant runs this forward eagerly and "
             f"quantizes each submodule on its own")
