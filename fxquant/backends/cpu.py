@@ -37,9 +37,9 @@ import torch
 
 from fxquant.errors import FxQuantError
 
-__all__ = ["CpuKind", "Host", "classify", "cpu_features", "cpuinfo_flags", "engine_accumulates_int32",
-           "full_range_activations_safe", "host", "host_flags", "parse_cpuinfo_flags",
-           "x86_engine_uses_onednn"]
+__all__ = ["CpuKind", "Host", "classify", "cpu_features", "cpuinfo_flags",
+           "engine_accumulates_int32", "full_range_activations_safe", "host", "host_flags",
+           "parse_cpuinfo_flags", "x86_engine_uses_onednn"]
 
 CpuKind = Literal["vnni", "avx2", "arm", "other"]
 
@@ -49,9 +49,9 @@ VNNI_FLAGS: frozenset[str] = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 FBGEMM_ENV = "FBGEMM_ENABLE_INSTRUCTIONS"
 ONEDNN_ENVS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN reads the first one set
 
-# fbgemm's names for FBGEMM_ENABLE_INSTRUCTIONS (fbgemmEnvGetIsa); others are ignored by fbgemm.
+# fbgemm's FBGEMM_ENABLE_INSTRUCTIONS names (fbgemmEnvGetIsa) without VNNI; AVX512_E1 and
+# AVX512_E1_256 are its VNNI ones, and fbgemm ignores any other value.
 _FBGEMM_NO_VNNI = frozenset({"AVX2", "AVX512", "AVX512_256"})
-_FBGEMM_VNNI = frozenset({"AVX512_E1", "AVX512_E1_256"})
 # oneDNN ISA caps below any VNNI ISA, and the caps that allow only AVX_VNNI (not AVX512_VNNI).
 _ONEDNN_NO_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
 _ONEDNN_AVX_VNNI_ONLY = frozenset({"AVX2_VNNI", "AVX2_VNNI_2"})
@@ -117,7 +117,7 @@ def _env_value(env: Mapping[str, str], names: tuple[str, ...]) -> str:
 
 def _fbgemm_int32(flags: frozenset[str], env: Mapping[str, str]) -> bool:
     isa = _env_value(env, (FBGEMM_ENV,))
-    return "avx512_vnni" in flags and (isa not in _FBGEMM_NO_VNNI or isa in _FBGEMM_VNNI)
+    return "avx512_vnni" in flags and isa not in _FBGEMM_NO_VNNI
 
 
 def _onednn_int32(flags: frozenset[str], env: Mapping[str, str]) -> bool:
