@@ -2,6 +2,14 @@
 modules become reference modules whose weights are quantized with the qconfig's weight
 observer. The result is the *reference* quantized graph: q/dq around float ops, numerically
 what the backend kernels compute.
+
+Every quantization parameter the converted model runs with is in its ``state_dict``: a quantize
+node reads its scale / zero point from buffers (a ``QParams`` submodule per quantize, get_attr
+nodes), and the scalar qparams a ``quantized::`` kernel call takes as constants (add, mul, ...:
+lowered later) are written to / read from the ``state_dict`` by hooks this pass installs, so a
+state_dict loaded into a differently calibrated model gives the saved model's outputs. The
+prepared model's state (weights and observer statistics) stays in ``gm.meta`` for
+:func:`fxquant.save`.
 """
 from __future__ import annotations
 
@@ -13,7 +21,8 @@ import torch
 import torch.fx as fx
 
 from fxquant.backends.reference_ops import (activation_qparams, has_reference, insert_dequantize,
-                                            insert_quantize, to_reference)
+                                            insert_quantize_buffered, kernel_qparam_slots,
+                                            to_reference)
 from fxquant.errors import FxQuantError
 from fxquant.meta import QNodeInfo, inherit, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
@@ -28,6 +37,10 @@ class Convert:
     provides: ClassVar[frozenset[str]] = frozenset({"reference"})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        from fxquant.serialize import remember_prepared
+
+        remember_prepared(gm)
+        install_kernel_qparams_hooks(gm)
         stats: Counter[str] = Counter()
         stats["modules_unshared"] = _unshare_weighted_modules(gm)
         if not stats["modules_unshared"]:
@@ -82,10 +95,11 @@ def _convert_observer(gm: fx.GraphModule, node: fx.Node) -> str:
     _check_calibrated(obs, node)
     scale, zp, dtype = activation_qparams(obs)
     with gm.graph.inserting_before(node):
-        q = insert_quantize(gm.graph, x, scale, zp, dtype)
+        q, s, z = insert_quantize_buffered(gm, x, scale, zp, dtype,
+                                           f"{x.name}_qparams")
         dq = insert_dequantize(gm.graph, q)
     qparams = {"scale": scale, "zero_point": zp, "dtype": dtype}
-    for new, role in ((q, "quantize"), (dq, "dequantize")):
+    for new, role in ((s, "quantize"), (z, "quantize"), (q, "quantize"), (dq, "dequantize")):
         info = inherit(new, node)
         info.role, info.qparams = role, qparams
         info.decisions = []
@@ -123,3 +137,68 @@ def _convert_weighted(gm: fx.GraphModule, node: fx.Node) -> str:
            f"({wq.scale.numel()} scale{'s' if wq.scale.numel() > 1 else ''}); reference module "
            f"{type(ref).__name__}")
     return "weights_quantized"
+
+
+# ------------------------------------------------------------------ kernel qparams in state_dict
+KERNEL_QPARAMS = "fxquant_kernel_qparams"
+
+
+def install_kernel_qparams_hooks(gm: fx.GraphModule) -> None:
+    """``state_dict`` gets ``fxquant_kernel_qparams.<i>.scale`` / ``.zero_point`` for the i-th
+    kernel call (graph order) that takes its output qparams as constants; ``load_state_dict``
+    writes them back into the calls and recompiles. Installed once per model."""
+    if _save_kernel_qparams in getattr(gm, "_state_dict_hooks", {}).values():
+        return
+    gm.register_state_dict_post_hook(_save_kernel_qparams)
+    gm.register_load_state_dict_pre_hook(_load_kernel_qparams)
+
+
+def _kernel_slots(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, object, str]]:
+    out: dict[str, tuple[fx.Node, object, str]] = {}
+    i = 0
+    for node in gm.graph.nodes:
+        slots = kernel_qparam_slots(node)
+        for key, kind in slots:
+            out[f"{KERNEL_QPARAMS}.{i}.{kind}"] = (node, key, kind)
+        i += bool(slots)
+    return out
+
+
+def _slot_value(node: fx.Node, key: object) -> object:
+    return node.args[key] if isinstance(key, int) else node.kwargs[key]
+
+
+def _save_kernel_qparams(module: fx.GraphModule, state_dict: dict, prefix: str,
+                         local_metadata: dict) -> None:
+    for name, (node, key, kind) in _kernel_slots(module).items():
+        dtype = torch.float64 if kind == "scale" else torch.int64
+        state_dict[prefix + name] = torch.tensor(_slot_value(node, key), dtype=dtype)
+
+
+def _load_kernel_qparams(module: fx.GraphModule, state_dict: dict, prefix: str,
+                         local_metadata: dict, strict: bool, missing_keys: list,
+                         unexpected_keys: list, error_msgs: list) -> None:
+    slots = _kernel_slots(module)
+    changed = False
+    for name in [k for k in state_dict if k.startswith(f"{prefix}{KERNEL_QPARAMS}.")]:
+        value = state_dict.pop(name)
+        if name[len(prefix):] not in slots:
+            unexpected_keys.append(name)
+            continue
+        node, key, kind = slots.pop(name[len(prefix):])
+        new = float(value) if kind == "scale" else int(value)
+        if new != _slot_value(node, key):
+            _set_slot(node, key, new)
+            changed = True
+    missing_keys.extend(prefix + k for k in slots)
+    if changed:
+        module.recompile()
+
+
+def _set_slot(node: fx.Node, key: object, value: object) -> None:
+    if isinstance(key, int):
+        args = list(node.args)
+        args[key] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, key: value}

@@ -18,7 +18,8 @@ def _converted(factory, shape, backend="x86"):
     torch.backends.quantized.engine = backend
     model = build(factory)
     mapping = fxquant.get_default_qconfig_mapping(backend)
-    mapping.set_module_name("head", None)
+    if hasattr(model, "head"):
+        mapping.set_module_name("head", None)
     prepared = fxquant.prepare_fx(model, mapping, (torch.randn(*shape),), backend=backend)
     for batch in calibration_batches(shape, n=2):
         prepared(batch)

@@ -43,13 +43,79 @@ def insert_quantize(graph: fx.Graph, x: fx.Node, scale: float, zero_point: int,
     return graph.call_function(QUANTIZE, (x, float(scale), int(zero_point), dtype))
 
 
+class QParams(nn.Module):
+    """The scale and zero point of one quantize node, as buffers: ``state_dict`` carries them,
+    and the generated code (eager and TorchScript) reads them at run time through
+    ``quantize_per_tensor``'s tensor-qparams overload (bit-identical to the float one)."""
+
+    def __init__(self, scale: float, zero_point: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
+        self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.6g}, zero_point={int(self.zero_point)}"
+
+
+def insert_quantize_buffered(gm: fx.GraphModule, x: fx.Node, scale: float, zero_point: int,
+                             dtype: torch.dtype, name: str) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``quantize_per_tensor(x, self.<name>.scale, self.<name>.zero_point, dtype)``: the qparams
+    live in a :class:`QParams` submodule (a unique name derived from ``name``). Returns the
+    quantize node and its two get_attr nodes; an unused holder goes with
+    ``delete_all_unused_submodules``."""
+    holder, i = name, 1
+    while hasattr(gm, holder):
+        holder, i = f"{name}_{i}", i + 1
+    gm.add_submodule(holder, QParams(scale, zero_point))
+    s = gm.graph.get_attr(f"{holder}.scale")
+    z = gm.graph.get_attr(f"{holder}.zero_point")
+    return gm.graph.call_function(QUANTIZE, (x, s, z, dtype)), s, z
+
+
 def insert_dequantize(graph: fx.Graph, q: fx.Node) -> fx.Node:
     return graph.call_method(DEQUANTIZE, (q,))
 
 
 def quantize_qparams(node: fx.Node) -> tuple[float, int, torch.dtype]:
+    """(scale, zero_point, dtype) of a quantize node, whether its qparams are constants or
+    :class:`QParams` buffers read through get_attr nodes."""
     _, scale, zp, dtype = node.args[:4]
-    return float(scale), int(zp), dtype
+    return float(_constant(node, scale)), int(_constant(node, zp)), dtype
+
+
+def _constant(node: fx.Node, arg: Any) -> Any:
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        return node.graph.owning_module.get_buffer(str(arg.target)).item()
+    return arg
+
+
+def kernel_qparam_slots(node: fx.Node) -> tuple[tuple[Any, str], ...]:
+    """Where a ``quantized::`` kernel call holds its output qparams as constants: (position
+    or keyword, "scale" | "zero_point") for each ``float *scale`` / ``int *zero_point``
+    argument of the op's default schema that holds a Python number."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverloadPacket) \
+            or not target._qualified_op_name.startswith("quantized::") \
+            or "default" not in target.overloads():
+        return ()
+    slots = []
+    for i, arg in enumerate(target.default._schema.arguments):
+        key = i if i < len(node.args) else arg.name
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        kind = _qparam_kind(arg, value)
+        if kind:
+            slots.append((key, kind))
+    return tuple(slots)
+
+
+def _qparam_kind(arg: Any, value: Any) -> Optional[str]:
+    type_name = str(arg.type).replace("Optional[", "").rstrip("]").rstrip("?")
+    if arg.name.endswith("scale") and type_name == "float" and isinstance(value, float):
+        return "scale"
+    if arg.name.endswith("zero_point") and type_name == "int" and isinstance(value, int) \
+            and not isinstance(value, bool):
+        return "zero_point"
+    return None
 
 
 def activation_qparams(observer: nn.Module) -> tuple[float, int, torch.dtype]:

@@ -49,10 +49,15 @@ def target_str(node: fx.Node, modules: Optional[dict[str, nn.Module]] = None) ->
 def structure(gm: fx.GraphModule, calls_only: bool = False) -> list[str]:
     """The graph as a list of ``"<op>:<target kind>"`` strings, names ignored:
     ``placeholder``, ``call_function:torch.add``, ``call_module:Conv2d``,
-    ``call_method:dequantize``, ``get_attr``, ``output``."""
+    ``call_method:dequantize``, ``get_attr``, ``output``. The get_attr nodes of a quantize's
+    scale / zero-point buffers (record role "quantize") are its arguments, not ops: left out,
+    as constants are."""
     modules = dict(gm.named_modules(remove_duplicate=False))
     out = []
     for n in gm.graph.nodes:
+        info = qinfo_or_none(n)
+        if n.op == "get_attr" and info is not None and info.role == "quantize":
+            continue
         if n.op in ("placeholder", "output", "get_attr"):
             if not calls_only:
                 out.append(n.op)

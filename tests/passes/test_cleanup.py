@@ -2,6 +2,8 @@
 q/dq nodes nobody reads, delete unused submodules, recompile."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -96,7 +98,8 @@ def test_dead_dequantize_after_lowering_is_removed():
                                  DQ, O]
     r = cleanup(low.gm, opts)
     assert structure(r.gm) == [P, Q, "call_module:Conv2d", "call_module:MaxPool2d", DQ, O]
-    assert r.modified is True and r.stats == {"dead_removed": 2}
+    # two dead DQs, and the scale / zero-point get_attr nodes of the two folded quantizes
+    assert r.modified is True and r.stats == {"dead_removed": 2 + 2 * 2}
     assert_every_call_decided(r.gm)
     assert torch.equal(r.gm(X4), want)
     assert "dequantize" not in r.gm.code.split("conv")[0]  # recompiled
@@ -140,5 +143,30 @@ def test_cleanup_of_full_convert_pipeline_on_a_model():
                                "call_module:Conv2d", "call_module:MaxPool2d", "call_module:ReLU6",
                                "call_module:AdaptiveAvgPool2d", "call_function:torch.flatten",
                                "call_module:Linear", DQ, O]
-    assert r.stats == {"dead_removed": 8}  # the DQ before each of the 8 lowered ops
+    # the DQ before each of the 8 lowered ops, and the scale / zero-point get_attr nodes of the
+    # 8 quantize nodes that lowering folded into the kernels
+    assert r.stats == {"dead_removed": 8 + 2 * 8}
+    assert [k for k in r.gm.state_dict() if k.endswith((".scale", ".zero_point"))
+            and "qparams" in k] == ["x_qparams.scale", "x_qparams.zero_point"]
     assert all(qinfo(n).role != "dequantize" or n.users for n in call_nodes(r.gm))
+
+
+def test_pair_around_an_in_place_write_is_kept():
+    """x → q → dq; dq[:, :2].mul_(2); q(dq) with the same qparams: the second quantize reads the
+    written tensor, so dropping it would drop the write."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    q = _role(insert_quantize(g, x, 0.1, 3, torch.quint8), "quantize")
+    dq = _role(insert_dequantize(g, q), "dequantize")
+    view = g.call_function(operator.getitem, (dq, (slice(None), slice(0, 2))))
+    g.call_method("mul_", (view, 2))
+    q2 = _role(insert_quantize(g, dq, 0.1, 3, torch.quint8), "quantize")
+    g.output(_role(insert_dequantize(g, q2), "dequantize"))
+    gm = fx.GraphModule(nn.Module(), g)
+    x = torch.rand(3, 4)
+    want = gm(x.clone())
+    r = cleanup(gm)
+    assert sum(1 for n in r.gm.graph.nodes if n.target is torch.quantize_per_tensor) == 2
+    assert "dq_q_removed" not in r.stats
+    torch.testing.assert_close(r.gm(x.clone()), want)
+    assert float(want[:, :2].max()) > float(want[:, 2:].max())  # the write doubled columns 0-1

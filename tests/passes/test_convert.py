@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxquant.backends.reference_ops import quantize_qparams
 from fxquant.errors import PassFailed
 from fxquant.meta import qinfo
 from fxquant.passes import Convert
@@ -55,7 +56,7 @@ def test_decisions_and_qparams():
     for q, dq in ((q_in, dq_in), (q_out, dq_out)):
         (dq_d,) = decisions(q, "convert")
         assert dq_d.action == "quantize" and "scale=" in dq_d.reason and "quint8" in dq_d.reason
-        _, scale, zp, dtype = q.args
+        scale, zp, dtype = quantize_qparams(q)
         assert dq_d.detail == {"scale": scale, "zero_point": zp, "dtype": dtype}
         assert isinstance(scale, float) and scale > 0 and 0 <= zp <= 255 and dtype == torch.quint8
         assert [d.action for d in decisions(dq)] == ["dequantize"]
@@ -66,7 +67,13 @@ def test_decisions_and_qparams():
     assert w.reason == "weight qint8 per_channel_symmetric (4 scales); reference module Conv2d"
     assert qinfo(conv).qparams == qinfo(q_out).qparams  # the op knows its output qparams
     # x86 default: reduce_range activations, zero points inside 0..127
-    assert q_in.args[2] <= 127
+    assert quantize_qparams(q_in)[1] <= 127
+    # the qparams are buffers: state_dict carries them, exactly
+    _, s_node, z_node, _ = q_in.args
+    state = r.gm.state_dict()
+    assert state[s_node.target].dtype == torch.float64 and state[s_node.target].item() == \
+        quantize_qparams(q_in)[0]
+    assert state[z_node.target].item() == quantize_qparams(q_in)[1]
 
 
 def test_shared_observer_gives_identical_qparams():
@@ -75,7 +82,7 @@ def test_shared_observer_gives_identical_qparams():
     assert structure(r.gm) == [P, Q, DQ, "call_module:Conv2d", Q, DQ, "call_module:MaxPool2d",
                                Q, DQ, O]
     qs = [n for n in call_nodes(r.gm) if n.target is torch.quantize_per_tensor]
-    assert qs[1].args[1:] == qs[2].args[1:]
+    assert quantize_qparams(qs[1]) == quantize_qparams(qs[2])
     assert r.stats == {"quantize_dequantize": 3, "weights_quantized": 1}
 
 
