@@ -324,7 +324,11 @@ class _Builder:
             self.note(m, path, "float", "forward takes *args/**kwargs: no one-call graph")
             return m
         config = replace(self.flow.config, prefix=prefix, concrete_args=None)
-        unit = self.flow.prepare(gm, _values(gm, call), config, path)
+        try:
+            unit = self.flow.prepare(gm, _values(gm, call), config, path)
+        except FxQuantError as e:  # e.g. a pass refuses this module: it runs as written
+            self.note(m, path, "float", f"preparing it on its own failed: {e.raw_message}")
+            return m
         self.settle(unit, prefix, path)
         return unit
 

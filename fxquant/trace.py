@@ -277,27 +277,28 @@ def _where(site: FailureSite) -> str:
     return owner
 
 
-_FALLBACK = "with fallback on (the default) fxquant does this itself"
+_EAGER = ("with fallback on (the default) fxquant runs this forward eagerly and quantizes each "
+          "submodule on its own")
 
 
 def _fix(site: FailureSite) -> str:
     path = site.module_path
     leaf = (f"keep '{path}' as one opaque call: leaf_names=['{path}'] (or leaf_modules="
-            f"[{site.module_type}]); {_FALLBACK} and quantizes the traceable submodules inside "
-            f"it on their own")
+            f"[{site.module_type}]); with fallback on (the default) fxquant does this itself and "
+            f"quantizes the traceable submodules inside it on their own")
     if site.scope == "helper" and site.wrappable:
-        where = f"at the top level of {os.path.basename(site.file)}"
-        other = f"or {leaf}" if path else (f"or pass concrete_args for the arguments it depends "
-                                           f"on; {_FALLBACK}, running this forward eagerly")
+        other = leaf if path else f"pass concrete_args for the arguments it depends on; {_EAGER}"
         return (f"register the function so fx records it as one call: torch.fx.wrap("
-                f"'{site.function}') {where} (it then runs float); {other}")
+                f"'{site.function}') at the top level of {os.path.basename(site.file)} (it then "
+                f"runs float); or {other}")
     if site.scope != "root" and path:
         return leaf
     return (f"the statement is in the root forward ({site.module_type}), so no submodule leaf "
             f"can help: pass concrete_args={{name: value}} for the arguments that steer it, or move "
             f"the untraceable code into a module-level function registered with torch.fx.wrap"
-            f"('fn'); with fallback on (the default) fxquant runs this forward eagerly and "
-            f"quantizes each submodule on its own")
+            f"('fn'); {_EAGER}")
+
+
 class _ValueRecorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
