@@ -194,7 +194,8 @@ def value_keys(gm: fx.GraphModule) -> dict[fx.Node, Key]:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph and keeps, per key, the float value of the last node that has it."""
+    """Runs the graph and keeps, per key, a copy of the float value of the last node that has
+    it, taken when the node ran."""
 
     def __init__(self, gm: fx.GraphModule, keys: dict[fx.Node, Key]) -> None:
         super().__init__(gm)
@@ -206,10 +207,12 @@ class _Recorder(fx.Interpreter):
         key = self.keys.get(n)
         if key is not None:
             value = _as_float(out)
-            if value is not None:
-                self.values[key] = value.detach()
-            else:
+            if value is None:
                 self.values.pop(key, None)
+            elif value is out:  # the graph's own tensor: a later in-place op may write it
+                self.values[key] = value.detach().clone()
+            else:  # dequantized: a copy already
+                self.values[key] = value.detach()
         return out
 
 
@@ -224,7 +227,11 @@ def _flat_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _run(gm: fx.GraphModule, args: tuple[Any, ...]) -> tuple[dict[Key, torch.Tensor], Any]:
+def run_and_record(gm: fx.GraphModule, args: tuple[Any, ...]
+                  ) -> tuple[dict[Key, torch.Tensor], Any]:
+    """Run ``gm`` on ``args``; return the float value of each key (see :func:`value_keys`) as
+    it was when produced (a copy: an in-place op later in the graph does not change it), and
+    the graph's output."""
     rec = _Recorder(gm, value_keys(gm))
     with torch.no_grad():
         out = rec.run(*args)
@@ -370,9 +377,9 @@ def compare(float_model: nn.Module, model: fx.GraphModule, inputs: Any, *,
     shapes: dict[Key, tuple[int, ...]] = {}
     out_stat = _Stat()
     for args in batches_of(inputs):
-        fvals, fout = _run(fgm, args)
+        fvals, fout = run_and_record(fgm, args)
         with _engine_of(gm):
-            qvals, qout = _run(gm.eval(), args)
+            qvals, qout = run_and_record(gm.eval(), args)
         for key, q in qvals.items():
             f = fvals.get(key)
             if f is not None and f.shape == q.shape:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.fx as fx
 
+from fxquant.aliasing import AliasInfo
 from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY, WEIGHTED,
                                    Backend, Rule, get_backend)
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
@@ -36,8 +37,15 @@ class Annotate:
         stats: Counter[str] = Counter()
         groups: dict[int, Optional[str]] = {}  # group id -> rule of its interior, None if float
         fallback = _input_fallback(ctx.get("qconfig_mapping"), bool(ctx.get("is_qat")))
+        aliases = AliasInfo.of(gm)
         for node in gm.graph.nodes:
-            if node.op.startswith("call_"):
+            if not node.op.startswith("call_"):
+                continue
+            mutation = aliases.must_stay_as_written(node)
+            if mutation is not None:
+                _mark_group(qinfo(node), groups, None)
+                stats[_keep_as_written(node, mutation, node in aliases.views)] += 1
+            else:
                 stats[_annotate_node(node, backend, modules, groups, fallback)] += 1
         return PassResult(gm, False, dict(stats))
 
@@ -104,6 +112,16 @@ def spec_of(factory: Any) -> QSpec:
 def _keep_float(node: fx.Node, reason: str) -> str:
     record(node, Annotate.name, "keep_float", reason)
     return "kept_float"
+
+
+def _keep_as_written(node: fx.Node, mutation: fx.Node, view: bool) -> str:
+    """A view or an in-place write in an alias class whose mutation another node reads: it
+    runs on the float tensor it aliases, so that every reader sees the mutation as in eager
+    mode (a quantize/dequantize pair here would be a copy the mutation never reaches)."""
+    what = "a view of" if view else "writes in place to"
+    return _keep_float(node, f"{what} a tensor that {mutation.name} mutates in place and other "
+                             f"ops read after: runs on the float tensor as written, so that "
+                             f"they see the mutation")
 
 
 def _op_name(node: fx.Node, modules: dict) -> str:

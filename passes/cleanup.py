@@ -9,7 +9,8 @@ from typing import ClassVar, Optional
 import torch.fx as fx
 
 from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
-from fxquant.meta import qinfo
+from fxquant.aliasing import is_written
+from fxquant.meta import inherit, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
 
 _REMOVABLE_ROLES = ("quantize", "dequantize", "observer")
@@ -31,6 +32,8 @@ class Cleanup:
                 moved = _read_metadata_from_quantized(node)
                 if moved:
                     stats["metadata_reads_rewired"] += moved
+                if _contiguous_for_views(gm, node):
+                    stats["made_contiguous"] += 1
         for node in reversed(list(gm.graph.nodes)):
             if not node.users and qinfo(node).role in _REMOVABLE_ROLES and node.op != "output":
                 gm.graph.erase_node(node)
@@ -58,6 +61,21 @@ def _read_metadata_from_quantized(dq: fx.Node) -> int:
     return moved
 
 
+def _contiguous_for_views(gm: fx.GraphModule, dq: fx.Node) -> bool:
+    """A quantized conv returns channels-last, so its dequantized tensor is too, where float
+    gave a contiguous one: ``.view(...)`` on it raises. When a view reads a dequantized
+    tensor, every reader reads it made contiguous (one tensor, so views still alias it)."""
+    if not any(u.op == "call_method" and u.target in ("view", "view_as") for u in dq.users):
+        return False
+    with gm.graph.inserting_after(dq):
+        new = gm.graph.call_method("contiguous", (dq,))
+    inherit(new, dq)
+    record(new, Cleanup.name, "contiguous", "a view reads this dequantized tensor: made "
+                                            "contiguous, the layout float had")
+    dq.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return True
+
+
 def _known_qparams(node: fx.Node) -> Optional[tuple[float, int, object]]:
     if is_quantize(node):
         return quantize_qparams(node)
@@ -72,6 +90,8 @@ def _drop_requantize(q: fx.Node) -> bool:
     dq = q.args[0]
     if not is_dequantize(dq):
         return False
+    if is_written(dq, dict(dq.graph.owning_module.named_modules())):
+        return False  # written in place between dq and q: q reads the mutated values
     src = dq.args[0]
     if _known_qparams(src) != quantize_qparams(q):
         return False

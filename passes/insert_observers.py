@@ -2,6 +2,16 @@
 where ``annotate`` said: on each quantized input edge whose value is not observed yet, and on
 each output with its own qparams. A shared output calls the *same* observer module as its
 input, so both are measured by one observer and get one scale/zero_point.
+
+Sharing is a set of constraints ("these observers must give one scale"): an op with a shared
+output joins its input's set, and an op whose inputs and output all share (cat) joins the sets
+of all its inputs. The sets are merged with union-find while the pass walks the graph, and
+only at the end does every observer call of a set get the set's one module, so a later merge
+can never split an earlier one. An input whose observer cannot share (fixed qparams, another
+dtype) is requantized into the set instead.
+
+An input read after an in-place write that it does not read through (``y = x[:, :2];
+y.relu_(); conv(x)``) is observed where it is read, so that the observer sees the mutation.
 """
 from __future__ import annotations
 
@@ -10,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch.fx as fx
-import torch.nn as nn
 
+from fxquant.aliasing import AliasInfo
 from fxquant.errors import FxQuantError
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
@@ -27,7 +37,7 @@ class InsertObservers:
     provides: ClassVar[frozenset[str]] = frozenset({"observed"})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ins = _Inserter(gm, ctx.get("observer_factory_wrapper"))
+        ins = _Inserter(gm, ctx.get("observer_factory_wrapper"), AliasInfo.of(gm))
         for node in list(gm.graph.nodes):
             info = qinfo(node)
             if info.role != "op" or not node.op.startswith("call_"):
@@ -38,6 +48,7 @@ class InsertObservers:
                 ins.observe_output(node, info.output_spec)
             elif isinstance(info.output_spec, SharedSpec):
                 ins.share_output(node, info.output_spec)
+        ins.groups.apply(gm, ins.stats)
         if ins.stats:
             gm.recompile()
         return PassResult(gm, bool(ins.stats), dict(ins.stats))
@@ -47,11 +58,106 @@ def is_observer_node(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and qinfo(node).role == "observer"
 
 
+def observed_value(node: fx.Node) -> fx.Node:
+    """The value an observer node (or a chain of them) measures; ``node`` itself otherwise."""
+    while is_observer_node(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+# Rules whose kernel chooses its output qparams from its input's (quantized::add_scalar /
+# mul_scalar, fxquant/backends/native.py): their output observer only measures the range; the
+# int8 tensor the kernel returns has other qparams, so it cannot join a cat's set as it is.
+DERIVED_QPARAMS_RULES = frozenset({"add_scalar", "mul_scalar"})
+
+
+def can_share(a: QSpec, b: QSpec) -> bool:
+    """Can values observed with specs ``a`` and ``b`` be measured by one observer?"""
+    return a.fixed is None and b.fixed is None and a.dtype == b.dtype and a.qscheme == b.qscheme
+
+
+def kernel_derived(obs: fx.Node) -> Optional[fx.Node]:
+    """The op, upstream of observer ``obs`` through ops that keep their input's qparams, whose
+    kernel derives its output qparams itself (None: the tensor has the observer's qparams)."""
+    value = observed_value(obs)
+    for _ in range(len(value.graph.nodes)):
+        info = qinfo(value)
+        if info.rule in DERIVED_QPARAMS_RULES:
+            return value
+        spec = info.output_spec
+        if not isinstance(spec, SharedSpec) or spec.all_inputs:
+            return None
+        src = get_input(value, spec.input_index)
+        if not isinstance(src, fx.Node):
+            return None
+        value = observed_value(src)
+    return None
+
+
+class _SharedGroups:
+    """Union-find over observer module names: each set ends up as one module."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+        self.order: dict[str, int] = {}
+        self.why: dict[str, list[str]] = {}  # root -> the ops that joined the set
+
+    def add(self, name: str) -> None:
+        if name not in self.parent:
+            self.parent[name] = name
+            self.order[name] = len(self.order)
+
+    def find(self, name: str) -> str:
+        root = name
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[name] != root:  # path compression
+            self.parent[name], name = root, self.parent[name]
+        return root
+
+    def union(self, a: str, b: str, why: str) -> str:
+        self.add(a)
+        self.add(b)
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            if self.order[rb] < self.order[ra]:
+                ra, rb = rb, ra  # the earliest observer keeps its module
+            self.parent[rb] = ra
+            self.why[ra] = self.why.get(ra, []) + self.why.pop(rb, [])
+        if why not in self.why.setdefault(ra, []):
+            self.why[ra].append(why)
+        return ra
+
+    def apply(self, gm: fx.GraphModule, stats: Counter[str]) -> None:
+        """Point every observer call at its set's module; drop the modules left unused."""
+        dropped: set[str] = set()
+        for node in gm.graph.nodes:
+            name = str(node.target)
+            if not is_observer_node(node) or name not in self.parent:
+                continue
+            root = self.find(name)
+            if root == name:
+                continue
+            node.target = root
+            dropped.add(name)
+            ops = ", ".join(self.why.get(root, []))
+            record(node, InsertObservers.name, "share_observer",
+                   f"uses {root} instead of {name}: {ops} need one scale/zero_point for every "
+                   f"input and output", observer=root)
+            stats["aliased"] += 1
+        for name in dropped:
+            parent, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(parent) if parent else gm, attr)
+
+
 class _Inserter:
-    def __init__(self, gm: fx.GraphModule, wrap: Any) -> None:
+    def __init__(self, gm: fx.GraphModule, wrap: Any, aliases: AliasInfo) -> None:
         self.gm = gm
         self.wrap = wrap  # QAT: turns an observer factory into a fake-quant factory
+        self.aliases = aliases
         self.observed: dict[fx.Node, fx.Node] = {}
+        self.at_read: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+        self.groups = _SharedGroups()
         self.stats: Counter[str] = Counter()
         self.count = sum(1 for n, _ in gm.named_children() if n.startswith(OBSERVER_PREFIX))
 
@@ -62,20 +168,29 @@ class _Inserter:
         self.count += 1
         return name
 
-    def _make(self, value: fx.Node, spec: QSpec, why: str, shared_target: Optional[str] = None
-              ) -> fx.Node:
+    def _make(self, value: fx.Node, spec: QSpec, why: str, shared_target: Optional[str] = None,
+              before: Optional[fx.Node] = None) -> fx.Node:
+        """An observer call on ``value``: right after it, or right before ``before`` (its
+        reader); a new module, or the module ``shared_target`` names."""
         if shared_target is None:
             factory = self.wrap(spec.observer) if self.wrap else spec.observer
             target = self._new_module_name()
             self.gm.add_submodule(target, factory())
+            self.groups.add(target)
         else:
             target = shared_target
-        with self.gm.graph.inserting_after(value):
+        where = self.gm.graph.inserting_before(before) if before is not None \
+            else self.gm.graph.inserting_after(value)
+        with where:
             obs = self.gm.graph.call_module(target, (value,))
         src = qinfo(value)
-        info = QNodeInfo(module_path=src.module_path, role="observer", source=src.source,
-                         debug_handle=src.debug_handle, value=src.value, output_spec=spec)
-        obs.meta["fxquant"] = info
+        # a second observation of a value (requantized, or read after a mutation) is not the
+        # output of the op that produced it: no debug handle, so compare skips it
+        own = before is None and not is_observer_node(value)
+        handle = src.debug_handle if own else None
+        obs.meta["fxquant"] = QNodeInfo(module_path=src.module_path, role="observer",
+                                        source=src.source, debug_handle=handle, value=src.value,
+                                        output_spec=spec)
         module = self.gm.get_submodule(target)
         record(obs, InsertObservers.name, "share_observer" if shared_target else "observe",
                f"{why}: {type(module).__name__}({str(spec.dtype).replace('torch.', '')})",
@@ -89,6 +204,10 @@ class _Inserter:
             return
         if spec.is_dynamic:
             return  # dynamic: the kernel measures its input at run time
+        mutation = self.aliases.hidden_mutation(observed_value(arg), node)
+        if mutation is not None:
+            set_input(node, key, self._observe_at_read(node, arg, spec, mutation))
+            return
         if is_observer_node(arg):
             return  # the producer's output is observed already
         obs = self.observed.get(arg)
@@ -96,6 +215,19 @@ class _Inserter:
             obs = self._make(arg, spec, f"input of {node.name}")
             self.observed[arg] = obs
         set_input(node, key, obs)
+
+    def _observe_at_read(self, node: fx.Node, arg: fx.Node, spec: QSpec, mutation: fx.Node
+                         ) -> fx.Node:
+        """``arg`` was written in place (``mutation``) after it was produced, through another
+        node than the one ``node`` reads: observe it right before ``node`` reads it."""
+        obs = self.at_read.get((node, arg))
+        if obs is None:
+            obs = self._make(arg, spec, f"input of {node.name}, observed where it is read: "
+                                        f"{mutation.name} writes it in place before",
+                             before=node)
+            self.at_read[(node, arg)] = obs
+            self.stats["observed_at_read"] += 1
+        return obs
 
     def observe_output(self, node: fx.Node, spec: QSpec) -> None:
         if spec.is_dynamic:
@@ -109,34 +241,50 @@ class _Inserter:
         while not is_observer_node(src) and isinstance(src, fx.Node) and src.args \
                 and qinfo(src).rule is not None and qinfo(src).output_spec is None:
             src = src.args[0]  # an item of a tuple op: the observer of the tuple op's input
-        if spec.all_inputs and is_observer_node(src):
-            self._alias_inputs(node, str(src.target))
         if not is_observer_node(src):
             raise FxQuantError(f"{node.name} shares the qparams of input {spec.input_index}, "
                                f"which is not observed", node,
                                hint="annotate must give a shared op an input spec")
+        target = str(src.target)
+        if spec.all_inputs:
+            target = self._join_inputs(node)
+            src = get_input(node, spec.input_index)  # requantized by the set's observer?
         out_spec = qinfo(src).output_spec
-        obs = self._make(node, out_spec, f"output of {node.name} shares {src.target}",
-                         shared_target=str(src.target))
+        obs = self._make(node, out_spec, f"output of {node.name} shares {target}",
+                         shared_target=target)
         _redirect_users(node, obs)
         self.observed[node] = obs
 
+    def _join_inputs(self, node: fx.Node) -> str:
+        """cat: every input observer and the output join one set. An input whose observer
+        cannot share with the op's input spec is requantized by an observer of the set."""
+        anchor: Optional[str] = None
+        for key, spec in qinfo(node).input_specs.items():
+            arg = get_input(node, key)
+            if not is_observer_node(arg):
+                continue
+            theirs = qinfo(arg).output_spec
+            if not can_share(theirs, spec):
+                what = f"fixed qparams {theirs.fixed}" if theirs.fixed is not None \
+                    else str(theirs.dtype).replace("torch.", "")
+                arg = self._requantize(node, key, arg, spec, f"its observer ({what})")
+            elif kernel_derived(arg) is not None:
+                arg = self._requantize(node, key, arg, spec,
+                                       f"{kernel_derived(arg).name}'s kernel derives its qparams")
+            name = str(arg.target)
+            anchor = name if anchor is None else self.groups.union(anchor, name, node.name)
+        if anchor is None:
+            raise FxQuantError(f"{node.name} shares one observer among its inputs, but none "
+                               f"is observed", node, hint="annotate must give cat input specs")
+        return anchor
 
-def _alias(self: "_Inserter", node: fx.Node, target: str) -> None:
-    """Make every input observer of ``node`` the same module as ``target`` (cat: inputs and
-    output share one scale/zero_point, so the kernel copies data without requantizing)."""
-    shared = self.gm.get_submodule(target)
-    for key in qinfo(node).input_specs:
-        arg = get_input(node, key)
-        if is_observer_node(arg) and arg.target != target:
-            parent, _, attr = str(arg.target).rpartition(".")
-            setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, shared)
-            record(arg, InsertObservers.name, "share_observer",
-                   f"shares {target} with the other inputs of {node.name}")
-            self.stats["aliased"] += 1
-
-
-_Inserter._alias_inputs = _alias
+    def _requantize(self, node: fx.Node, key: Any, arg: fx.Node, spec: QSpec, why: str
+                    ) -> fx.Node:
+        obs = self._make(arg, spec, f"input of {node.name}, requantized: {why}, so it cannot "
+                                    f"share {node.name}'s scale")
+        set_input(node, key, obs)
+        self.stats["requantized"] += 1
+        return obs
 
 
 def _redirect_users(node: fx.Node, obs: fx.Node) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxquant.aliasing import has_view_alias, is_inplace
 from fxquant.functional import build_module, functional_entry
 from fxquant.meta import inherit, qinfo, record
 from fxquant.ops import (DROPOUT_FUNCTIONS, DROPOUT_MODULES, IDENTITY_MODULES, Spelling,
@@ -51,7 +52,7 @@ class Normalize:
                                     if node.op == "call_module" else None)
             if spelling is not None and _rewrite(gm, node, spelling, modules):
                 stats["rewritten"] += 1
-            elif _is_inplace(node, modules) and _make_mutation_explicit(gm.graph, node):
+            elif _is_inplace(node, modules) and _make_mutation_explicit(gm.graph, node, modules):
                 stats["inplace_readers_repointed"] += 1
         modified = bool(stats) and set(stats) != {"kept_functional"}
         if modified:
@@ -126,7 +127,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
     args, kwargs = new_args
     inplace = sp.inplace or _inplace_kwarg(node) or (
         node.op == "call_module" and module_is_inplace(modules.get(node.target)))
-    if inplace and isinstance(node.args[0], fx.Node) and _has_alias(node.args[0]):
+    if inplace and isinstance(node.args[0], fx.Node) and _has_alias(node.args[0], modules):
         record(node, Normalize.name, "keep_inplace",
                f"kept in place: {node.args[0].name} is a view of another tensor or has views, so "
                f"an out-of-place rewrite would lose the mutation they see")
@@ -147,42 +148,24 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
     return True
 
 
-_ALIASING = {"view", "view_as", "reshape", "transpose", "permute", "squeeze", "unsqueeze",
-             "expand", "expand_as", "narrow", "select", "t", "flatten", "unflatten", "detach",
-             "contiguous", "as_strided", "movedim", "diagonal", "unbind", "chunk", "split",
-             "tensor_split", "swapaxes", "unfold", "__getitem__", "getitem", "real", "imag"}
-
-
-def _aliasing_op(node: fx.Node) -> bool:
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and name in _ALIASING
-
-
-def _has_alias(value: fx.Node) -> bool:
-    """Is ``value`` (possibly) a view of another tensor, or does any op take a view of it?"""
-    if _aliasing_op(value):
-        return True
-    return any(_aliasing_op(u) for u in value.users)
+def _has_alias(value: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Is ``value`` a view of another tensor, or does some view share its storage?"""
+    return has_view_alias(value, modules)
 
 
 def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Does ``node`` mutate its first argument? (``x.sigmoid_()``, ``torch.tanh_``,
     ``F.elu(x, inplace=True)``, ``nn.Hardswish(inplace=True)``)"""
-    if node.graph is None or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.op == "call_module":
-        return module_is_inplace(modules.get(node.target))
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    trailing = name.endswith("_") and not name.startswith("__")
-    return trailing or bool(node.kwargs.get("inplace", False))
+    return node.graph is not None and is_inplace(node, modules)
 
 
-def _make_mutation_explicit(graph: fx.Graph, node: fx.Node) -> bool:
+def _make_mutation_explicit(graph: fx.Graph, node: fx.Node, modules: dict[str, nn.Module]
+                            ) -> bool:
     """An in-place op without an out-of-place spelling stays as written, but every later reader
     of the tensor it mutates reads its result instead, which is the same tensor in eager mode.
     Once the op runs on a dequantized copy, the readers still see the mutation."""
     x = node.args[0]
-    if _has_alias(x):
+    if _has_alias(x, modules):
         record(node, Normalize.name, "keep_inplace",
                f"in place on {x.name}, which is a view of another tensor or has views: the "
                f"views may not see the mutation once quantized; left as written")
