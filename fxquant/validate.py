@@ -16,7 +16,8 @@ fp16 / bf16 / fp64 / complex      UnsupportedDtypeError naming the first paramet
                                   example input; fix: ``model.float()``
 NaN / inf parameter               NonFiniteParameterError naming it
 qconfig_mapping of a wrong type   ConfigTypeError naming the type and what is accepted
-unknown module_name / leaf_names  UnknownNameError with "did you mean"
+misspelled module_name           UnknownNameError with "did you mean"; unlike any: ConfigWarning
+unknown leaf_names                UnknownNameError (with "did you mean" where one is close)
 regex matching no module          ConfigWarning
 example_inputs not tuple/tensor   ExampleInputsError; also too many / too few for forward
 NaN / inf calibration data        CalibrationDataError from the observer, naming the node
@@ -131,7 +132,7 @@ def _check_qat_modes(model: nn.Module) -> None:
             f"prepare_qat_fx: submodules {_listed(frozen)} are in eval mode but the prepared model "
             "trains every module; set their mode on the prepared model after prepare (to freeze "
             "BatchNorm statistics: fxquant.nn.qat.freeze_bn_stats(prepared))",
-            ModelModeWarning, stacklevel=4)
+            ModelModeWarning, stacklevel=6)  # the user's prepare_qat_fx call
 
 
 def _named_tensors(model: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -309,33 +310,45 @@ def _module_paths(model: nn.Module) -> list[str]:
 def validate_config(model: nn.Module, qconfig_mapping: Any, leaf_modules: Sequence[type] = (),
                     leaf_names: Sequence[str] = ()) -> None:
     """The mapping is a QConfigMapping (or a qconfig_dict); each module name it or
-    ``leaf_names`` gives is a submodule of ``model``; regexes that match nothing warn."""
+    ``leaf_names`` gives is a submodule of ``model``: a misspelled one (a path is close to it)
+    is an :class:`UnknownNameError`, one like nothing in the model only warns for the mapping
+    (mappings are shared between models) and is an error in ``leaf_names``; regexes that match
+    nothing warn."""
     from fxquant.qconfig import as_qconfig_mapping
 
     mapping = as_qconfig_mapping(qconfig_mapping)
     paths = _module_paths(model)
     known = set(paths)
     for name in mapping.module_name_qconfigs:
-        _check_name(name, known, paths, model, f"QConfigMapping.set_module_name({name!r}, ...)")
+        _check_name(name, known, paths, model, f"QConfigMapping.set_module_name({name!r}, ...)",
+                    strict=False)
     for name, _, _ in mapping.module_name_object_type_order_qconfigs:
         if name:
-            _check_name(name, known, paths, model,
-                        f"QConfigMapping.set_module_name_object_type_order({name!r}, ...)")
+            _check_name(name, known, paths, model, strict=False, where=(
+                f"QConfigMapping.set_module_name_object_type_order({name!r}, ...)"))
     for pattern in mapping.module_name_regex_qconfigs:
         if not any(re.match(pattern, path) for path in paths):
             warnings.warn(f"QConfigMapping.set_module_name_regex({pattern!r}, ...) matches no module "
                           f"of {type(model).__name__} (module paths look like {_listed(paths[:3])})",
-                          ConfigWarning, stacklevel=4)
+                          ConfigWarning, stacklevel=4)  # the user's prepare_fx call
     _check_leaf_options(model, leaf_modules, leaf_names, known, paths)
 
 
-def _check_name(name: str, known: set[str], paths: list[str], model: nn.Module, where: str) -> None:
+def _check_name(name: str, known: set[str], paths: list[str], model: nn.Module, where: str,
+                strict: bool = True) -> None:
+    """A name that is no module path is an error when ``strict`` or when a path is close to it
+    (a misspelling); otherwise a :class:`ConfigWarning` (a mapping shared by several models,
+    e.g. "head" kept float wherever there is one)."""
     if name in known:
         return
-    raise UnknownNameError(
-        f"{where} names no submodule of {type(model).__name__}{did_you_mean(name, paths)}: the "
-        "rule would silently apply to nothing", module_path=name,
-        hint="use a dotted path from model.named_modules(), e.g. " + _listed(paths[:3]))
+    close = did_you_mean(name, paths)
+    message = (f"{where} names no submodule of {type(model).__name__}{close}: the rule applies "
+               "to nothing")
+    if strict or close:
+        raise UnknownNameError(message, module_path=name,
+                               hint="use a dotted path from model.named_modules(), e.g. "
+                                    + _listed(paths[:3]))
+    warnings.warn(message, ConfigWarning, stacklevel=5)  # the user's prepare_fx call
 
 
 def _check_leaf_options(model: nn.Module, leaf_modules: Any, leaf_names: Any, known: set[str],

@@ -306,6 +306,13 @@ def test_misspelled_module_name_is_an_error_with_did_you_mean():
     assert e.value.module_path == "block.bnn" and "named_modules()" in e.value.hint
 
 
+def test_module_name_like_nothing_in_the_model_only_warns():
+    # one mapping for several models ("keep the head float wherever there is one") is normal
+    with pytest.warns(ConfigWarning, match=r"set_module_name\('head', \.\.\.\) names no submodule of Net: "):
+        prepared = prepare(net(), mapping().set_module_name("head", None))
+    assert isinstance(prepared, nn.Module)
+
+
 def test_misspelled_order_module_name_is_an_error():
     bad = mapping().set_module_name_object_type_order("blok", nn.Conv2d, 0, None)
     with pytest.raises(UnknownNameError, match=r"set_module_name_object_type_order\('blok'.*did you mean 'block'"):
