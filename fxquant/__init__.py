@@ -19,6 +19,7 @@ from fxquant.fake_quantize import get_default_qat_qconfig, get_default_qat_qconf
 from fxquant.pipeline import Pass, PassContext, PassManager, PassResult
 from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
                              get_default_qconfig_mapping)
+from fxquant.serialize import load, save
 
 __all__ = [
     "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",
@@ -29,4 +30,7 @@ __all__ = [
 # See every decision: fxquant.report(gm, ...) (callable module), fxquant.compare(...),
 # skip_layers, visualize, to_networkx.
 __all__ += ["report", "compare", "skip_layers", "visualize", "to_networkx"]
+# Safe model files (tensors + JSON, no pickled code): fxquant.save(quantized, path),
+# fxquant.load(float_model, path, example_inputs).
+__all__ += ["save", "load"]
 __version__ = "0.1.0"

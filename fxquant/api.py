@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from fxquant.errors import FxQuantError
 from fxquant.pipeline import Instrument, Pass, PassContext, PassManager
+from fxquant.serialize import keep_meta_when_pickled, restore_pickled_meta
 from fxquant.trace import TraceConfig, record_values, trace
 from fxquant.validate import eval_modes, label_observers, validate_calibrated, validate_prepare
 
@@ -41,6 +42,7 @@ def _run(gm: fx.GraphModule, passes: Sequence[Pass], options: dict[str, Any], *,
     result = pm.run(gm, ctx)
     label_observers(result.gm)  # so that NaN calibration data names the node it ran into
     result.gm.meta[OPTIONS_KEY] = dict(options)
+    keep_meta_when_pickled(result.gm)  # torch.save drops node.meta / gm.meta otherwise
     # every pass that ever ran on this model: prepare's, then convert's
     result.gm.meta["fxquant_timings"] = {**gm.meta.get("fxquant_timings", {}), **ctx.timings}
     result.gm.meta["fxquant_stats"] = {**gm.meta.get("fxquant_stats", {}),
@@ -169,6 +171,7 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str
     model that fallback prepared piece by piece."""
     from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
 
+    restore_pickled_meta(prepared)  # records and options of a torch.save'd prepared model
     validate_calibrated(prepared)
     if not is_prepared(prepared):
         _options_of(prepared)  # raises, naming the fix
