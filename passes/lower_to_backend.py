@@ -6,13 +6,15 @@ the reason recorded.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import ClassVar, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Optional
 
 import torch.fx as fx
 
-from fxquant.backends.base import SHARED, SHARED_ALL, Backend, LowerCtx, get_backend
-from fxquant.backends.engine import engine
+from fxquant.backends import kernel_check
+from fxquant.backends.base import SHARED, SHARED_ALL, Backend, LowerCtx, Rule, get_backend
+from fxquant.backends.engine import current_engine, engine, supported_engines
+from fxquant.backends.kernel_check import CheckResult
 from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
 from fxquant.meta import SharedSpec, inherit, qinfo, record
 from fxquant.patterns import NoMatch
@@ -25,6 +27,7 @@ class LowerToBackend:
     name: ClassVar[str] = "lower_to_backend"
     requires: ClassVar[frozenset[str]] = frozenset({"reference"})
     provides: ClassVar[frozenset[str]] = frozenset({"lowered"})
+    check_kernels: bool = True  # run each kernel against the reference on random data
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         backend = get_backend(ctx.get("backend", "auto"))
@@ -38,7 +41,7 @@ class LowerToBackend:
                     continue  # lowered with its group's root
                 if info.rule == "tuple_item":
                     continue  # lowered with its tuple op
-                stats[_lower_one(gm, backend, node)] += 1
+                stats[_lower_one(gm, backend, node, self.check_kernels)] += 1
         gm.recompile()
         return PassResult(gm, stats["lowered"] > 0, dict(stats))
 
@@ -92,13 +95,13 @@ def _lower_tuple(gm: fx.GraphModule, node: fx.Node) -> str:
     qinfo(node).kernel = f"{node.target if isinstance(node.target, str) else node.target.__name__}"\
                          f" on the quantized tensor"
     for item, q in zip(items, quantizes):
-        q.replace_all_uses_with(item)
-        gm.graph.erase_node(q)
         info = qinfo(item)
         known = qinfo(qin).qparams if not is_quantize(qin) else None
         info.kernel = "item of a quantized tuple"
         info.qparams = dict(known) if known else (None if _runtime_qparams(qin)
-                                                   else _qparams_dict(q))
+                                                   else _qparams_dict(q))  # before erase_node
+        q.replace_all_uses_with(item)                                      # clears q's args
+        gm.graph.erase_node(q)
         record(item, LowerToBackend.name, "lower", "item of the quantized tuple")
     return "lowered"
 
@@ -114,7 +117,7 @@ def _qparams_dict(q: fx.Node) -> dict:
     return {"scale": scale, "zero_point": zp, "dtype": dtype}
 
 
-def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
+def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node, check: bool) -> str:
     if qinfo(root).qkind in ("dynamic", "weight_only"):
         return _lower_in_place(gm, backend, root)
     if backend.rule_named(qinfo(root).rule).multi_output:
@@ -139,11 +142,22 @@ def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
     modules = dict(gm.named_modules())
     lctx = LowerCtx(gm, first, modules, qinputs, scale, zp, dtype, group if len(group) > 1 else ())
     rule = backend.rule_named(qinfo(root).rule)
-    with gm.graph.inserting_before(q_out):
-        new = rule.lower(lctx) if rule.lower else NoMatch("the rule has no lowering")
+    attempt = _Attempt(gm, backend, rule, group, q_out, check)
+    new, lctx = attempt.lower(lctx)
+    if isinstance(new, _Refused):
+        return _refuse(root, rule, new)
     if isinstance(new, NoMatch):
         return _decline(root, new.reason)
-    _finish(gm, root, group, q_out, new, lctx.kernel or rule.kernel, (scale, zp, dtype))
+    kernel = lctx.kernel or rule.kernel
+    if lctx.pack_engine:
+        kernel += f" (weights packed with {lctx.pack_engine})"
+    _finish(gm, root, group, q_out, new, kernel, (scale, zp, dtype), attempt.checks)
+    _set_output_qparams(new, lctx, rule, dtype)
+    return "lowered"
+
+
+def _set_output_qparams(new: fx.Node, lctx: LowerCtx, rule: Rule, dtype: Any) -> None:
+    qinputs = lctx.qinputs
     if lctx.derived_qparams and lctx.derived is not None:
         qinfo(new).qparams = {"scale": lctx.derived[0], "zero_point": lctx.derived[1],
                               "dtype": dtype}  # what the kernel derives (add_scalar ...)
@@ -156,18 +170,120 @@ def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node) -> str:
             qinfo(new).qparams = None
         elif src is not None:
             qinfo(new).qparams = dict(src)  # the kernel keeps its input's qparams
-    return "lowered"
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """Every kernel tried was off against the reference: the check results, in try order."""
+
+    results: tuple[tuple[str, CheckResult], ...]  # (kernel, result)
+
+
+@dataclass
+class _Attempt:
+    """Lowering one reference pattern, checked numerically: the backend's kernel first, then
+    the rule's alternative engines; a kernel that fails the check is taken out again."""
+
+    gm: fx.GraphModule
+    backend: Backend
+    rule: Rule
+    group: tuple[fx.Node, ...]
+    q_out: fx.Node
+    check: bool
+    checks: list = field(default_factory=list)  # (kernel, CheckResult) of each try
+
+    def lower(self, base: LowerCtx) -> tuple[Any, LowerCtx]:
+        """The lowered node (or the NoMatch of the first try, or _Refused) and its context."""
+        alternatives = tuple(e for e in self.rule.alt_engines
+                             if e in supported_engines() and e != current_engine())
+        for pack in (None, *alternatives):
+            lctx = replace(base, pack_engine=pack)
+            new = self._try(lctx)
+            if new is None or (isinstance(new, NoMatch) and self.checks):
+                continue  # refused by the check, or an alternative that does not apply
+            return new, lctx
+        return _Refused(tuple(self.checks)), base
+
+    def _try(self, lctx: LowerCtx) -> Any:
+        """The lowered node (or NoMatch) to keep; None when the check refused the kernel."""
+        specs = kernel_check.input_specs(lctx) if self.check else None
+        scope = (self.backend.name, self.rule.name, _qualname(self.rule.lower),
+                 lctx.pack_engine or "")
+        key = kernel_check.check_key(lctx, scope, self.q_out, specs)
+        cached = kernel_check.lookup(key)
+        if cached is not None and not cached.ok:
+            self.checks.append((self.rule.kernel, cached))
+            return None
+        anchor, buffers = self.q_out.prev, set(self.gm._buffers)
+        with self.gm.graph.inserting_before(self.q_out):
+            new = self.rule.lower(lctx) if self.rule.lower else NoMatch("the rule has no lowering")
+        if isinstance(new, NoMatch) or key is None:
+            return new
+        result = cached or kernel_check.run_check(lctx, kernel_check.Lowering(
+            self.group, _inserted(anchor, self.q_out), self.q_out), specs)
+        kernel_check.store(key, result)
+        self.checks.append((lctx.kernel or self.rule.kernel, result))
+        if result.ok:
+            return new
+        _undo(self.gm, lctx, anchor, self.q_out, buffers)
+        return None
+
+
+def _qualname(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _inserted(anchor: fx.Node, end: fx.Node) -> tuple[fx.Node, ...]:
+    """The nodes a lowering inserted between ``anchor`` and ``end``, in graph order."""
+    out, n = [], anchor.next
+    while n is not end:
+        out.append(n)
+        n = n.next
+    return tuple(out)
+
+
+def _undo(gm: fx.GraphModule, lctx: LowerCtx, anchor: fx.Node, q_out: fx.Node,
+          buffers: set[str]) -> None:
+    """Take a refused kernel out again: its nodes, the modules it swapped in, its buffers."""
+    from fxquant.passes.fuse import _set_submodule
+
+    inserted = _inserted(anchor, q_out)
+    targets = {n.target for n in inserted if n.op == "call_module"}
+    if lctx.node.op == "call_module":
+        targets.add(lctx.node.target)
+    for n in reversed(inserted):
+        gm.graph.erase_node(n)
+    for target in targets:
+        old = lctx.modules.get(target)
+        if old is not None and gm.get_submodule(target) is not old:
+            _set_submodule(gm, target, old)
+    for name in set(gm._buffers) - buffers:
+        del gm._buffers[name]
+
+
+def _refuse(root: fx.Node, rule: Rule, refused: _Refused) -> str:
+    tried = "; ".join(f"{kernel}: {result.summary()}" for kernel, result in refused.results)
+    record(root, LowerToBackend.name, "keep_float",
+           f"runs in float between dequantize/quantize: the kernel is wrong here, off the "
+           f"reference computation by more than {kernel_check.STEP_TOLERANCE} step on random "
+           f"inputs ({tried})",
+           kernel=rule.kernel, max_steps=max(r.max_steps for _, r in refused.results))
+    return "kernel_refused"
 
 
 def _finish(gm: fx.GraphModule, root: fx.Node, group: tuple[fx.Node, ...], q_out: fx.Node,
-            new: fx.Node, kernel: str, qparams: tuple) -> None:
+            new: fx.Node, kernel: str, qparams: tuple, checks: list) -> None:
     info = inherit(new, root)
     info.kernel = kernel
     info.qparams = {"scale": qparams[0], "zero_point": qparams[1], "dtype": qparams[2]}
     if len(group) > 1:
         info.fused_from = tuple(n.name for n in group)
-    record(new, LowerToBackend.name, "lower", f"runs on {kernel}",
-           scale=qparams[0], zero_point=qparams[1])
+    refused = [f"{k}: {r.summary()}" for k, r in checks if not r.ok]
+    reason = f"runs on {kernel}"
+    if refused:
+        reason += f" (instead of the backend's kernel, which is wrong here: {'; '.join(refused)})"
+    record(new, LowerToBackend.name, "lower", reason, scale=qparams[0], zero_point=qparams[1],
+           **({"check": checks[-1][1].summary()} if checks else {}))
     q_out.replace_all_uses_with(new)
     gm.graph.erase_node(q_out)
     for n in reversed(group):

@@ -43,6 +43,7 @@ class LowerCtx:
     kernel: Optional[str] = None  # set by a lowering that picks a kernel other than the rule's
     derived_qparams: bool = False  # the kernel chooses its own output qparams (add_scalar)
     derived: Optional[tuple[float, int]] = None  # ... and these are they, when known statically
+    pack_engine: Optional[str] = None  # pack weights with this engine (a Rule.alt_engines try)
 
     @property
     def module(self) -> nn.Module:
@@ -124,6 +125,7 @@ class Rule:
     (every float-tensor argument, including those inside a list, as for cat).
     ``check``: backend constraints on the node/qconfig (returns NoMatch(reason) to decline).
     ``lower``: rewrites the reference pattern into the kernel call. ``kernel``: its name.
+    ``alt_engines``: engines to pack with when the backend's kernel fails the numeric check.
     """
 
     name: str
@@ -136,6 +138,9 @@ class Rule:
     check: Optional[CheckFn] = None
     notes: str = ""
     multi_output: bool = False  # returns a tuple of tensors (chunk, split): items share qparams
+    # engines whose kernel may run the op when the backend's own fails the numeric check
+    # (lower_to_backend tries them in order; the lowering reads LowerCtx.pack_engine)
+    alt_engines: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:

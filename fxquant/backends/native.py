@@ -42,8 +42,8 @@ def lower_weighted(ctx: LowerCtx) -> Lowered:
     if qcls is None:
         return NoMatch(f"no quantized module for {type(ctx.module).__name__}")
     try:
-        qmod = qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point)
-    except (ValueError, TypeError, NotImplementedError) as e:
+        qmod = qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point, ctx.pack_engine)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
         return NoMatch(f"{qcls.__name__} cannot take these qparams: {e}")
     err = ctx.probe(qmod)
     if err:
@@ -398,7 +398,8 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
                  f"quantized::conv{d}d(_relu)", lower_weighted,
                  notes="ReLU6/Hardtanh/clamp bound folded into the output qparams"),
             Rule(f"conv_transpose{d}d", Op(getattr(nn, f"ConvTranspose{d}d")), WEIGHTED,
-                 f"quantized::conv_transpose{d}d", lower_weighted, check=check_transpose),
+                 f"quantized::conv_transpose{d}d", lower_weighted, check=check_transpose,
+                 alt_engines=("qnnpack",) if d < 3 else ()),
         ]
     for d in (2, 3):
         rules += [

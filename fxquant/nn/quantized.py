@@ -7,7 +7,11 @@ bias). Every class has
   weight's ``WeightQParams`` (``wq`` must be None for the BatchNorm kinds);
 * ``from_reference(ref_mod, output_scale, output_zero_point)``: from the fxquant.nn.reference
   module (or, for BatchNorm, the float BatchNorm);
-* ``weight()`` / ``bias()`` (unpacked), a readable repr, ``state_dict`` round-trip,
+* ``weight``: an attribute, as on the float module: the weight the kernel computes with, as a
+  float tensor (``m.weight.device`` / ``.dtype`` / ``.shape`` read as on the float module, so a
+  forward written for the float model runs); calling it, ``m.weight()``, returns the
+  quantized weight (the older API, kept);
+* ``bias()`` (unpacked), a readable repr, ``state_dict`` round-trip,
   ``torch.save``/``torch.load`` and ``torch.jit.script`` support.
 
 Fused ReLU is a separate class (``LinearReLU``, ``ConvReLU2d``, ``BNReLU2d``, ...). Its
@@ -67,6 +71,26 @@ def _float_bias(b: torch.Tensor | None) -> torch.Tensor | None:
     return None if b is None else b.detach().float().clone()
 
 
+class _DequantizedWeight(torch.Tensor):
+    """A quantized module's weight read as an attribute: the dequantized weight, a plain float
+    tensor for every torch op (``__torch_function__`` disabled, results are plain tensors).
+    Calling it returns the quantized weight: ``m.weight()`` as before it was an attribute."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def of(quantized: torch.Tensor) -> "_DequantizedWeight":
+        w = torch.Tensor._make_subclass(_DequantizedWeight, quantized.dequantize(), False)
+        w._quantized = quantized
+        return w
+
+    def __call__(self) -> torch.Tensor:
+        return self._quantized
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # pickles (torch.save) as a float tensor
+        return torch.Tensor.__reduce_ex__(self.as_subclass(torch.Tensor), protocol)
+
+
 class _QuantizedBase(nn.Module):
     """Output qparams and their state-dict entries, shared by all quantized modules."""
 
@@ -113,8 +137,12 @@ class _PackedWeighted(_QuantizedBase):
     _SPATIAL_DIMS = 0
     _WEIGHT_CH_AXIS = 0
 
+    # ``weight`` is a Python property (see below): TorchScript must not compile it
+    __jit_unused_properties__ = ["weight"]
+
     def _init_packed(self, weight_shape: list[int], bias: bool) -> None:
         self._packed_params = None
+        self.pack_engine = None  # an engine to pack with, whatever the current one (str)
         self._unpacked_copy = None  # (weight, bias) where the engine cannot unpack
         w = torch._empty_affine_quantized(weight_shape, scale=1.0, zero_point=0,
                                           dtype=torch.qint8)
@@ -139,8 +167,9 @@ class _PackedWeighted(_QuantizedBase):
 
     # -- weights
     def packing_engine(self) -> str:
-        """The engine whose prepack runs: the current one (transposed convs may differ)."""
-        return current_engine()
+        """The engine whose prepack runs: ``pack_engine`` when set (a kernel chosen because
+        the backend's own was wrong), else the current one (transposed convs may differ)."""
+        return getattr(self, "pack_engine", None) or current_engine()
 
     def set_weight_bias(self, w: torch.Tensor, b: torch.Tensor | None) -> None:
         """Pack quantized qint8 weight ``w`` and float bias ``b`` (see ``packing_engine``)."""
@@ -176,9 +205,15 @@ class _PackedWeighted(_QuantizedBase):
         w, b = self._unpacked_copy if self._unpacked_copy is not None else self._unpack()
         return w, (b if self._has_bias else None)
 
+    @property
     def weight(self) -> torch.Tensor:
-        """The quantized weight, unpacked."""
-        return self._weight_bias()[0]
+        """The weight the kernel computes with, dequantized: ``.device``, ``.dtype``,
+        ``.shape`` read as on the float module. ``m.weight()`` is the quantized weight."""
+        return _DequantizedWeight.of(self._weight_bias()[0])
+
+    def fake_quantized_weight(self) -> torch.Tensor:
+        """The weight quantized then dequantized (as the reference module's method)."""
+        return self._weight_bias()[0].dequantize()
 
     def bias(self) -> torch.Tensor | None:
         """The float bias, unpacked (None when the module has no bias)."""
@@ -253,11 +288,13 @@ class _PackedWeighted(_QuantizedBase):
 
     @classmethod
     def from_reference(cls, ref_mod: nn.Module, output_scale: float,
-                       output_zero_point: int) -> Any:
+                       output_zero_point: int, pack_engine: str | None = None) -> Any:
         """Quantized module from a fxquant.nn.reference module and the output qparams.
 
         The ReLU kinds also take their fused float container holding the reference module
-        as its first child (the ReLU is what the class fuses).
+        as its first child (the ReLU is what the class fuses). ``pack_engine``: pack the
+        weights with this engine now and on every re-pack (load, deepcopy), whatever the
+        current engine is (lowering uses it when the backend's own kernel is wrong).
         """
         if cls._FUSED is not None and isinstance(ref_mod, cls._FUSED):
             ref_mod = ref_mod[0]
@@ -266,6 +303,11 @@ class _PackedWeighted(_QuantizedBase):
                             f"{cls._REFERENCE.__name__} (fxquant.nn.reference), "
                             f"got {type(ref_mod).__name__}")
         qmod = cls._empty_like(ref_mod)
+        if pack_engine is not None:
+            if pack_engine not in supported_engines():
+                raise ValueError(f"{cls._NAME}: engine {pack_engine!r} is not in this torch "
+                                 f"build ({', '.join(supported_engines())})")
+            qmod.pack_engine = pack_engine
         qmod.set_weight_bias(ref_mod.quantized_weight(), ref_mod.bias)
         qmod.set_output_qparams(output_scale, output_zero_point)
         return qmod
@@ -550,6 +592,8 @@ class _ConvTransposeNd(_ConvNd):
         self._init_packed(self._weight_shape(), bias)
 
     def packing_engine(self) -> str:
+        if getattr(self, "pack_engine", None):
+            return self.pack_engine
         requested = current_engine()
         if requested not in _ONEDNN_DECONV_ENGINES:
             return requested
