@@ -2,14 +2,20 @@
 fault is named first; weights; skip_layers and the re-run."""
 from __future__ import annotations
 
+import copy
 import functools
+import math
+
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 import fxquant
-from fxquant.compare import Comparison, batches_of, compare, skip_layers, skip_worst
+from fxquant.compare import (Comparison, batches_of, compare, run_and_record, skip_layers,
+                             skip_worst, value_keys)
 from fxquant.meta import qinfo
+from fxquant.trace import trace
 from tests.models import TinyResNet, WithFloatHead, build, calibration_batches
 
 SHAPE = (2, 3, 8, 8)
@@ -141,3 +147,65 @@ def test_callable_module_and_user_models_untouched():
     assert isinstance(result, Comparison)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "layer" in result.to_text() and "weight" in result.to_text()
+
+
+class InPlaceReLUs(nn.Module):
+    """nn.ReLU(inplace=True) right after a conv, and ``p.relu_()`` on a pool's output: in the
+    float run both write the tensor another op produced, after compare recorded it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = self.relu(self.conv(x))
+        p = self.pool(self.conv2(y))
+        p.relu_()
+        return p
+
+
+def _hooked(model, names):
+    """Forward hooks that keep a copy of each named module's output as it was produced."""
+    seen = {}
+    for name in names:
+        model.get_submodule(name).register_forward_hook(
+            lambda m, i, out, name=name: seen.__setitem__(
+                name, (out.dequantize() if out.is_quantized else out).detach().clone()))
+    return seen
+
+
+def _sqnr_by_hand(ref, test):
+    ref, test = ref.double(), test.double()
+    return 10 * math.log10(float((ref * ref).sum()) / float(((ref - test) ** 2).sum()))
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_float_values_are_copies_taken_before_in_place_writes(backend):
+    model = build(InPlaceReLUs)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend),
+                                  (torch.randn(*SHAPE),), backend=backend)
+    for batch in calibration_batches(SHAPE, n=3):
+        prepared(batch)
+    quantized = fxquant.convert_fx(prepared)
+    x = calibration_batches(SHAPE, n=1, seed=11)[0]
+    # what compare records of the float model, against a separate hooked float run
+    fgm = trace(model)
+    values, _ = run_and_record(fgm, (x,))
+    keys = {str(n.target): k for n, k in value_keys(fgm).items() if n.op == "call_module"}
+    float_run = copy.deepcopy(model)
+    float_seen = _hooked(float_run, ["conv", "conv2", "pool"])
+    float_run(x)
+    for name in ("conv", "conv2", "pool"):
+        torch.testing.assert_close(values[keys[name]], float_seen[name], rtol=0, atol=0)
+    assert float(float_seen["conv"].min()) < 0 and float(float_seen["pool"].min()) < 0
+    # the SQNR compare reports for the pool is the one of those float values vs int8's
+    q_seen = _hooked(quantized, ["pool"])
+    torch.backends.quantized.engine = backend
+    quantized(x)
+    result = compare(model, quantized, x)
+    assert result.layer("pool").sqnr_db == pytest.approx(
+        _sqnr_by_hand(float_seen["pool"], q_seen["pool"]), abs=1e-9)
+    assert result.layer("pool").sqnr_db > 25

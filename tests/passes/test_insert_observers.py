@@ -174,3 +174,95 @@ def test_before_expected_on_a_model():
                                "call_module:ReLU6", OBS, "call_module:AdaptiveAvgPool2d", OBS,
                                "call_function:torch.flatten", OBS, "call_module:Linear", OBS, O]
     assert r.stats == {"observers": 4, "shared": 5}
+
+
+# ----------------------------------------------------------- sets of observers that must share
+def _three_convs(forward):
+    return Fn(forward, a=nn.Conv2d(3, 4, 3, padding=1), b=nn.Conv2d(3, 4, 3, padding=1),
+              c=nn.Conv2d(8, 8, 3, padding=1))
+
+
+def _modules(gm, nodes):
+    return {id(gm.get_submodule(str(n.target))) for n in nodes}
+
+
+@pytest.mark.parametrize("pooled_first", [True, False])
+def test_cats_joined_through_a_pool_are_one_set_in_either_order(pooled_first):
+    """cat2 reaches cat1 through a max_pool (which shares cat1's observer): a, b, cat1, the pool,
+    c and cat2 are one set, one module, whichever of cat2's inputs comes first."""
+    def forward(s, x):
+        p = F.max_pool2d(torch.cat([s.a(x), s.b(x)], 1), 2)
+        return torch.cat([p, s.c(p)] if pooled_first else [s.c(p), p], 1)
+
+    _, r = observe(_three_convs(forward), X4)
+    obs = observers(r.gm)
+    assert len(obs) == 7 and len(_modules(r.gm, obs[1:])) == 1
+    assert _modules(r.gm, obs[:1]) != _modules(r.gm, obs[1:])  # the input x has its own
+    names = [n for n, _ in r.gm.named_children() if n.startswith("activation_post_process_")]
+    assert len(names) == 2  # the modules merged away are deleted, not left aliased
+    assert r.stats["aliased"] >= 1
+    merged = [n for n in obs if decisions(n)[-1].reason.startswith("uses ")]
+    assert merged and all("need one scale/zero_point" in decisions(n)[-1].reason for n in merged)
+
+
+def test_tensor_feeding_two_cats_merges_both_sets():
+    def forward(s, x):
+        a, b, c = s.a(x), s.b(x), s.c(torch.cat([x, x, x[:, :2]], 1))
+        return torch.cat([a, b], 1), torch.cat([b, c], 1)
+
+    model = Fn(forward, a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(3, 4, 1), c=nn.Conv2d(8, 4, 1))
+    _, r = observe(model, X4)
+    cats = [n for n in call_nodes(r.gm) if n.target is torch.cat][1:]
+    ins = [a for c in cats for a in c.args[0]] + [next(iter(c.users)) for c in cats]
+    assert len(_modules(r.gm, ins)) == 1
+
+
+def test_fixed_qparams_input_is_requantized_into_the_set():
+    model = Fn(lambda s, x: torch.cat([torch.sigmoid(s.a(x)), s.b(x)], 1),
+               a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(3, 4, 1))
+    _, r = observe(model, X4)
+    assert r.stats["requantized"] == 1
+    cat = next(n for n in call_nodes(r.gm) if n.target is torch.cat)
+    first = cat.args[0][0]
+    assert "requantized" in decisions(first)[0].reason and "fixed qparams" in decisions(first)[0].reason
+    fixed = first.args[0]
+    assert type(r.gm.get_submodule(fixed.target)).__name__.startswith("FixedQParams")
+    assert _modules(r.gm, [fixed]) != _modules(r.gm, list(cat.args[0]))
+    assert len(_modules(r.gm, [*cat.args[0], next(iter(cat.users))])) == 1
+
+
+def test_kernel_derived_qparams_input_is_requantized_into_the_set():
+    model = Fn(lambda s, x: torch.cat([s.a(x) * 3, s.b(x)], 1),
+               a=nn.Conv2d(3, 4, 1), b=nn.Conv2d(3, 4, 1))
+    _, r = observe(model, X4)
+    assert r.stats["requantized"] == 1
+    cat = next(n for n in call_nodes(r.gm) if n.target is torch.cat)
+    assert "derives its qparams" in decisions(cat.args[0][0])[0].reason
+
+
+# ------------------------------------------------------------------- reads after in-place writes
+class WriteThenRead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        z = self.conv(x)
+        before = self.conv2(z)
+        z[:, :2].mul_(2)
+        return before, self.conv2(z)
+
+
+def test_input_read_after_an_in_place_write_is_observed_where_it_is_read():
+    _, r = observe(WriteThenRead(), X4)
+    assert structure(r.gm) == [P, OBS, "call_module:Conv2d", OBS, "call_module:Conv2d", OBS,
+                               "call_function:operator.getitem", "call_method:mul_", OBS,
+                               "call_module:Conv2d", OBS, O]
+    assert r.stats["observed_at_read"] == 1
+    convs = [n for n in call_nodes(r.gm) if n.op == "call_module" and qinfo(n).role == "op"]
+    z_obs = convs[1].args[0]  # the first reader reuses conv's output observer
+    assert z_obs.args[0] is convs[0]
+    at_read = convs[2].args[0]
+    assert at_read.args[0] is z_obs and at_read.prev.target == "mul_"
+    assert "mul_ writes it in place before" in decisions(at_read)[0].reason
+    assert qinfo(at_read).debug_handle is None  # not conv's output: compare skips it

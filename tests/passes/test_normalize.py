@@ -452,14 +452,41 @@ class MutateAView(nn.Module):
         return x * 1
 
 
-@pytest.mark.parametrize("model", [MutateThroughView(), MutateAView()],
-                         ids=["mutate-base-read-view", "mutate-view-read-base"])
+class MutateThroughAnInPlaceResult(nn.Module):
+    """``y = x.sigmoid_()`` is ``x``: mul_ on ``y`` writes the storage ``v`` views, though
+    neither ``y`` nor its users are views themselves."""
+
+    def forward(self, x):
+        x = x * 1
+        v = x.view(-1)
+        y = x.sigmoid_()
+        y.mul_(2)
+        return v * 1
+
+
+class ReLUModuleOnAView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = x * 1
+        self.relu(x[1:])
+        return x * 1
+
+
+@pytest.mark.parametrize("model", [MutateThroughView(), MutateAView(),
+                                   MutateThroughAnInPlaceResult(), ReLUModuleOnAView()],
+                         ids=["mutate-base-read-view", "mutate-view-read-base",
+                              "mutate-in-place-result-read-view", "relu-module-on-view"])
 def test_inplace_through_alias_keeps_eager_semantics(model):
     _, r = normalize(model, X)
     for x in (X, -X, X - X.mean()):  # whatever the signs, the mutation must be seen
         same_output(model, r.gm, x)
     kept = [n for n in call_nodes(r.gm) if decisions(n, "normalize", "keep_inplace")]
-    assert len(kept) == 1 and "view" in decisions(kept[0], "normalize", "keep_inplace")[0].reason
+    assert kept and all("view" in decisions(n, "normalize", "keep_inplace")[0].reason
+                        for n in kept)
+    assert len(kept) == (2 if isinstance(model, MutateThroughAnInPlaceResult) else 1)
 
 
 # --------------------------------------------------------------------------------- whole pass
