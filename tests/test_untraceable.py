@@ -212,6 +212,23 @@ def test_leaf_call_nodes_record_cause_and_line(kind, leaf, children):
                                     record.reason, f"{HERE}:{_line(where, text)}", record.source)
 
 
+@pytest.mark.parametrize("kind,name", [("root", "body.2"), ("submodule", "gate.skip")])
+def test_module_names_of_the_mapping_reach_into_the_pieces(kind, name):
+    """Pieces carry the user's module paths: set_module_name(path, None) leaves that conv
+    float whether it sits in a piece traced on its own (body.2) or alone under a leaf."""
+    cls, shape, convs, linears, _, _ = KINDS[kind]
+    torch.manual_seed(0)
+    mapping = fxquant.get_default_qconfig_mapping("x86").set_module_name(name, None)
+    x = torch.randn(*shape)
+    prepared = fxquant.prepare_fx(cls().eval(), mapping, (x,), backend="x86")
+    prepared(x)
+    quantized = fxquant.convert_fx(prepared)
+    assert _int8_counts(quantized) == (convs - 1, linears)
+    (float_conv,) = [m for path, m in quantized.named_modules()
+                     if path.endswith(name.split(".")[-1]) and type(m) is nn.Conv2d]
+    assert float_conv.weight.dtype == torch.float32
+
+
 def test_reference_conversion_of_an_eager_root():
     torch.manual_seed(0)
     model = RootFlow().eval()
