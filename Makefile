@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fxquant-installed
 TORCH   := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup graphviz clean optable docs
+.PHONY: demo test bench setup graphviz clean optable docs fuzz
 
 setup: $(STAMP) graphviz
 
@@ -32,6 +32,14 @@ test: setup
 
 bench: setup
 	$(VPY) benchmarks/run.py
+
+# Differential fuzz (tests/fuzz_models.py): FUZZ_N generated models on x86 and qnnpack, each
+# converted model against fxquant's own reference graph; progress every 100 models, a summary,
+# each failure with its replay command; exit status 1 on any failure. CI runs the first 200.
+FUZZ_N  ?= 2000
+FUZZ_ARGS ?=
+fuzz: setup
+	$(VPY) -m tests.fuzz_models --n $(FUZZ_N) --backends x86,qnnpack --seed 0 --shrink $(FUZZ_ARGS)
 
 # The README's supported-op table, regenerated from the backend / fusion / spelling tables.
 optable: setup
