@@ -272,7 +272,8 @@ def _value_text(node: fx.Node) -> str:
     if value.kind == "tensor":
         return f"'{node.name}' Tensor{list(value.shape or ())} {str(value.dtype).replace('torch.', '')}"
     if value.kind == "tensors":
-        return f"'{node.name}' {value.python_type}({', '.join(f'Tensor{list(s)}' for s in value.items or ())})"
+        shapes = ", ".join(f"Tensor{list(shape)}" for shape in value.items or ())
+        return f"'{node.name}' {value.python_type}({shapes})"
     return f"'{node.name}' {value.python_type}"
 
 

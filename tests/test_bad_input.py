@@ -315,7 +315,8 @@ def test_module_name_like_nothing_in_the_model_only_warns():
 
 def test_misspelled_order_module_name_is_an_error():
     bad = mapping().set_module_name_object_type_order("blok", nn.Conv2d, 0, None)
-    with pytest.raises(UnknownNameError, match=r"set_module_name_object_type_order\('blok'.*did you mean 'block'"):
+    with pytest.raises(UnknownNameError,
+                       match=r"set_module_name_object_type_order\('blok'.*did you mean 'block'"):
         prepare(net(), bad)
     root = mapping().set_module_name_object_type_order("", F.relu, 0, None)  # "" is the root
     prepare(net(), root)
@@ -334,7 +335,8 @@ def test_misspelled_leaf_name_is_an_error_and_leaf_options_must_be_lists():
 
 
 def test_regex_matching_nothing_warns_and_absent_object_types_do_not():
-    with pytest.warns(ConfigWarning, match=r"set_module_name_regex\('head\\\\..\*', \.\.\.\) matches no module"):
+    with pytest.warns(ConfigWarning,
+                      match=r"set_module_name_regex\('head\\\\..\*', \.\.\.\) matches no module"):
         prepare(net(), mapping().set_module_name_regex(r"head\..*", None))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
