@@ -136,7 +136,12 @@ def _run_differential(name: str, kwargs: dict, batches: list[torch.Tensor]) -> N
     assert set(ours.state_dict()) == set(ref.state_dict())
     for key, value in ref.state_dict().items():
         assert_bit_identical(ours.state_dict()[key], value)
-    expected = _quiet(ref.calculate_qparams)
+    try:
+        expected = _quiet(ref.calculate_qparams)
+    except AssertionError:  # an EMA can leave min above max by an ulp: torch refuses, so must we
+        with pytest.raises(ValueError, match="min_val .* exceeds max_val"):
+            _quiet(ours.calculate_qparams)
+        return
     got = _quiet(ours.calculate_qparams)
     for g, e in zip(got, expected):
         assert_bit_identical(g, e)
