@@ -1,20 +1,29 @@
 """The ``fxquant`` command.
 
     fxquant quantize tests.models:TinyResNet --example-shape 1,3,32,32 --backend x86 \\
-        --calib random --steps 8 --out model.pt --report report.html
-    fxquant report model.pt --float tests.models:TinyResNet --example-shape 1,3,32,32 --out r.md
-    fxquant viz model.pt --out model.svg --collapse-depth 2
+        --calib random --steps 8 --out model.fxq --report report.html
+    fxquant report model.fxq                       # the decisions, from the file alone
+    fxquant report model.fxq --float tests.models:TinyResNet --example-shape 1,3,32,32 --out r.md
+    fxquant viz model.fxq --out model.svg --collapse-depth 2
 
 MODULE:FACTORY is a dotted module importable from the current directory
 (``tests.models:TinyResNet``) or a path to a Python file (``examples/static_ptq_resnet.py:
 make_model``); FACTORY is called with no arguments, after ``torch.manual_seed(0)`` (so that a
 randomly initialized model is the same each time), and returns the float ``nn.Module``.
-Problems with what was typed (a factory that cannot be imported, a shape the model does not
-accept, a missing calibration file) exit with status 2 and say how to fix them.
 
-A model written by ``quantize --out`` is the converted GraphModule (``torch.load(path,
-weights_only=False)`` gives it back, runnable) carrying its decision records, which
-``report`` and ``viz`` read: see :func:`save_model` / :func:`load_model`.
+Model files are safe to open. ``quantize --out`` writes :func:`fxquant.save`'s format: tensors
+and JSON in a file that ``torch.load(path, weights_only=True)`` reads, with no pickled code.
+``report`` and ``viz`` read the decision records and the graph from it alone
+(:func:`fxquant.serialize.read_graph`); ``report --float --example-shape`` rebuilds the
+runnable model from the float model (:func:`fxquant.load`, checked against the file) to
+measure it. A pickle (e.g. a GraphModule saved with ``torch.save``) is refused without being
+unpickled, and so is a ``--calib`` / ``--inputs`` file holding anything but tensors.
+
+Every output path (``--out``, ``--report``, ``--viz``) is checked (writable, known extension)
+before anything is calibrated. A usage problem (a factory that cannot be imported, a shape
+the model does not accept, a missing or wrong file, an output that cannot be written) exits
+with status 2 and one message that names it and the fix, never a traceback; a problem fxquant
+finds in the model exits with status 1.
 """
 from __future__ import annotations
 
@@ -23,17 +32,20 @@ import copy
 import importlib
 import importlib.util
 import os
-import pickle
+import shutil
 import sys
+import tempfile
 from typing import Any, Optional, Sequence, TextIO
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-RECORDS_ATTR = "_fxquant_records"
 USAGE_ERROR = 2
 FAILURE = 1
+INTERRUPTED = 130
+REPORT_SUFFIXES = (".html", ".htm", ".md", ".txt")
+VIZ_SUFFIXES = (".svg", ".png", ".dot")
 
 
 class UsageError(Exception):
@@ -41,68 +53,88 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------------------ model files
-def _parent_dir(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_model(model: nn.Module, path: str) -> None:
+    """Write a converted model as a safe fxquant model file (:func:`fxquant.save`)."""
+    from fxquant.serialize import save
+
+    save(model, path)
 
 
-def _portable(info: Any) -> Any:
-    """The record, or a copy whose Python objects that do not pickle are strings."""
+def load_model(path: str) -> nn.Module:
+    """The graph and decision records of a model file, for report / viz
+    (:func:`fxquant.serialize.read_graph`; it does not run). Usage errors name the fix."""
+    from fxquant.serialize import ArtifactError, read_graph
+
     try:
-        pickle.dumps(info)
-        return info
-    except Exception:  # noqa: BLE001 - user classes / lambdas in the record
-        new = info.copy()
-        new.original = str(new.original)
-        new.qconfig = None if new.qconfig is None else str(new.qconfig)
-        new.input_specs, new.weight_spec = {}, None
-        new.output_spec = None
-        return new
+        return read_graph(path)
+    except ArtifactError as e:
+        raise UsageError(_one_line(e)) from e
 
 
-def _target_key(node: fx.Node) -> str:
-    from fxquant.patterns import target_name
+def load_runnable(path: str, float_model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The runnable quantized model of a model file, rebuilt from its float model."""
+    from fxquant.serialize import ArtifactError, load
 
-    return target_name(node.target) if node.op == "call_function" else str(node.target)
-
-
-def save_model(gm: fx.GraphModule, path: str) -> None:
-    """``torch.save`` the GraphModule with its decision records (which torch.fx drops when
-    pickling): ``torch.load`` returns a runnable model, :func:`load_model` the records too."""
-    from fxquant.meta import qinfo_or_none
-
-    records = [(n.op, _target_key(n), _portable(qinfo_or_none(n))) for n in gm.graph.nodes]
-    _parent_dir(path)
-    setattr(gm, RECORDS_ATTR, records)
     try:
-        torch.save(gm, path)
-    finally:
-        delattr(gm, RECORDS_ATTR)
+        return load(copy.deepcopy(float_model), path, (example,))
+    except ArtifactError as e:
+        raise UsageError(_one_line(e)) from e
 
 
-def load_model(path: str) -> fx.GraphModule:
-    """Load a model file of :func:`save_model` and put its records back on the nodes."""
-    from fxquant.meta import META_KEY
+def _one_line(e: Exception) -> str:
+    from fxquant.errors import FxQuantError
 
-    if not os.path.exists(path):
-        raise UsageError(f"model file {path!r} not found; write one with "
-                         f"`fxquant quantize ... --out {path}`")
-    gm = torch.load(path, weights_only=False)
-    if not isinstance(gm, fx.GraphModule):
-        raise UsageError(f"{path!r} holds a {type(gm).__name__}, not a GraphModule; write it "
-                         f"with `fxquant quantize ... --out {path}`")
-    records = getattr(gm, RECORDS_ATTR, None)
-    nodes = list(gm.graph.nodes)
-    if records is None or len(records) != len(nodes):
-        raise UsageError(f"{path!r} has no fxquant decision records (torch.save drops them); "
-                         f"write it with `fxquant quantize ... --out` or "
-                         f"fxquant.cli.save_model(gm, path)")
-    for node, (op, target, info) in zip(nodes, records):
-        if node.op != op or _target_key(node) != target:
-            raise UsageError(f"{path!r}: the records do not match the graph at {node.name}")
-        if info is not None:
-            node.meta[META_KEY] = info
-    delattr(gm, RECORDS_ATTR)
-    return gm
+    if isinstance(e, FxQuantError):
+        return f"{e.raw_message}. Fix: {e.hint}" if e.hint else e.raw_message
+    return str(e)
+
+
+# ------------------------------------------------------------------------------ output paths
+def check_output(path: str, flag: str, suffixes: Sequence[str] = ()) -> None:
+    """Before any work: ``path`` has a known suffix and can be written (its directory exists
+    or can be made, and a file can be created there). Creates missing parent directories."""
+    if suffixes and os.path.splitext(path)[1].lower() not in suffixes:
+        raise UsageError(f"{flag} {path!r}: unknown file type "
+                         f"{os.path.splitext(path)[1] or '(no extension)'!r}. Fix: end it with "
+                         f"{', '.join(suffixes)}")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory. Fix: give a file path, e.g. "
+                         f"{os.path.join(path, 'out' + (suffixes[0] if suffixes else '.fxq'))}")
+    parent = os.path.dirname(os.path.abspath(path))
+    blocker = _file_in_the_way(parent)
+    if blocker:
+        raise UsageError(f"{flag} {path!r} cannot be written: {blocker!r} is a file, not a "
+                         f"directory. Fix: choose a path in a directory")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".fxquant-write-check-"):
+            pass
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r} cannot be written ({e.strerror or e}). Fix: choose "
+                         f"a path in a directory you can write to") from e
+
+
+def _file_in_the_way(directory: str) -> Optional[str]:
+    """The nearest existing ancestor of ``directory`` (itself included) when it is a file."""
+    d = directory
+    while d and not os.path.exists(d):
+        d = os.path.dirname(d) if os.path.dirname(d) != d else ""
+    return d if d and not os.path.isdir(d) else None
+
+
+def check_viz_output(path: str, fmt: Optional[str] = None, flag: str = "--viz") -> None:
+    """Known drawing suffix, writable, and Graphviz's ``dot`` present for svg / png."""
+    if fmt is None:
+        check_output(path, flag, VIZ_SUFFIXES)
+        fmt = os.path.splitext(path)[1].lower().lstrip(".")
+    else:
+        check_output(path, flag)
+    if fmt != "dot" and shutil.which("dot") is None:
+        raise UsageError(f"{flag} {path!r}: drawing {fmt} needs Graphviz's `dot`, which is not "
+                         f"installed. Fix: install graphviz (apt-get install graphviz) or write "
+                         f"a .dot file")
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -112,20 +144,7 @@ _FACTORY_HELP = ("MODULE:FACTORY, e.g. tests.models:TinyResNet or "
 
 def _import_module(name: str) -> Any:
     if name.endswith(".py") or os.sep in name or "/" in name:
-        if not os.path.isfile(name):
-            raise UsageError(f"cannot import {name!r}: no such file. Fix: give the path of a "
-                             f"Python file relative to {os.getcwd()} ({_FACTORY_HELP})")
-        stem = os.path.splitext(os.path.basename(name))[0]
-        spec = importlib.util.spec_from_file_location(stem, name)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[stem] = module  # so that its classes pickle by name in this process
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - reported with the fix
-            sys.modules.pop(stem, None)
-            raise UsageError(f"importing {name!r} failed: {type(e).__name__}: {e}. "
-                             f"Fix the error in that file") from e
-        return module
+        return _import_file(name)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -137,6 +156,26 @@ def _import_module(name: str) -> Any:
     except Exception as e:  # noqa: BLE001 - reported with the fix
         raise UsageError(f"importing module {name!r} failed: {type(e).__name__}: {e}. "
                          f"Fix the error in that module") from e
+
+
+def _import_file(name: str) -> Any:
+    if not os.path.isfile(name):
+        raise UsageError(f"cannot import {name!r}: no such file. Fix: give the path of a "
+                         f"Python file relative to {os.getcwd()} ({_FACTORY_HELP})")
+    stem = os.path.splitext(os.path.basename(name))[0]
+    spec = importlib.util.spec_from_file_location(stem, name)
+    if spec is None or spec.loader is None or not name.endswith(".py"):
+        raise UsageError(f"{name!r} is not a Python file. Fix: MODULE is a .py file or a dotted "
+                         f"module name ({_FACTORY_HELP}); model files go after `report` / `viz`")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - reported with the fix
+        sys.modules.pop(stem, None)
+        raise UsageError(f"importing {name!r} failed: {type(e).__name__}: {e}. "
+                         f"Fix the error in that file") from e
+    return module
 
 
 def load_factory(spec: str) -> nn.Module:
@@ -192,25 +231,43 @@ def check_shape(model: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
-def _calibration(calib: str, shape: tuple[int, ...], steps: int, seed: int) -> list[torch.Tensor]:
+def _calibration(calib: str, shape: tuple[int, ...], steps: int, seed: int,
+                 flag: str = "--calib") -> list[torch.Tensor]:
     if calib == "random":
         g = torch.Generator().manual_seed(seed)
         return [torch.randn(*shape, generator=g) for _ in range(steps)]
-    if not os.path.isfile(calib):
-        raise UsageError(f"--calib {calib!r}: no such file. Fix: pass 'random' or a file "
-                         f"written with torch.save(tensor_or_list_of_tensors, path)")
-    data = torch.load(calib, weights_only=False)
+    data = _load_tensors(calib, flag)
     if isinstance(data, torch.Tensor):
-        data = list(torch.split(data, shape[0]))
+        data = list(torch.split(data, shape[0])) if data.dim() and len(data) else []
     if not isinstance(data, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in data):
-        raise UsageError(f"--calib {calib!r} holds {type(data).__name__}. Fix: save a tensor "
+        raise UsageError(f"{flag} {calib!r} holds {type(data).__name__}. Fix: save a tensor "
                          f"(N, ...) or a list of batch tensors")
+    if not data:
+        raise UsageError(f"{flag} {calib!r} holds no batches. Fix: save a tensor (N, ...) "
+                         f"with N >= 1 or a non-empty list of batch tensors")
     bad = [tuple(t.shape) for t in data if tuple(t.shape[1:]) != shape[1:]]
     if bad:
-        raise UsageError(f"--calib {calib!r}: batch of shape {list(bad[0])} does not fit "
+        raise UsageError(f"{flag} {calib!r}: batch of shape {list(bad[0])} does not fit "
                          f"--example-shape {list(shape)}. Fix: make the sizes after the batch "
                          f"dimension match")
     return [t.float() for t in data[:steps]]
+
+
+def _load_tensors(path: str, flag: str) -> Any:
+    """A tensor file, read with ``weights_only=True``: a pickle with code is refused."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path!r}: no such file. Fix: pass 'random' or a file "
+                         f"written with torch.save(tensor_or_list_of_tensors, path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickles with code, text, truncated files
+        from fxquant.serialize import pickled_code
+
+        unsafe = pickled_code(e)
+        why = ("holds pickled Python objects, which could run code: refused" if unsafe
+               else f"is not a file torch.save wrote ({type(e).__name__})")
+        raise UsageError(f"{flag} {path!r} {why}. Fix: save the data with "
+                         f"torch.save(tensor_or_list_of_tensors, path)") from None
 
 
 def progress(i: int, n: int, stream: TextIO, label: str = "calibrating", width: int = 30) -> None:
@@ -223,21 +280,35 @@ def progress(i: int, n: int, stream: TextIO, label: str = "calibrating", width: 
 
 
 # ------------------------------------------------------------------------------ commands
+def check_quantize_outputs(args: argparse.Namespace) -> None:
+    """Every output of ``quantize`` can be written, before the model is even built."""
+    if args.out:
+        check_output(args.out, "--out")
+    if args.report:
+        check_output(args.report, "--report", REPORT_SUFFIXES)
+    if args.viz:
+        check_viz_output(args.viz)
+    paths = [os.path.abspath(p) for p in (args.out, args.report, args.viz) if p]
+    if len(set(paths)) < len(paths):
+        raise UsageError("--out, --report and --viz name the same file. Fix: give each its own")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     import fxquant
     from fxquant.backends.base import get_backend
     from fxquant.backends.engine import engine
 
+    check_quantize_outputs(args)
     shape = parse_shape(args.example_shape)
-    model = load_factory(args.factory)
-    example = check_shape(model, shape)
     if args.steps < 1:
         raise UsageError(f"--steps {args.steps}: calibrate on at least 1 batch")
-    batches = _calibration(args.calib, shape, args.steps, args.seed)
     try:
         backend = get_backend(args.backend)
     except fxquant.FxQuantError as e:
         raise UsageError(f"--backend {args.backend!r}: {e}") from e
+    model = load_factory(args.factory)
+    example = check_shape(model, shape)
+    batches = _calibration(args.calib, shape, args.steps, args.seed)
     mapping = fxquant.get_default_qconfig_mapping(backend.name)
     prepared = fxquant.prepare_fx(model, mapping, (example,), backend=backend.name)
     with torch.no_grad(), engine(backend.engine):
@@ -249,7 +320,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _outputs(args: argparse.Namespace, model: nn.Module, quantized: fx.GraphModule,
+def _outputs(args: argparse.Namespace, model: nn.Module, quantized: nn.Module,
              batches: list[torch.Tensor]) -> None:
     from fxquant.report import build
 
@@ -258,7 +329,6 @@ def _outputs(args: argparse.Namespace, model: nn.Module, quantized: fx.GraphModu
         print(f"wrote {args.out}", file=sys.stderr)
     rep = build(quantized, model, batches[: max(1, args.eval_steps)])
     if args.report:
-        _parent_dir(args.report)
         rep.save(args.report)
         print(f"wrote {args.report}", file=sys.stderr)
     else:
@@ -273,20 +343,27 @@ def _outputs(args: argparse.Namespace, model: nn.Module, quantized: fx.GraphModu
 def cmd_report(args: argparse.Namespace) -> int:
     from fxquant.report import build
 
-    gm = load_model(args.model)
+    if args.out:
+        check_output(args.out, "--out", REPORT_SUFFIXES)
+    if not args.float and (args.example_shape or args.inputs != "random"):
+        raise UsageError("--example-shape / --inputs measure the model against float and need "
+                         "--float MODULE:FACTORY too. Fix: add --float, or drop them for the "
+                         "decisions only")
+    if args.float and args.inputs != "random" and not args.example_shape:
+        raise UsageError("--inputs PATH needs --example-shape too (the batch layout). Fix: add "
+                         "--example-shape N,C,H,W")
+    gm = load_model(args.model)  # the file is checked (and pickles refused) first
     model, inputs = None, None
     if args.float:
         model = load_factory(args.float)
         if args.example_shape:
             shape = parse_shape(args.example_shape)
-            check_shape(model, shape)
-            inputs = _calibration(args.inputs, shape, args.steps, args.seed)
-        elif args.inputs != "random":
-            raise UsageError("--inputs PATH needs --example-shape too (the batch layout)")
+            example = check_shape(model, shape)
+            inputs = _calibration(args.inputs, shape, args.steps, args.seed, "--inputs")
+            gm = load_runnable(args.model, model, example)
     rep = build(gm, copy.deepcopy(model) if model is not None else None, inputs,
                 title=f"fxquant report: {os.path.basename(args.model)}")
     if args.out:
-        _parent_dir(args.out)
         rep.save(args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     else:
@@ -297,9 +374,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_viz(args: argparse.Namespace) -> int:
     from fxquant.viz import visualize
 
-    gm = load_model(args.model)
     if args.collapse_depth is not None and args.collapse_depth < 1:
         raise UsageError(f"--collapse-depth {args.collapse_depth}: use 1 or more")
+    check_viz_output(args.out, args.format, "--out")
+    gm = load_model(args.model)
     visualize(gm, args.out, args.format, args.collapse_depth,
               show_observers=not args.hide_observers)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -325,25 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-steps", type=int, default=2,
                    help="batches the report's per-layer SQNR is measured on (default 2)")
     q.add_argument("--seed", type=int, default=0, help="seed of random calibration data")
-    q.add_argument("--out", metavar="model.pt", help="write the quantized model here")
+    q.add_argument("--out", metavar="model.fxq",
+                   help="write the quantized model here (a safe fxquant model file)")
     q.add_argument("--report", metavar="report.html",
-                   help="write the report (.html, .md or text) instead of printing it")
+                   help="write the report (.html, .md or .txt) instead of printing it")
     q.add_argument("--viz", metavar="graph.svg", help="also draw the graph (.svg, .png, .dot)")
     q.set_defaults(run=cmd_quantize)
     r = sub.add_parser("report", help="the report of a model written by `quantize --out`",
                        description="One row per op: decision, qconfig rule, dtypes, qparams, "
                                    "kernel; with --float, per-layer SQNR against float.")
-    r.add_argument("model", metavar="model.pt")
-    r.add_argument("--float", metavar="MODULE:FACTORY", help="the float model, for numerics")
+    r.add_argument("model", metavar="model.fxq")
+    r.add_argument("--float", metavar="MODULE:FACTORY",
+                   help="the float model the file was made from (size; with --example-shape, "
+                        "the model is rebuilt and measured against it)")
     r.add_argument("--example-shape", metavar="N,C,H,W", help="input shape for the numerics")
     r.add_argument("--inputs", default="random", metavar="random|PATH")
     r.add_argument("--steps", type=int, default=2, help="batches to measure on (default 2)")
     r.add_argument("--seed", type=int, default=1)
-    r.add_argument("--out", metavar="report.html", help=".html, .md or text (default: print)")
+    r.add_argument("--out", metavar="report.html", help=".html, .md or .txt (default: print)")
     r.set_defaults(run=cmd_report)
     v = sub.add_parser("viz", help="draw a model written by `quantize --out`",
                        description="Graphviz drawing colored by decision, tooltips with reasons.")
-    v.add_argument("model", metavar="model.pt")
+    v.add_argument("model", metavar="model.fxq")
     v.add_argument("--out", required=True, metavar="graph.svg")
     v.add_argument("--format", choices=("svg", "png", "dot"), help="default: from --out")
     v.add_argument("--collapse-depth", type=int, help="one box per module path prefix")
@@ -364,6 +445,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FxQuantError as e:
         print(f"fxquant {args.command}: error: {e}", file=sys.stderr)
         return FAILURE
+    except KeyboardInterrupt:
+        print(f"fxquant {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -451,12 +451,22 @@ def _options_json(units: list[tuple[str, fx.GraphModule]], model: nn.Module) -> 
     return out
 
 
-def _tensors_of(state: dict[str, Any], what: str) -> dict[str, torch.Tensor]:
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise NotSaveableError(f"the {what} state holds non-tensor values ({bad[:3]}): they "
-                               f"cannot be written without pickling code")
-    return {k: v.detach().cpu() for k, v in state.items()}
+def _split_state(state: dict[str, Any], what: str) -> tuple[dict[str, torch.Tensor],
+                                                              dict[str, Any]]:
+    """Tensors, and the JSON form of the other entries (a reference module's weight dtype and
+    qscheme ...); anything else has no safe form."""
+    tensors, values = {}, {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            tensors[k] = v.detach().cpu()
+            continue
+        try:
+            values[k] = _enc(v, _Names(), strict=True)
+        except _Unsaveable:
+            raise NotSaveableError(f"the {what} state entry {k!r} holds a "
+                                   f"{type(v).__name__}, which cannot be written without "
+                                   f"pickling code") from None
+    return tensors, values
 
 
 def save(model: nn.Module, path: Any) -> str:
@@ -469,12 +479,14 @@ def save(model: nn.Module, path: Any) -> str:
     if not units:
         raise NotSaveableError(f"{type(model).__name__} is not a model converted by fxquant",
                                hint="save what fxquant.convert_fx returned")
-    tensors = {"prepared": _tensors_of(_prepared_state(model, units), "prepared"),
-               "converted": _tensors_of(model.state_dict(), "converted")}
+    prepared, prepared_values = _split_state(_prepared_state(model, units), "prepared")
+    converted, converted_values = _split_state(model.state_dict(), "converted")
+    tensors = {"prepared": prepared, "converted": converted}
     doc = {"format": FORMAT, "fxquant_version": _version(), "torch_version": torch.__version__,
            "class_name": type(model).__name__, "options": _options_json(units, model),
            "units": {p: _enc_graph(u, _Names()) for p, u in units},
            "modules": _enc_modules(model),
+           "values": {"prepared": prepared_values, "converted": converted_values},
            "state": {k: {n: [str(t.dtype).replace("torch.", ""), list(t.shape)]
                          for n, t in v.items()} for k, v in tensors.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -506,7 +518,7 @@ def _torch_load_safely(path: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        if pickled_code(e):
             raise UnsafeFileError(
                 f"{path!r} holds pickled Python objects ({_unsafe_global(e)}): opening it "
                 f"would run code stored in the file, so fxquant refuses. A GraphModule saved "
@@ -520,11 +532,17 @@ def _torch_load_safely(path: str) -> Any:
                                  hint=_SAVE_HINT) from None
 
 
+def pickled_code(e: BaseException) -> bool:
+    """Did ``torch.load(weights_only=True)`` refuse the file because it names Python objects
+    (functions, classes) to call, i.e. code?"""
+    return "unsupported global" in str(e).lower() or "GLOBAL " in str(e)
+
+
 def _unsafe_global(e: Exception) -> str:
-    for line in str(e).splitlines():
-        if "GLOBAL" in line or "Unsupported" in line:
-            return line.strip()[:160]
-    return "not tensors"
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"it calls {found.group(1)}" if found else "not only tensors"
 
 
 def read_artifact(path: Any) -> Artifact:
@@ -618,14 +636,21 @@ def _reprepare(model: nn.Module, mapping: Any, example_inputs: Any, opts: dict[s
         model.train(was_training)
 
 
+def _state(art: Artifact, which: str) -> dict[str, Any]:
+    """The saved state: its tensors and its other (JSON) entries."""
+    values = art.doc.get("values", {}).get(which, {})
+    return {**art.tensors[which], **{k: _dec(v, _Names()) for k, v in values.items()}}
+
+
 def _load_prepared_state(prepared: nn.Module, art: Artifact) -> None:
-    state = art.tensors["prepared"]
+    state = _state(art, "prepared")
     mine = prepared.state_dict()
     missing = sorted(set(mine) - set(state))
     extra = sorted(set(state) - set(mine))
     if missing or extra:
         raise ArtifactMismatch(
-            f"{art.path!r} was made from another model: the given float model, prepared, has "
+            f"{art.path!r} was made from another model (or with other options): the given "
+            f"float model, prepared, has "
             f"{len(missing)} state entries the file lacks ({_few(missing)}) and the file has "
             f"{len(extra)} it lacks ({_few(extra)})", hint=_MISMATCH_HINT)
     try:
@@ -658,7 +683,7 @@ def check_matches(model: nn.Module, art: Artifact) -> None:
     for path, unit in units.items():
         _check_graph(path, graph_signature(unit), [[n["op"], n["target"]] for n in saved[path]],
                      art)
-    _check_state(model.state_dict(), art.tensors["converted"], art)
+    _check_state(model.state_dict(), _state(art, "converted"), art)
 
 
 def _check_graph(path: str, mine: list, theirs: list, art: Artifact) -> None:
@@ -679,8 +704,11 @@ def _check_state(mine: dict[str, Any], saved: dict[str, Any], art: Artifact) -> 
                                f"saved one in its keys ({_few(diff)})", hint=_MISMATCH_HINT)
     for k, v in mine.items():
         w = saved[k]
-        same = isinstance(v, torch.Tensor) and v.dtype == w.dtype and v.shape == w.shape \
-            and torch.equal(v, w)
+        if isinstance(v, torch.Tensor):
+            same = isinstance(w, torch.Tensor) and v.dtype == w.dtype and v.shape == w.shape \
+                and torch.equal(v, w)
+        else:
+            same = type(v) is type(w) and v == w
         if not same:
             raise ArtifactMismatch(f"{art.path!r}: the rebuilt model's {k!r} differs from the "
                                    f"saved one", hint=_MISMATCH_HINT)

@@ -1,10 +1,12 @@
 """The `fxquant` command: quantize end to end (console script, in a subprocess), report and viz
-of the model file it writes, --help, and exit status 2 with the fix for what was mistyped."""
+of the (safe) model file it writes, --help, and exit status 2 with the fix for every misuse: no
+traceback, and outputs checked before anything is calibrated."""
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import time
 import sys
 import textwrap
 from html.parser import HTMLParser
@@ -12,6 +14,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
+import fxquant
 from fxquant.cli import load_model, main, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +32,7 @@ def _command() -> list[str]:
 def quantized_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
     cmd = _command() + ["quantize", FACTORY, "--example-shape", "2,3,8,8", "--backend", "x86",
-                        "--calib", "random", "--steps", "3", "--out", str(out / "model.pt"),
+                        "--calib", "random", "--steps", "3", "--out", str(out / "model.fxq"),
                         "--report", str(out / "report.html"), "--viz", str(out / "g.svg")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return out, proc
@@ -45,7 +48,7 @@ def test_quantize_end_to_end_writes_model_report_and_picture(quantized_run):
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"calibrating \[#+\] 3/3\n", proc.stderr), proc.stderr
     assert "calibrating [" in proc.stderr and "1/3" in proc.stderr
-    for name in ("model.pt", "report.html", "g.svg"):
+    for name in ("model.fxq", "report.html", "g.svg"):
         assert (out / name).stat().st_size > 0
     html = (out / "report.html").read_text(encoding="utf-8")
     cells = _html_rows(html)
@@ -91,7 +94,7 @@ def _html_rows(html: str) -> list[list[str]]:
 def test_report_and_viz_of_the_model_file(quantized_run, tmp_path, capsys, monkeypatch):
     out, proc = quantized_run
     assert proc.returncode == 0, proc.stderr
-    model = str(out / "model.pt")
+    model = str(out / "model.fxq")
     monkeypatch.chdir(ROOT)
     assert main(["report", model, "--float", FACTORY, "--example-shape", "2,3,8,8",
                  "--out", str(tmp_path / "r.md")]) == 0
@@ -107,8 +110,15 @@ def test_report_and_viz_of_the_model_file(quantized_run, tmp_path, capsys, monke
     assert main(["viz", model, "--out", str(tmp_path / "g.svg"), "--collapse-depth", "1"]) == 0
     svg = (tmp_path / "g.svg").read_text(encoding="utf-8")
     assert "<title>[layer1]</title>" in svg and "quantized::conv2d_relu" in svg
-    loaded = load_model(model)
+    assert torch.load(model, weights_only=True)["format"] == "fxquant/1"  # no code in it
+    from fxquant.serialize import ArtifactError
+    from tests.models import TinyResNet
+
     x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ArtifactError, match="does not run"):
+        load_model(model)(x)  # the records only
+    torch.manual_seed(0)
+    loaded = fxquant.load(TinyResNet().eval(), model, (x,))  # runnable, checked against the file
     assert loaded(x).shape == (2, 10)
 
 
@@ -168,19 +178,112 @@ def test_factory_from_a_file_and_calibration_file(tmp_path, capsys):
     assert "does not fit --example-shape [4, 6]" in capsys.readouterr().err
 
 
-def test_a_model_saved_without_records_is_refused(tmp_path, capsys):
+def test_a_pickled_model_is_refused_and_the_safe_file_keeps_the_records(tmp_path, capsys):
     from tests.test_graph import _prepared
 
-    import fxquant
-
     gm = fxquant.convert_fx(_prepared())
-    torch.save(gm, tmp_path / "plain.pt")
+    torch.save(gm, tmp_path / "plain.pt")  # a pickle: opening it could run code
     assert main(["viz", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "g.svg")]) == 2
-    assert "has no fxquant decision records" in capsys.readouterr().err
-    save_model(gm, str(tmp_path / "with.pt"))
-    assert not hasattr(gm, "_fxquant_records")
-    loaded = load_model(str(tmp_path / "with.pt"))
+    err = capsys.readouterr().err
+    assert "holds pickled Python objects" in err and "would run code" in err
+    assert "fxquant.save" in err
+    save_model(gm, str(tmp_path / "with.fxq"))
+    loaded = load_model(str(tmp_path / "with.fxq"))
     assert [n.op for n in loaded.graph.nodes] == [n.op for n in gm.graph.nodes]
     from fxquant.report import rows
 
-    assert [r.status for r in rows(loaded)] == [r.status for r in rows(gm)]
+    assert rows(loaded) == rows(gm)
+
+
+# --------------------------------------------------------------------------- every misuse
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs a new user may hand the CLI by mistake."""
+    d = tmp_path_factory.mktemp("misuse")
+    (d / "text.txt").write_text("not a tensor file")
+    (d / "afile").write_text("x")
+    (d / "adir").mkdir()
+    torch.save([], d / "empty.pt")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), d / "state_dict.pt")
+    torch.save(_Payload(str(d / "marker")), d / "evil.pt")
+    from tests.test_graph import _prepared
+
+    gm = fxquant.convert_fx(_prepared())
+    save_model(gm, str(d / "tiny.fxq"))
+    torch.save(gm, d / "pickled.pt")
+    return d
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+Q = ["quantize", FACTORY, "--example-shape", "2,3,8,8", "--steps", "2"]
+# (argv with {d} for the files directory, what the message must say, an output-path case?)
+MISUSES = [
+    (Q + ["--out", "{d}/afile/model.fxq"], "'{d}/afile' is a file, not a directory", True),
+    (Q + ["--out", "{d}/adir"], "is a directory. Fix: give a file path", True),
+    (Q + ["--out", "/proc/fxquant-no/model.fxq"], "cannot be written", True),
+    (Q + ["--report", "{d}/afile/r.html"], "--report '{d}/afile/r.html' cannot be written",
+     True),
+    (Q + ["--report", "{d}/r.pdf"], "unknown file type '.pdf'. Fix: end it with .html", True),
+    (Q + ["--viz", "{d}/afile/g.svg"], "--viz '{d}/afile/g.svg' cannot be written", True),
+    (Q + ["--viz", "{d}/g.jpg"], "unknown file type '.jpg'. Fix: end it with .svg, .png, .dot",
+     True),
+    (Q + ["--out", "{d}/same.html", "--report", "{d}/same.html"], "name the same file", True),
+    (Q + ["--calib", "{d}/text.txt"], "is not a file torch.save wrote", False),
+    (Q + ["--calib", "{d}/evil.pt"], "holds pickled Python objects, which could run code",
+     False),
+    (Q + ["--calib", "{d}/empty.pt"], "holds no batches", False),
+    (["quantize", "{d}/text.txt:make", "--example-shape", "2,3"], "is not a Python file",
+     False),
+    (["report", "{d}/pickled.pt"], "holds pickled Python objects", False),
+    (["report", "{d}/text.txt"], "is not a file torch.save wrote", False),
+    (["report", "{d}/state_dict.pt"], "(a state_dict?), not an fxquant model file", False),
+    (["report", "{d}/adir"], "is a directory, not a model file", False),
+    (["report", "{d}/tiny.fxq", "--example-shape", "2,3,8,8"], "need --float", False),
+    (["report", "{d}/tiny.fxq", "--float", FACTORY, "--example-shape", "2,3,8,8"],
+     "was made from another model", False),
+    (["report", "{d}/tiny.fxq", "--float", FACTORY, "--example-shape", "2,3,8,8",
+      "--inputs", "{d}/evil.pt"], "--inputs '{d}/evil.pt' holds pickled Python objects", False),
+    (["report", "{d}/tiny.fxq", "--out", "{d}/r.pdf"], "unknown file type '.pdf'", True),
+    (["viz", "{d}/tiny.fxq", "--out", "{d}/g.jpg"], "unknown file type '.jpg'", True),
+    (["viz", "{d}/tiny.fxq", "--out", "{d}/afile/g.svg"], "is a file, not a directory", True),
+]
+
+
+@pytest.mark.parametrize("argv,message,output_case", MISUSES,
+                         ids=[f"{m[0][0]}-{i}" for i, m in enumerate(MISUSES)])
+def test_every_misuse_exits_2_with_the_problem_and_no_traceback(argv, message, output_case,
+                                                                  files, capsys, monkeypatch):
+    import fxquant.cli as cli
+
+    monkeypatch.chdir(ROOT)
+    built = []
+    real = cli.load_factory
+    monkeypatch.setattr(cli, "load_factory", lambda spec: built.append(spec) or real(spec))
+    argv = [a.replace("{d}", str(files)) for a in argv]
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fxquant {argv[0]}: error: "), err
+    assert message.replace("{d}", str(files)) in err, err
+    assert "Traceback" not in err and "Fix" in err or "fix" in err, err
+    if output_case:  # refused before the model was built, let alone calibrated
+        assert built == [] and time.perf_counter() - t0 < 5
+    assert not (files / "marker").exists()
+
+
+def test_misuse_in_a_subprocess_has_no_traceback(files):
+    """The installed command itself: status 2, one message, for an output-path misuse and for
+    a pickle given where a model file is expected."""
+    for argv in (Q + ["--viz", str(files / "g.jpg")], ["report", str(files / "pickled.pt")]):
+        proc = subprocess.run(_command() + argv, cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1, proc.stderr
+    assert not (files / "marker").exists()
