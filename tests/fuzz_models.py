@@ -27,6 +27,14 @@ It fails on
   FxQuantError counts too (its kind names the class, so it is told apart from internal errors);
 * a converted output whose structure (tuple layout, shapes, dtypes) differs from float's
   (``structure``), or a ``call_*`` node without a decision (``decisions``);
+* a prepared model (observers only) whose output is not float's: SQNR(f, prepared) < CAP_DB
+  (``prepared``; a pass changed what the model computes);
+* a reference graph whose *data flow* is wrong (``dataflow``): u is r with every quantize and
+  dequantize turned into ``clone()`` (each makes a new tensor, as they do), so u computes in
+  float along r's edges and only the weights stay quantized; SQNR(f, u) < DATAFLOW_DB = 20 dB
+  means an op was dropped or rerouted (e.g. an in-place write that lands on a copy). Correct
+  models gave >= 30.7 dB on the first 400 checks (weight rounding only), the bugs <= 19.9 dB;
+  this catches what q and r share and a differential check cannot see;
 * a disagreement (``disagreement``). With SQNR(s, a) = 10 log10(sum s^2 / sum (s - a)^2) in dB
   over all floating outputs, each capped at CAP_DB = 40 dB (int8 rounding noise, half a step,
   on a Gaussian signal spanning the 8-bit range is ~43 dB, ~37 dB on x86's 7-bit reduce_range:
@@ -46,10 +54,10 @@ It fails on
   kernel differs from the reference by a rounding step on a few elements, not on all). The
   second condition also catches a wrong kernel whose error happens to cancel against float.
 
-Bugs shared by q and r (a wrong observer, an op dropped in ``convert``) do not show as a
-disagreement; ``low_float_sqnr`` lists models whose reference is below LOW_DB = 10 dB vs float,
-as information (a random model can be legitimately sensitive: a topk or mask that flips on one
-quantization step), for a person to look at.
+Quantization bugs shared by q and r (a wrong observer or shared qparams) show in none of
+these; ``low_float_sqnr`` lists models whose reference is below LOW_DB = 10 dB vs float, as
+information (a random model can be legitimately sensitive: x**4, a mask or topk that flips on
+one quantization step), for a person to look at.
 
 The tests (tests/test_fuzz_models.py) run CI_MODELS seeds; ``make fuzz`` runs 2000 on x86 and
 qnnpack and exits 1 on any failure.
@@ -76,6 +84,7 @@ STEPS = 6  # ops per model, at most (the head comes on top)
 BACKENDS = ("x86", "qnnpack")
 CAP_DB = 40.0
 GAP_DB = 10.0
+DATAFLOW_DB = 20.0
 LOW_DB = 10.0
 CI_MODELS = 200
 
@@ -888,6 +897,27 @@ def sqnr(signal: Any, approx: Any) -> float:
     return min(CAP_DB, 10.0 * math.log10(power / noise))
 
 
+def unquantized(reference: fx.GraphModule) -> fx.GraphModule:
+    """``reference`` with its activation quantization turned into copies, in place: each
+    quantize and dequantize becomes ``clone()``. The data flow is the reference's (every q /
+    dq makes a new tensor, and so does a clone), the values float: only the weights'
+    quantization is left. A graph bug that drops or reroutes an op shows here, apart from
+    rounding."""
+    from fxquant.backends.reference_ops import DEQUANTIZE, QUANTIZE
+
+    graph = reference.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is QUANTIZE:
+            with graph.inserting_before(node):
+                copy_ = graph.call_method("clone", (node.args[0],))
+            node.replace_all_uses_with(copy_)
+            graph.erase_node(node)
+        elif node.op == "call_method" and node.target == DEQUANTIZE:
+            node.target = "clone"
+    reference.recompile()
+    return reference
+
+
 def missing_decisions(gm: fx.GraphModule) -> list[str]:
     """``call_*`` nodes of ``gm`` without an fxquant decision."""
     from fxquant.meta import qinfo_or_none
@@ -904,7 +934,8 @@ def missing_decisions(gm: fx.GraphModule) -> list[str]:
 @dataclass
 class Outcome:
     """What ``check`` found for one model on one backend. ``kind`` is "ok", "error:<stage>:<
-    exception class>", "structure", "decisions", "disagreement" or "generator"."""
+    exception class>", "structure", "decisions", "prepared", "dataflow", "disagreement" or
+    "generator"."""
 
     seed: int
     backend: str
@@ -913,6 +944,8 @@ class Outcome:
     sqnr_rf: float = math.nan  # reference vs float
     sqnr_qf: float = math.nan  # converted vs float
     sqnr_qr: float = math.nan  # converted vs reference
+    sqnr_pf: float = math.nan  # prepared vs float
+    sqnr_uf: float = math.nan  # unquantized reference vs float
     used: tuple[str, ...] = ()
 
     @property
@@ -925,7 +958,8 @@ class Outcome:
 
     def figures(self) -> str:
         return (f"SQNR ref/float {self.sqnr_rf:.1f} dB, conv/float {self.sqnr_qf:.1f} dB, "
-                f"conv/ref {self.sqnr_qr:.1f} dB, gap {self.gap:.1f} dB")
+                f"conv/ref {self.sqnr_qr:.1f} dB, gap {self.gap:.1f} dB; prepared/float "
+                f"{self.sqnr_pf:.1f} dB, unquantized ref/float {self.sqnr_uf:.1f} dB")
 
     def summary(self) -> str:
         first = self.message.strip().splitlines()[0] if self.message.strip() else ""
@@ -937,9 +971,20 @@ def _batches(shape: tuple[int, ...]) -> list[torch.Tensor]:
     return [torch.randn(*shape, generator=g) for _ in range(3)]
 
 
+@dataclass
+class Runs:
+    """The outputs on the first batch: prepared (while calibrating), converted, reference,
+    and the reference with its activation quantization turned into copies."""
+
+    p: Any
+    q: Any
+    r: Any
+    u: Any
+
+
 def _convert(model: Model, backend: str, batches: list[torch.Tensor], o: Outcome
-             ) -> Optional[tuple[Any, Any]]:
-    """prepare → calibrate on ``batches`` → convert_fx and convert_to_reference_fx → run both
+             ) -> Optional[Runs]:
+    """prepare → calibrate on ``batches`` → convert_fx and convert_to_reference_fx → run them
     on ``batches[0]`` (a calibration batch: SQNR vs float then measures quantization, not
     clipping on a range four samples did not reach); records an exception in ``o`` (and
     returns None)."""
@@ -955,8 +1000,7 @@ def _convert(model: Model, backend: str, batches: list[torch.Tensor], o: Outcome
                                       leaf_modules=[UserLeaf])
         stage = "calibrate"
         with torch.no_grad():
-            for b in batches:
-                prepared(b.clone())
+            p = [prepared(b.clone()) for b in batches][0]
         stage = "convert"
         converted = fxquant.convert_fx(prepared)
         stage = "reference"
@@ -971,10 +1015,31 @@ def _convert(model: Model, backend: str, batches: list[torch.Tensor], o: Outcome
             q = converted(batches[0].clone())
             stage = "run_reference"
             r = reference(batches[0].clone())
-        return q, r
+            stage = "run_unquantized"
+            u = unquantized(reference)(batches[0].clone())
+        return Runs(p, q, r, u)
     except Exception as e:  # every exception is a finding: the model runs in float
         o.kind, o.message = f"error:{stage}:{type(e).__name__}", f"{type(e).__name__}: {e}"
         return None
+
+
+def _judge(o: Outcome, f: Any, runs: Runs) -> None:
+    """Sets ``o``'s figures, and its kind where they fail (the order: structure, prepared,
+    dataflow, disagreement)."""
+    q, r = runs.q, runs.r
+    if structure(q) != structure(f) or structure(r) != structure(f):
+        o.kind = "structure"
+        o.message = f"converted {structure(q)}, reference {structure(r)}, float {structure(f)}"
+        return
+    o.sqnr_pf, o.sqnr_uf = sqnr(f, runs.p), sqnr(f, runs.u)
+    o.sqnr_rf, o.sqnr_qf, o.sqnr_qr = sqnr(f, r), sqnr(f, q), sqnr(r, q)
+    if o.sqnr_pf < CAP_DB:
+        o.kind = "prepared"
+    elif o.sqnr_uf < DATAFLOW_DB:
+        o.kind = "dataflow"
+    elif o.gap > GAP_DB or o.sqnr_qr < o.sqnr_rf - GAP_DB:
+        o.kind = "disagreement"
+    o.message = "" if o.kind == "ok" else o.figures()
 
 
 def check(model: Model, backend: str) -> Outcome:
@@ -987,17 +1052,9 @@ def check(model: Model, backend: str) -> Outcome:
     except Exception as e:
         o.kind, o.message = "generator", f"the float model raised {type(e).__name__}: {e}"
         return o
-    got = _convert(model, backend, batches, o)
-    if got is None:
-        return o
-    q, r = got
-    if structure(q) != structure(f) or structure(r) != structure(f):
-        o.kind = "structure"
-        o.message = f"converted {structure(q)}, reference {structure(r)}, float {structure(f)}"
-        return o
-    o.sqnr_rf, o.sqnr_qf, o.sqnr_qr = sqnr(f, r), sqnr(f, q), sqnr(r, q)
-    if o.gap > GAP_DB or o.sqnr_qr < o.sqnr_rf - GAP_DB:
-        o.kind, o.message = "disagreement", o.figures()
+    runs = _convert(model, backend, batches, o)
+    if runs is not None:
+        _judge(o, f, runs)
     return o
 
 
