@@ -17,7 +17,7 @@ of a tensor widens the range it is quantized with. Measured (this machine, and w
 simulated; the data is seeded, and neither backend saturates here: x86 uses reduce_range)
 x86 28.8-38.6 dB / qnnpack 32.6-42.1 dB for the in-place cases, x86 28.0-33.3 dB / qnnpack
 32.0-37.6 dB for the cat models, converted equal to reference to 0.1 dB; the floor is 24 dB.
-Before the fixes the in-place cases gave -0.6 to 13 dB and 6 of 10 cat cases had a cat whose
+Before the fixes the in-place cases gave -0.6 to 13 dB and 8 of 10 cat cases had a cat whose
 inputs had different qparams (or ran float).
 """
 from __future__ import annotations
