@@ -5,15 +5,17 @@ fuzz``, which runs 2000 models; its docstring defines "disagreement"). Here CI r
 CI_MODELS (200) seeds on x86 and qnnpack: prepare → calibrate → convert_fx and
 convert_to_reference_fx of the same prepared model → run; a model fails on any exception, an
 output structure that differs from float's, a ``call_*`` node without a decision, or a
-disagreement (SQNRs capped at 40 dB: converted vs float more than 10 dB below reference vs
-float, or converted vs reference more than 10 dB below reference vs float). A failing seed is
-reproduced, and shrunk to its shortest failing prefix, by
-``python -m tests.fuzz_models --replay SEED --backends BACKEND --shrink``.
+prepared model that no longer computes float, a reference graph whose data flow is wrong
+(quantization turned into copies, still far from float), or a disagreement (SQNRs capped at
+40 dB: converted vs float more than 10 dB below reference vs float, or converted vs reference
+more than 10 dB below reference vs float). A failing seed is reproduced, and shrunk to its
+shortest failing prefix, by ``python -m tests.fuzz_models --replay SEED --backends BACKEND
+--shrink``.
 
-Open bugs of issue 9 that other work is fixing (KNOWN_OPEN) make a failing model an xfail
-(strict=False) only when the failure is a disagreement and the model uses the construct. The
-minimal reproducers of what the fuzz found are at the end of this file: an open one xfails
-(strict=False) with its reason while it fails; a fixed one is a plain regression test.
+Open bugs (KNOWN_OPEN) make a failing model an xfail (strict=False) only for the failure kinds
+and backends the bug causes and only in models that use its construct. The minimal reproducers
+of what the fuzz found are at the end of this file: an open one xfails (strict=False) with its
+reason while it fails; a fixed one is a plain regression test.
 """
 from __future__ import annotations
 
@@ -38,26 +40,16 @@ from tests.fuzz_models import Model, Outcome, check, generate
 
 BACKENDS = tuple(b for b in fz.BACKENDS if b in torch.backends.quantized.supported_engines)
 
-_C = "issue 9: fixed by C's kernel numeric self-check in lowering"
-_D = "issue 9: fixed by D's graph fixes"
-
-
 def _uses(*prefixes: str) -> Callable[[tuple[str, ...]], bool]:
     return lambda used: any(u.startswith(prefixes) for u in used)
 
 
-def _scalar_op_and_cat(used: tuple[str, ...]) -> bool:
-    """x + c / x * c (quantized::add_scalar / mul_scalar derive their own output qparams)
-    somewhere, and a cat or stack somewhere."""
-    scalar = any(u.startswith(("add:", "mul:")) and "{b}" not in u
-                 and u not in ("add:iadd", "mul:imul") for u in used)
-    return scalar and any(u.startswith(("cat:", "stack:", "cat_pool_cat:", "split:unpack_cat"))
-                          or u.endswith(":cat") for u in used)
-
-
-def _inplace(used: tuple[str, ...]) -> bool:
-    """An in-place op of any spelling (x.relu_(), F.relu(x, inplace=True), add_, +=, ...)."""
-    return any("_(" in u or "inplace=True" in u or u in ("add:iadd", "mul:imul") for u in used)
+def _inplace_on_einsum(used: tuple[str, ...]) -> bool:
+    """An in-place op of any spelling (x.relu_(), F.relu(x, inplace=True), add_, +=, ...) in a
+    model with an einsum (whose output can be a view of its input)."""
+    inplace = any("_(" in u or "inplace=True" in u or u in ("add:iadd", "mul:imul")
+                  for u in used)
+    return inplace and _uses("einsum")(used)
 
 
 def _fixed_qparams(used: tuple[str, ...]) -> bool:
@@ -68,7 +60,7 @@ def _fixed_qparams(used: tuple[str, ...]) -> bool:
 @dataclass(frozen=True)
 class Known:
     """An open bug: which models have its construct, which failure kinds and backends it
-    explains, and the reason (the work that fixes it)."""
+    explains, and the reason."""
 
     has: Callable[[tuple[str, ...]], bool]
     kinds: frozenset[str]
@@ -76,24 +68,19 @@ class Known:
     backends: frozenset[str] = frozenset(fz.BACKENDS)
 
 
-_NUM, _FLOW = frozenset({"disagreement"}), frozenset({"disagreement", "dataflow", "prepared"})
+# Fixed since the fuzz found them (regression tests at the end): upsampling a (N,C,1,1) tensor
+# and x86 ConvTranspose2d k=2 s=2 (1dde5b4, C's kernel self-check); in-place writes through
+# views and to the graph input, cat sets through pools, scalar ops into cat (f31a05d, D).
 KNOWN_OPEN: dict[str, Known] = {
-    "upsample_1x1": Known(_uses("upsample_1x1"), _NUM, f"{_C} (upsampling a quantized "
-                                                       "(N,C,1,1) tensor scrambles channels)"),
-    "convtranspose": Known(_uses("convtranspose:k2s2", "conv_block:transposed"), _NUM,
-                           f"{_C} (x86 ConvTranspose2d k=2 s=2, 8+ channels in and out)"),
-    "inplace_view": Known(_uses("inplace_view"), _FLOW,
-                          f"{_D} (an in-place op on a view of an int8 tensor is dropped)"),
-    "inplace_alias": Known(_inplace, _FLOW - _NUM, f"{_D} (an in-place write to a tensor read "
-                           "under another name: the graph input, an einsum's view)"),
-    "cat_pool_cat": Known(_uses("cat_pool_cat"), _NUM,
-                          f"{_D} (cat observer aliasing through a pool)"),
-    "scalar_into_cat": Known(_scalar_op_and_cat, _NUM,
-                             f"{_D} (a scalar op's output requantized into cat / stack)"),
-    "fixed_qparams_avx2": Known(_fixed_qparams, _NUM, "issue 9: fixed by E (every x86 CPU: "
-                                "sigmoid / tanh outputs use the full 0..255 range, and the next "
-                                "fbgemm linear / conv saturates on AVX2-only CPUs)",
-                                frozenset({"x86"})),
+    "inplace_on_einsum_view": Known(
+        _inplace_on_einsum, frozenset({"prepared", "dataflow"}),
+        "issue 9: open (D's alias analysis does not know that torch.einsum('nchw->nchw') "
+        "returns a view of its input: an in-place write on it is lost by prepare_fx)"),
+    "fixed_qparams_avx2": Known(
+        _fixed_qparams, frozenset({"disagreement"}),
+        "issue 9: open, for E (every x86 CPU): sigmoid / tanh / hardsigmoid outputs use the "
+        "full 0..255 range and the next fbgemm linear / conv saturates on AVX2-only CPUs",
+        frozenset({"x86"})),
 }
 
 
@@ -276,27 +263,22 @@ def test_check_reports_exceptions_with_their_stage(monkeypatch) -> None:
     assert check(bad, "x86").kind == "generator"
 
 
-def test_known_bugs_excuse_only_disagreements_of_their_construct() -> None:
-    def bug(kind: str, *used: str) -> Optional[str]:
-        return known_bug(Outcome(1, "x86", kind=kind, used=used))
+def test_known_bugs_excuse_only_their_failure_kinds_backends_and_constructs() -> None:
+    def bug(kind: str, *used: str, backend: str = "x86") -> Optional[str]:
+        return known_bug(Outcome(1, backend, kind=kind, used=used))
 
-    assert bug("disagreement", "relu:F.relu({x})", "inplace_view:view_add") \
-        == KNOWN_OPEN["inplace_view"].reason
-    assert bug("error:convert:KeyError", "relu:F.relu({x})", "inplace_view:view_add") is None
+    einsum = KNOWN_OPEN["inplace_on_einsum_view"].reason
+    assert bug("prepared", "einsum:torch.einsum('nchw->nchw', {a})", "relu:{x}.relu_()") == einsum
+    assert bug("dataflow", "einsum:x", "add:iadd") == einsum
+    assert bug("disagreement", "einsum:x", "relu:{x}.relu_()") is None
+    assert bug("prepared", "einsum:x", "relu:F.relu({x})") is None
+    assert bug("prepared", "relu:{x}.relu_()") is None
+    avx2 = KNOWN_OPEN["fixed_qparams_avx2"].reason
+    assert bug("disagreement", "fixed:torch.sigmoid({x})") == avx2
+    assert bug("disagreement", "mlp:torch.tanh") == avx2
+    assert bug("disagreement", "fixed:torch.sigmoid({x})", backend="qnnpack") is None
+    assert bug("error:run:RuntimeError", "fixed:torch.sigmoid({x})") is None
     assert bug("disagreement", "relu:F.relu({x})") is None
-    scalar_cat = KNOWN_OPEN["scalar_into_cat"].reason
-    assert bug("disagreement", "add:{a} + 1.5", "cat:torch.cat([{a}, {b}], 1)") == scalar_cat
-    assert bug("disagreement", "mul:torch.mul({a}, 3.0)", "upsample_1x1:F.interpolate:cat") \
-        == KNOWN_OPEN["upsample_1x1"].reason
-    assert bug("disagreement", "add:{a} + {b}", "cat:torch.cat([{a}, {b}], 1)") is None
-    assert bug("dataflow", "relu:{x}.relu_()") == KNOWN_OPEN["inplace_alias"].reason
-    assert bug("disagreement", "relu:{x}.relu_()") is None
-    assert bug("disagreement", "fixed:torch.sigmoid({x})") \
-        == KNOWN_OPEN["fixed_qparams_avx2"].reason
-    assert known_bug(Outcome(1, "qnnpack", kind="disagreement",
-                             used=("fixed:torch.sigmoid({x})",))) is None
-    assert bug("disagreement", "add:iadd", "stack:torch.stack([{a}, {b}], 1).flatten(1, 2)") \
-        is None
 
 
 def _negated(out: Any) -> Any:
@@ -323,7 +305,8 @@ def test_make_fuzz_summary_and_exit_status(monkeypatch, capsys) -> None:
 # ------------------------------------------------------------------------------ what it found
 # Minimal reproducers (shortest failing prefixes, then hand-shrunk) of each distinct bug the
 # differential fuzz found in issue 9, as generated sources checked by the same ``check``. An
-# open one names the work that fixes it and xfails (strict=False) while it fails.
+# open one names its bug and xfails (strict=False) while it fails; the figures in the comments
+# were measured before the fixes (at 2658970).
 
 def _source(init: str, body: str) -> str:
     init = "\n".join(f"        {ln}" for ln in init.splitlines()) or "        pass"
@@ -336,50 +319,50 @@ REPRODUCERS: dict[str, tuple[str, tuple[int, ...], str]] = {
     # seeds 169, 573: x86 and qnnpack, 36-38 dB reference vs 0.7 dB converted
     "interpolate_1x1": (_source("", "p = F.adaptive_avg_pool2d(x, 1)\n"
                                     "return F.interpolate(p, scale_factor=2, mode='nearest')"),
-                        (2, 3, 5, 5), KNOWN_OPEN["upsample_1x1"].reason),
+                        (2, 3, 5, 5), ""),  # fixed in 1dde5b4 (C)
     # seed 573: qnnpack's bilinear too: 40 dB vs 17 dB
     "interpolate_1x1_bilinear": (_source("", "p = F.adaptive_max_pool2d(x, 1)\n"
                                              "return F.interpolate(p, size=(5, 5), "
                                              "mode='bilinear', align_corners=False)"),
-                                 (2, 3, 5, 5), KNOWN_OPEN["upsample_1x1"].reason),
+                                 (2, 3, 5, 5), ""),  # fixed in 1dde5b4 (C)
     # seeds 85, 109, 175: adaptive_avg_pool2d of a 1x1 tensor to (2, 1): 37 dB vs 2 dB
     "adaptive_pool_1x1_up": (_source("", "p = x.mean((2, 3), keepdim=True)\n"
                                          "return F.adaptive_avg_pool2d(p, (2, 1))"),
-                             (2, 4, 2, 1), KNOWN_OPEN["upsample_1x1"].reason),
+                             (2, 4, 2, 1), ""),  # fixed in 1dde5b4 (C)
     # C's report: ConvTranspose2d(8, 8, 2, stride=2) on x86: 33 dB vs -11 dB (qnnpack right)
     "convtranspose_k2s2": (_source("self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)",
                                    "return self.up(x)"),
-                           (2, 8, 4, 4), KNOWN_OPEN["convtranspose"].reason),
+                           (2, 8, 4, 4), ""),  # fixed in 1dde5b4 (C)
     # seeds 16, 205, 224, 273, ...: conv → [:, :] → relu_ → conv: the relu_ is dropped by
     # convert_fx (it writes a dequantized copy; the next conv reads the int8 tensor), the
     # reference keeps it: 32 dB vs 0.1 dB
     "inplace_on_view": (_source("self.c1 = nn.Conv2d(3, 3, 1)\nself.c2 = nn.Conv2d(3, 3, 1)",
                                 "y = self.c1(x)[:, :]\ny.relu_()\nreturn self.c2(y)"),
-                        (2, 3, 4, 4), KNOWN_OPEN["inplace_view"].reason),
+                        (2, 3, 4, 4), ""),  # fixed in f31a05d (D)
     # seed 145: quantized::add_scalar derives its own zero point; stack / cat lowered as a
     # plain copy of inputs assumed to share qparams reads it with the other input's: 40 dB vs
     # 14 dB (max error 1.3 = 27 steps); D's ScalarOpIntoCat case
     "scalar_op_into_stack": (_source("", "return torch.stack([x + 1.5, x], 1).flatten(1, 2)"),
-                             (2, 4, 5, 1), KNOWN_OPEN["scalar_into_cat"].reason),
+                             (2, 4, 5, 1), ""),  # fixed in f31a05d (D)
     "scalar_op_into_cat": (_source("", "return torch.cat([x + 1.5, x], 1)"),
-                           (2, 4, 5, 1), KNOWN_OPEN["scalar_into_cat"].reason),
+                           (2, 4, 5, 1), ""),  # fixed in f31a05d (D)
     # seeds 51, 178 (dataflow, x86 and qnnpack): a transposed view written in place, read
     # through its base; r and q both lose the write: -4.7 dB, unquantized reference -4.7 dB
     "inplace_on_transposed_view": (_source("", "y = F.interpolate(x, size=(5, 5))\n"
                                                "t = y.transpose(2, 3)\nt.relu_()\n"
                                                "return y.mean((2, 3))"),
-                                   (2, 2, 5, 5), KNOWN_OPEN["inplace_view"].reason),
+                                   (2, 2, 5, 5), ""),  # fixed in f31a05d (D)
     # seed 64 (dataflow): an in-place write to the graph input, read again afterwards:
     # 6.0 dB, unquantized reference 6.0 dB
     "inplace_on_input": (_source("", "y = x.add_(x)\nz = y.masked_fill(y < 0, 0.0)\n"
                                      "return torch.reshape(x, (2, -1))"),
-                         (2, 4, 1, 5), KNOWN_OPEN["inplace_alias"].reason),
+                         (2, 4, 1, 5), ""),  # fixed in f31a05d (D)
     # seed 91 (prepared): torch.einsum('nchw->nchw') returns a view of its input; an in-place
     # relu on it changes the input, which prepare_fx does not keep: prepared vs float 0.0 dB
     "inplace_on_einsum_view": (_source("self.pool = nn.AdaptiveAvgPool2d((2, 1))",
                                        "v = torch.einsum('nchw->nchw', x)\nv.relu_()\n"
                                        "return self.pool(x).mean((2, 3))"),
-                               (2, 1, 5, 2), KNOWN_OPEN["inplace_alias"].reason),
+                               (2, 1, 5, 2), KNOWN_OPEN["inplace_on_einsum_view"].reason),
 }
 
 
