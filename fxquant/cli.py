@@ -66,9 +66,18 @@ def load_model(path: str) -> nn.Module:
     from fxquant.serialize import ArtifactError, read_graph
 
     try:
-        return read_graph(path)
+        model = read_graph(path)
     except ArtifactError as e:
         raise UsageError(_one_line(e)) from e
+    if not hasattr(model, "graph"):
+        from fxquant.errors import FxQuantError
+
+        pieces = [n for n, m in model.named_modules() if hasattr(m, "graph")]
+        raise FxQuantError(f"{path!r} holds a model quantized piece by piece (its forward runs "
+                           f"eagerly; pieces {pieces}): report and viz draw one graph",
+                           hint="use fxquant.serialize.read_graph(path).get_submodule(piece) "
+                                "in Python")
+    return model
 
 
 def load_runnable(path: str, float_model: nn.Module, example: torch.Tensor) -> nn.Module:

@@ -418,6 +418,11 @@ def _prepared_state(model: nn.Module, units: list[tuple[str, fx.GraphModule]]
     for path, unit in units:
         prefix = f"{path}." if path else ""
         kept = unit.meta.get(PREPARED_STATE_KEY)
+        if "convert" not in unit.meta.get("fxquant_timings", {"convert": 0}):
+            raise NotSaveableError(
+                f"{type(model).__name__} is prepared, not converted: a model file holds a "
+                f"quantized model", hint="calibrate it, call fxquant.convert_fx and save the "
+                "result (a prepared model of your own can go through torch.save / torch.load)")
         if kept is None:
             raise NotSaveableError(
                 f"the converted piece {path or '(root)'!r} does not hold the state it was "

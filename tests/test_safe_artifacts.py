@@ -150,6 +150,39 @@ def test_dynamic_round_trip_is_identical(tmp_path, dtype):
         [type(m).__name__ for m in quantized.modules()]
 
 
+class Untraceable(nn.Module):
+    """Data-dependent control flow in the root forward: fallback runs it eagerly and
+    quantizes each child on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.a = nn.Conv2d(8, 8, 1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.a(x) if float(x.mean()) > 0.1 else self.b(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_model_quantized_piece_by_piece_round_trip(tmp_path):
+    torch.backends.quantized.engine = "x86"
+    prepared = fxquant.prepare_fx(_fresh(Untraceable, 0), fxquant.get_default_qconfig_mapping(
+        "x86"), (torch.randn(*SHAPE),))
+    for x in calibration_batches(SHAPE, n=4):
+        prepared(x)
+    quantized = fxquant.convert_fx(prepared)
+    assert not isinstance(quantized, torch.fx.GraphModule)  # an eager root holding pieces
+    loaded = fxquant.load(_fresh(Untraceable), fxquant.save(quantized, tmp_path / "u.fxq"),
+                          (torch.randn(*SHAPE),))
+    for x in calibration_batches(SHAPE, n=3, seed=3):
+        assert torch.equal(loaded(x), quantized(x))
+    pieces = {n for n, m in read_graph(tmp_path / "u.fxq").named_modules() if hasattr(m, "graph")}
+    assert pieces == {n for n, m in quantized.named_modules() if isinstance(m, torch.fx.GraphModule)}
+
+
 # ------------------------------------------------------------------------------ refusals
 def test_pickle_payload_is_refused_without_running(tmp_path, monkeypatch, capsys):
     marker = str(tmp_path / "marker")
