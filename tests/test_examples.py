@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from fxquant.backends.base import unregister_backend
 from fxquant.meta import qinfo
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "custom_pass_and_rule.py")
@@ -26,7 +27,10 @@ def test_custom_pass_and_rule():
     torch.manual_seed(0)
     model = ex.Net().eval()
     plain = ex.quantize(model, "x86")
-    extended = ex.quantize(model, ex.shuffle_rule_backend())
+    try:
+        extended = ex.quantize(model, ex.shuffle_rule_backend())
+    finally:  # other tests list the registered backends
+        unregister_backend("x86+shuffle")
     x = torch.randn(2, 3, 16, 16)
 
     def shuffle(gm):

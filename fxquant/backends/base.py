@@ -196,6 +196,12 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+def unregister_backend(name: str) -> Optional[Backend]:
+    """Remove a backend registered under ``name`` (an extension's, or a built-in one) and
+    return it; ``None`` when none was. Built-ins come back only in a new process."""
+    return _REGISTRY.pop(name, None)
+
+
 def get_backend(name: Union[str, Backend]) -> Backend:
     if isinstance(name, Backend):
         return name

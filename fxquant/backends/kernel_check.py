@@ -14,9 +14,10 @@ the reference rounds a float32 sum, so the two can land on either side of a roun
 one step. Kernels that requantize twice (SiLU = sigmoid then mul, softmax's lookup tables)
 add at most one more step on a few elements. The x86 / fbgemm default qconfigs use
 ``reduce_range`` (activations 0..127) precisely so that AVX2's int16 pair sums cannot
-saturate; the inputs here come from the same range, so a correct kernel on an AVX2-only CPU
-passes, while a kernel that is wrong (a whole tensor scrambled, tens of steps off) fails on
-every CPU.
+saturate; the inputs here come from the same range (or the full one, where the producer of
+an input fixes its own qparams, as sigmoid does), so a correct kernel on an AVX2-only CPU
+passes, a kernel that saturates on what it will be fed fails, and a kernel that is wrong (a
+whole tensor scrambled, tens of steps off) fails on every CPU.
 
 Results are cached at module level by :func:`check_key` — (backend, rule, op configuration,
 input shapes, dtypes, qparams class, layouts, engine) — so repeated layers and repeated
@@ -171,18 +172,57 @@ def input_specs(ctx: LowerCtx) -> Optional[dict[Any, InputSpec]]:
 
 
 def _qrange(ctx: LowerCtx, key: Any, dtype: torch.dtype) -> tuple[int, int]:
-    """The integer range the input's observer quantizes to (0..127 with reduce_range)."""
+    """The integers the input can take: the widest of the range this op's input spec asks
+    for (0..127 with reduce_range) and the range of the observer that produced the value.
+    They differ where the producer fixes its own qparams: a sigmoid's output (scale 1/256)
+    spans 0..255 whatever the consumer asked for, and fbgemm on an AVX2-only CPU saturates
+    on exactly that range, so the check must see it."""
+    from fxquant.backends.reference_ops import is_quantize
     from fxquant.meta import qinfo
 
-    spec = qinfo(ctx.node).input_specs.get(key)
     lo, hi = _DTYPE_RANGE[dtype]
-    factory = getattr(spec, "observer", None)
-    if factory is None:
+    ranges = [_observer_range(getattr(qinfo(ctx.node).input_specs.get(key), "observer", None),
+                              lo, hi)]
+    qn = ctx.qinputs.get(key)
+    if isinstance(qn, fx.Node):
+        # a quantize node's producer is its input; a lowered kernel (sigmoid lowered
+        # before this op) produced the value itself
+        src = qn.args[0] if is_quantize(qn) and qn.args else qn
+        if isinstance(src, fx.Node):
+            ranges.append(_observer_range(_producer_observer(src), lo, hi))
+    found = [r for r in ranges if r is not None]
+    if not found:
         return lo, hi
+    return min(r[0] for r in found), max(r[1] for r in found)
+
+
+def _producer_observer(node: fx.Node) -> Any:
+    """The observer factory of the op whose output ``node`` is, following ops that share
+    their input's qparams (max_pool, reshape, ...) up to the one that chose them."""
+    from fxquant.meta import QSpec, SharedSpec, qinfo_or_none
+    from fxquant.slots import get_input
+
+    for _ in range(32):
+        info = qinfo_or_none(node)
+        spec = info.output_spec if info is not None else None
+        if isinstance(spec, QSpec):
+            return spec.observer
+        if not isinstance(spec, SharedSpec):
+            return None
+        src = get_input(node, spec.input_index)
+        if not isinstance(src, fx.Node):
+            return None
+        node = src
+    return None
+
+
+def _observer_range(factory: Any, lo: int, hi: int) -> Optional[tuple[int, int]]:
+    if factory is None:
+        return None
     try:
         obs = factory()
-    except Exception:  # noqa: BLE001 - an observer we cannot build: assume the dtype's range
-        return lo, hi
+    except Exception:  # noqa: BLE001 - an observer we cannot build: no information
+        return None
     qmin, qmax = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
     if isinstance(qmin, int) and isinstance(qmax, int) and lo <= qmin < qmax <= hi:
         return qmin, qmax

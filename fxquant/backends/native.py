@@ -4,6 +4,7 @@ Each backend file takes these rules and adds or removes what its kernels differ 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping, Union
 
 import operator
@@ -398,8 +399,7 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
                  f"quantized::conv{d}d(_relu)", lower_weighted,
                  notes="ReLU6/Hardtanh/clamp bound folded into the output qparams"),
             Rule(f"conv_transpose{d}d", Op(getattr(nn, f"ConvTranspose{d}d")), WEIGHTED,
-                 f"quantized::conv_transpose{d}d", lower_weighted, check=check_transpose,
-                 alt_engines=("qnnpack",) if d < 3 else ()),
+                 f"quantized::conv_transpose{d}d", lower_weighted, check=check_transpose),
         ]
     for d in (2, 3):
         rules += [
@@ -441,9 +441,22 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
         Rule("clamp_family", Op(*CLAMP_FAMILY), SHARED, "same op on the quantized tensor",
              lower_same_op_contiguous if clamp_needs_contiguous else lower_same_op),
     ]
+    rules = [_qnnpack_fallback(r) for r in rules]
     rules += activation_rules(backend)
     rules += dynamic_rules()
     return tuple(rules)
+
+
+def _qnnpack_fallback(rule: Rule) -> Rule:
+    """A weighted kernel that fails lowering's numeric check is retried with its weights
+    packed for qnnpack, which accumulates in int32 on every CPU: fbgemm / onednn saturate
+    int16 pair sums on full-range activations without VNNI, and fbgemm's transposed conv with
+    kernel 2, stride 2 is wrong on any CPU (torch 2.13). Not ConvTranspose3d: qnnpack's is
+    wrong too."""
+    if rule.lower is not lower_weighted or rule.name == "conv_transpose3d" \
+            or rule.alt_engines or "qnnpack" not in torch.backends.quantized.supported_engines:
+        return rule
+    return replace(rule, alt_engines=("qnnpack",))
 
 
 def dynamic_rules() -> list[Rule]:

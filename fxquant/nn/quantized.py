@@ -91,6 +91,11 @@ class _DequantizedWeight(torch.Tensor):
         return torch.Tensor.__reduce_ex__(self.as_subclass(torch.Tensor), protocol)
 
 
+@torch.jit.unused
+def _callable_weight(quantized: torch.Tensor) -> torch.Tensor:
+    return _DequantizedWeight.of(quantized)
+
+
 class _QuantizedBase(nn.Module):
     """Output qparams and their state-dict entries, shared by all quantized modules."""
 
@@ -136,9 +141,6 @@ class _PackedWeighted(_QuantizedBase):
     _REFERENCE = nn.Module
     _SPATIAL_DIMS = 0
     _WEIGHT_CH_AXIS = 0
-
-    # ``weight`` is a Python property (see below): TorchScript must not compile it
-    __jit_unused_properties__ = ["weight"]
 
     def _init_packed(self, weight_shape: list[int], bias: bool) -> None:
         self._packed_params = None
@@ -208,8 +210,17 @@ class _PackedWeighted(_QuantizedBase):
     @property
     def weight(self) -> torch.Tensor:
         """The weight the kernel computes with, dequantized: ``.device``, ``.dtype``,
-        ``.shape`` read as on the float module. ``m.weight()`` is the quantized weight."""
-        return _DequantizedWeight.of(self._weight_bias()[0])
+        ``.shape`` read as on the float module (also in TorchScript). In Python,
+        ``m.weight()`` is the quantized weight."""
+        w = self._quantized_weight()
+        if torch.jit.is_scripting():
+            return w.dequantize()
+        return _callable_weight(w)
+
+    def _quantized_weight(self) -> torch.Tensor:
+        if self._unpacked_copy is not None:
+            return self._unpacked_copy[0]
+        return self._unpack()[0]
 
     def fake_quantized_weight(self) -> torch.Tensor:
         """The weight quantized then dequantized (as the reference module's method)."""
