@@ -20,6 +20,7 @@ from fxquant.pipeline import Pass, PassContext, PassManager, PassResult
 from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
                              get_default_qconfig_mapping)
 from fxquant.serialize import load, save
+from fxquant.compile import compile, register_engine  # noqa: A004
 
 __all__ = [
     "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",
@@ -33,4 +34,7 @@ __all__ += ["report", "compare", "skip_layers", "visualize", "to_networkx"]
 # Safe model files (tensors + JSON, no pickled code): fxquant.save(quantized, path),
 # fxquant.load(float_model, path, example_inputs).
 __all__ += ["save", "load"]
+# Other execution engines (fxquant/compile.py): fxquant.compile(qmodel, example_inputs,
+# backend="inductor" | "onnxruntime" | "openvino").
+__all__ += ["compile", "register_engine"]
 __version__ = "0.1.0"
