@@ -188,12 +188,28 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str
 
 def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
                dump_dir: Optional[str] = None, instruments: Iterable[Instrument] = (),
-               verify: bool = True) -> nn.Module:
+               verify: bool = True, representation: str = "native") -> nn.Module:
     """Calibrated (or QAT-trained) prepared model → quantized GraphModule on the backend's
     kernels. The prepared model is not modified. A model that fallback prepared piece by piece
-    is converted piece by piece (the eager parts stay as they are)."""
+    is converted piece by piece (the eager parts stay as they are).
+
+    ``representation="int"``: instead of the backend's quantized kernels, the reference graph
+    on plain uint8/int8 tensors with fxquant's q/dq ops (no quantized dtypes): it runs on any
+    torch build, exports with ``torch.export`` and compiles with Inductor; see docs/integer.md."""
     from fxquant.passes import convert_pipeline
 
+    if representation not in ("native", "int"):
+        raise FxQuantError(f"unknown representation '{representation}'",
+                           hint="use representation='native' (quantized kernels) or 'int'")
+    if representation == "int":
+        if passes is not None:
+            raise FxQuantError("convert_fx: pass either passes= or representation='int'",
+                               hint="the int representation runs its own pipeline")
+        from fxquant.passes.convert import Convert
+        from fxquant.passes.cleanup import Cleanup
+        from fxquant.passes.lower_to_int import LowerToInt
+
+        passes = (Convert(), Cleanup(), LowerToInt())
     return _convert(prepared, passes or convert_pipeline(), dump_dir, instruments, verify)
 
 
