@@ -1,0 +1,62 @@
+"""The OpenVINO engine: ``fxquant.compile(qmodel, example_inputs, backend="openvino")``.
+
+The converted model is written as the same QDQ ONNX graph as for ONNX Runtime
+(:mod:`fxquant.backends.onnx_export`, fxquant's own scales and zero points) and read by
+OpenVINO's ONNX front end, which turns each QuantizeLinear/DequantizeLinear pair into the
+FakeQuantize its CPU plugin runs as int8. OpenVINO (and onnx, to build the graph) are optional
+(``pip install fxquant[openvino]``) and imported only here, inside the functions.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch.nn as nn
+
+from fxquant.backends.onnx import EngineModule, Runner, _example_tuple, require
+
+__all__ = ["compile_openvino", "OpenVINOModule"]
+
+
+class OpenVINOModule(EngineModule):
+    """A converted model compiled by OpenVINO for its CPU plugin."""
+
+    engine = "openvino"
+
+    def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int] = None,
+                 device: str = "CPU", config: Optional[dict[str, Any]] = None) -> None:
+        self._ov = require("openvino", "openvino")
+        require("onnx", "openvino")  # the graph is built with onnx
+        self.device = device
+        self.config = dict(config or {})
+        super().__init__(qmodel, example_inputs, threads)
+
+    def _make_runner(self, model: Any) -> Runner:
+        ov = self._ov
+        core = ov.Core()
+        ov_model = core.read_model(model.SerializeToString(), b"")  # ONNX bytes, no weights file
+        # f32 where the graph is float: the CPU plugin would otherwise pick bf16/f16 on hardware
+        # that has it, and fxquant's float islands must stay float.
+        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1, **self.config}
+        compiled = core.compile_model(ov_model, self.device, config)
+        request = compiled.create_infer_request()
+        outputs = list(compiled.outputs)
+
+        def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+            result = request.infer(arrays)
+            return [np.asarray(result[o]) for o in outputs]
+        run.compiled = compiled  # type: ignore[attr-defined]
+        return run
+
+
+def compile_openvino(qmodel: nn.Module, example_inputs: tuple, *,
+                     threads: Optional[int] = None, device: str = "CPU",
+                     config: Optional[dict[str, Any]] = None) -> nn.Module:
+    """``fxquant.compile(qmodel, example_inputs, backend="openvino")``: the converted model's QDQ
+    ONNX graph compiled by OpenVINO.
+
+    ``threads``: ``INFERENCE_NUM_THREADS`` (default: ``torch.get_num_threads()``); ``device``:
+    the OpenVINO device ("CPU"); ``config``: more ``compile_model`` properties (they win).
+    """
+    return OpenVINOModule(qmodel, _example_tuple(example_inputs), threads, device, config)
