@@ -21,6 +21,7 @@ from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
                              get_default_qconfig_mapping)
 from fxquant.serialize import load, save
 from fxquant.compile import compile, register_engine  # noqa: A004
+from fxquant.freeze import freeze
 
 __all__ = [
     "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",
@@ -37,4 +38,6 @@ __all__ += ["save", "load"]
 # Other execution engines (fxquant/compile.py): fxquant.compile(qmodel, example_inputs,
 # backend="inductor" | "onnxruntime" | "openvino").
 __all__ += ["compile", "register_engine"]
+# Frozen TorchScript of a converted model (no Python dispatch): fxquant.freeze(qmodel, example_inputs).
+__all__ += ["freeze"]
 __version__ = "0.1.0"

@@ -472,6 +472,10 @@ class _RNNBase(_NamedWeights):
             packed_ih.append(p_ih)
             packed_hh.append(p_hh)
         self._packed_ih, self._packed_hh, self._cell_params = packed_ih, packed_hh, cells
+        # torch.jit.trace resolves a packed object only when it is an attribute of a module
+        # (a list attribute is not searched), so each cell's params are one attribute too.
+        for i, cell in enumerate(cells):
+            setattr(self, f"_cell_params_{i}", cell)
         self._record_engine()
 
     def _unpacked_state(self) -> Dict[str, Tensor]:
@@ -485,7 +489,8 @@ class _RNNBase(_NamedWeights):
         return {k: state[k] for k in self._state_keys()}
 
     def _packed_attrs(self) -> Tuple[str, ...]:
-        return ("_packed_ih", "_packed_hh", "_cell_params")
+        cells = tuple(f"_cell_params_{i}" for i in range(len(self._suffixes())))
+        return ("_packed_ih", "_packed_hh", "_cell_params") + cells
 
     def get_weight_bias(self) -> Dict[str, Tensor]:
         """The stored weights and biases, under the float module's parameter names."""
@@ -503,6 +508,8 @@ class _RNNBase(_NamedWeights):
         return s + f", dtype={self.dtype}{_qscheme_repr(w)}"
 
     def _check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
+        if torch.jit.is_tracing():  # a trace keeps no Python checks; skip them (no TracerWarning)
+            return
         expected = 2 if batch_sizes is not None else 3
         if input.dim() != expected:
             raise RuntimeError(
@@ -514,6 +521,8 @@ class _RNNBase(_NamedWeights):
                                f"{self.input_size}, got {input.size(-1)}")
 
     def _check_hidden(self, hx: Tensor, batch: int, which: str) -> None:
+        if torch.jit.is_tracing():  # a trace keeps no Python checks; skip them (no TracerWarning)
+            return
         expected = [self.num_layers * self._num_directions(), batch, self.hidden_size]
         if list(hx.size()) != expected:
             raise RuntimeError(f"{self._qname}: {which} must have size {expected} "
@@ -704,11 +713,15 @@ class _CellBase(_NamedWeights):
         return s + f", dtype={self.dtype}{_qscheme_repr(w)}"
 
     def _check_input(self, input: Tensor) -> None:
+        if torch.jit.is_tracing():  # a trace keeps no Python checks; skip them (no TracerWarning)
+            return
         if input.dim() != 2 or input.size(1) != self.input_size:
             raise RuntimeError(f"{self._qname}: input must be (batch, {self.input_size}), "
                                f"got {list(input.size())}; unbatched input needs unsqueeze(0)")
 
     def _check_hidden(self, input: Tensor, hx: Tensor, which: str) -> None:
+        if torch.jit.is_tracing():  # a trace keeps no Python checks; skip them (no TracerWarning)
+            return
         expected = [input.size(0), self.hidden_size]
         if list(hx.size()) != expected:
             raise RuntimeError(f"{self._qname}: {which} must have size {expected} "
