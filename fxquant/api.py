@@ -238,17 +238,28 @@ _DYNAMIC_DEFAULT_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMC
                                             nn.GRUCell)
 
 
-def dynamic_qconfig_mapping(qconfig_spec: Any = None, dtype: torch.dtype = torch.qint8) -> Any:
+def dynamic_qconfig_mapping(qconfig_spec: Any = None, dtype: torch.dtype = torch.qint8,
+                            backend: str = "auto") -> Any:
     """The QConfigMapping that ``torch.quantization.quantize_dynamic``'s ``qconfig_spec`` means:
     None → the default module types; a set of module types; or a dict whose keys are module
     types or submodule names and whose values are qconfigs. No global qconfig: everything else
-    stays float."""
-    from fxquant.qconfig import QConfigMapping, default_dynamic_qconfig, float16_dynamic_qconfig
+    stays float. The qint8 default (None or a set) uses per-channel weights where ``backend``'s
+    dynamic kernels take them (every native engine on torch 2.13), per-tensor elsewhere
+    (:mod:`fxquant.backends.dynamic_defaults`); torch.ao's default is per-tensor. A dict's
+    qconfigs are used as given."""
+    from fxquant.backends.dynamic_defaults import dynamic_weights_per_channel
+    from fxquant.qconfig import (QConfigMapping, default_dynamic_qconfig, float16_dynamic_qconfig,
+                                 per_channel_dynamic_qconfig)
 
     default = {torch.qint8: default_dynamic_qconfig, torch.float16: float16_dynamic_qconfig}
     if dtype not in default:
         raise FxQuantError(f"quantize_dynamic_fx: dtype {dtype} is not supported",
                            hint="use torch.qint8 or torch.float16")
+    note = None
+    if dtype == torch.qint8 and not isinstance(qconfig_spec, dict):
+        weights = dynamic_weights_per_channel(_resolve_backend(backend, None))
+        default[dtype] = per_channel_dynamic_qconfig if weights.per_channel else default[dtype]
+        note = weights.reason
     if qconfig_spec is None:
         qconfig_spec = set(_DYNAMIC_DEFAULT_TYPES)
     if isinstance(qconfig_spec, (set, frozenset, list, tuple)):
@@ -257,6 +268,7 @@ def dynamic_qconfig_mapping(qconfig_spec: Any = None, dtype: torch.dtype = torch
         raise FxQuantError(f"qconfig_spec must be None, a set of module types or a dict, got "
                            f"{type(qconfig_spec).__name__}")
     mapping = QConfigMapping()
+    mapping.dynamic_weights = note
     for key, qconfig in qconfig_spec.items():
         if isinstance(key, str):
             mapping.set_module_name(key, qconfig)
@@ -270,15 +282,16 @@ def quantize_dynamic_fx(model: nn.Module, qconfig_spec: Any = None, dtype: torch
                         ) -> nn.Module:
     """Graph-mode ``torch.quantization.quantize_dynamic``: weights of Linear / LSTM / GRU / the
     RNN cells (by default) quantized ahead of time to ``dtype`` (qint8 or float16), activations
-    quantized by the kernels at run time. No calibration. ``example_inputs`` (optional) lets
-    fxquant tell tensors from Python values. Embeddings take a weight-only qconfig in a dict:
-    ``{nn.Embedding: float_qparams_weight_only_qconfig}``.
+    quantized by the kernels at run time. qint8 weights are per-channel by default where the
+    backend's kernels take them (:func:`dynamic_qconfig_mapping`). No calibration.
+    ``example_inputs`` (optional) lets fxquant tell tensors from Python values. Embeddings take
+    a weight-only qconfig in a dict: ``{nn.Embedding: float_qparams_weight_only_qconfig}``.
 
     Models torch.fx cannot trace are handled by fallback (``kwargs`` go to :func:`prepare_fx`,
     e.g. ``fallback=False``): every module eager ``quantize_dynamic`` would quantize is
     quantized, whether it sits in a traced graph or under an eager module. ``example_inputs``
     let fallback trace untraceable modules' traceable submodules whole (more ops fused)."""
-    mapping = dynamic_qconfig_mapping(qconfig_spec, dtype)
+    mapping = dynamic_qconfig_mapping(qconfig_spec, dtype, backend)
     with eval_modes(model):  # each module's own train/eval flag comes back afterwards
         prepared = prepare_fx(model, mapping, example_inputs, backend=backend, **kwargs)
     return convert_fx(prepared)

@@ -139,6 +139,19 @@ class ModelModeWarning(FxQuantWarning):
     """A submodule's train/eval flag that the prepared model will not keep."""
 
 
+class RangeWarning(FxQuantWarning):
+    """An observed range that would ruin the quantized tensor (overflowing scale, a -1e4 /
+    -inf mask taking the range, a range wider than the op's input): convert's range check
+    (:mod:`fxquant.range_check`) names the node, module path and source line, and the fix it
+    applied (or that ``range_check="warn"`` left undone)."""
+
+
+class SaturationWarning(FxQuantWarning):
+    """Activations whose range the backend's int8 kernels cannot add up exactly on this CPU
+    (full 8-bit input to fbgemm / x86 / onednn without VNNI): the message names the nodes and
+    what convert will do about it."""
+
+
 def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """`` (did you mean 'a', 'b'?)`` for the closest candidates, or ``""`` when none is close."""
     close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)

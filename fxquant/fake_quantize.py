@@ -527,24 +527,29 @@ def _act_fake_quant(fused: bool, reduce_range: bool | None) -> ObserverFactory:
     return cls.with_args(**kwargs)
 
 
-def get_default_qat_qconfig(backend: str = "x86", version: int = 1) -> QConfig:
-    """The default QAT qconfig of a backend, as torch.ao's ``get_default_qat_qconfig``.
+def get_default_qat_qconfig(backend: str = "x86", version: int = 1, *,
+                            reduce_range: bool | None = None) -> QConfig:
+    """The default QAT qconfig of a backend, as torch.ao's ``get_default_qat_qconfig`` except
+    for the activation range, which follows the CPU as the PTQ default does
+    (:func:`fxquant.qconfig.activation_range`):
 
     version 1 (default) uses the fused moving-average fake quant; version 0 the unfused one:
 
-    * fbgemm, x86: activations quint8 0..255 with reduce_range (effective 0..127), weights
-      qint8 per-channel symmetric;
-    * qnnpack: activations quint8 0..255 without reduce_range, weights qint8 -128..127
-      per-tensor symmetric;
-    * onednn: activations quint8 0..255, weights qint8 per-channel symmetric.
+    * activations quint8 0..255, with ``reduce_range`` (effective 0..127) where the backend's
+      kernels would saturate full-range input on this CPU (fbgemm / x86 / onednn without VNNI),
+      without it elsewhere (qnnpack; VNNI / AMX CPUs). ``reduce_range=`` pins the choice;
+    * weights qint8 per-channel symmetric (fbgemm, x86, onednn), per-tensor symmetric
+      -128..127 on qnnpack.
 
     All observe with moving-average min/max (averaging constant 0.01).
     """
+    from fxquant.qconfig import activation_range
+
     backend = resolve_backend(backend)
     if version not in (0, 1):
         raise ValueError(f"get_default_qat_qconfig: version must be 0 or 1, got {version!r}")
     fused = version == 1
-    reduce_range = {"fbgemm": True, "x86": True, "qnnpack": False, "onednn": None}[backend]
+    reduce_range = activation_range(backend, reduce_range).reduce_range
     if backend == "qnnpack":
         weight = default_fused_wt_fake_quant if fused else default_weight_fake_quant
     else:
@@ -559,15 +564,19 @@ _CONV_TRANSPOSE_TYPES: tuple[Any, ...] = (
 )
 
 
-def get_default_qat_qconfig_mapping(backend: str = "auto", version: int = 1) -> QConfigMapping:
+def get_default_qat_qconfig_mapping(backend: str = "auto", version: int = 1, *,
+                                    reduce_range: bool | None = None) -> QConfigMapping:
     """The default QAT QConfigMapping of a backend, as torch.ao builds it: global
-    ``get_default_qat_qconfig(backend, version)``, plus ``"reshape"`` reusing its input's
+    ``get_default_qat_qconfig(backend, version, reduce_range=reduce_range)`` (activation range
+    as this CPU allows; ``mapping.activation_range`` says which and why), plus ``"reshape"`` reusing its input's
     qparams, transposed convs with per-tensor weight fake quant on fbgemm/x86, layer_norm with
     a float weight, PReLU with :data:`~fxquant.qconfig.default_quint8_weight_qconfig` (as torch),
     and FixedQParamsFakeQuantize for sigmoid / hardsigmoid / softmax / tanh.
     ``mapping.backend`` records the resolved backend."""
+    from fxquant.qconfig import activation_range
+
     backend = resolve_backend(backend)
-    qconfig = get_default_qat_qconfig(backend, version)
+    qconfig = get_default_qat_qconfig(backend, version, reduce_range=reduce_range)
     transpose = QConfig(qconfig.activation, default_weight_fake_quant) if backend in ("fbgemm", "x86") else qconfig
     layernorm = QConfig(qconfig.activation, default_placeholder_observer)
     mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
@@ -581,4 +590,5 @@ def get_default_qat_qconfig_mapping(backend: str = "auto", version: int = 1) -> 
             fixed[observer] = QConfig(FixedQParamsFakeQuantize.with_args(observer=observer), default_weight_fake_quant)
         mapping.set_object_type(op, fixed[observer])
     mapping.backend = backend
+    mapping.activation_range = activation_range(backend, reduce_range)
     return mapping

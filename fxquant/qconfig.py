@@ -25,6 +25,7 @@ import re
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -58,6 +59,7 @@ __all__ = [
     "FIXED_QPARAMS_OP_TO_OBSERVER",
     "QConfig",
     "QConfigMapping",
+    "activation_range",
     "default_dynamic_qconfig",
     "default_per_channel_qconfig",
     "default_qconfig",
@@ -202,17 +204,38 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def get_default_qconfig(backend: str = "x86") -> QConfig:
+def activation_range(backend: str, reduce_range: bool | None = None) -> Any:
+    """The :class:`~fxquant.backends.cpu.ActivationRange` a default qconfig of ``backend`` uses:
+    the CPU's answer (:func:`fxquant.backends.cpu.default_activation_range`: 8-bit where the
+    engine accumulates in int32, 7-bit reduce_range on x86 without VNNI), or the user's
+    ``reduce_range`` when given (forcing 8-bit where the kernels saturate warns at prepare)."""
+    from fxquant.backends.cpu import default_activation_range
+
+    chosen = default_activation_range(backend)
+    if reduce_range is None or bool(reduce_range) == chosen.reduce_range:
+        return chosen
+    bits = "7-bit activations (reduce_range, 0..127)" if reduce_range else \
+        "full 8-bit activations (0..255)"
+    return replace(chosen, reduce_range=bool(reduce_range),
+                   reason=f"{bits}: asked for (reduce_range={bool(reduce_range)}); this CPU's "
+                          f"default would be {chosen.reason}")
+
+
+def get_default_qconfig(backend: str = "x86", *, reduce_range: bool | None = None) -> QConfig:
     """The default post-training qconfig of a backend (histogram activations, int8 weights):
 
-    * fbgemm, x86: activations ``HistogramObserver(reduce_range=True)``, per-channel weights;
-    * qnnpack: ``HistogramObserver(reduce_range=False)``, per-tensor symmetric weights;
-    * onednn: ``HistogramObserver(reduce_range=False)``, per-channel weights.
+    * activations ``HistogramObserver``: full 8-bit (0..255) where the backend's kernels
+      accumulate in int32 on this CPU (qnnpack always; fbgemm / x86 / onednn with VNNI or
+      AMX), 7-bit ``reduce_range`` (0..127) on x86 CPUs without VNNI, whose kernels saturate
+      int16 sums on full-range input (:func:`activation_range`; README "CPU requirements").
+      torch.ao fixes this by backend (reduce_range on fbgemm/x86, full range on onednn) and is
+      wrong on one kind of CPU or the other. ``reduce_range=`` pins the choice;
+    * weights: per-channel symmetric qint8, per-tensor symmetric on qnnpack.
     """
     backend = resolve_backend(backend)
-    reduce_range = backend in ("fbgemm", "x86")
+    act = activation_range(backend, reduce_range)
     weight = default_weight_observer if backend == "qnnpack" else default_per_channel_weight_observer
-    return QConfig(activation=HistogramObserver.with_args(reduce_range=reduce_range), weight=weight)
+    return QConfig(activation=HistogramObserver.with_args(reduce_range=act.reduce_range), weight=weight)
 
 
 FIXED_QPARAMS_OP_TO_OBSERVER: Mapping[Callable | str, ObserverFactory] = types.MappingProxyType(
@@ -244,10 +267,13 @@ _CONV_TRANSPOSE_TYPES: tuple[Callable, ...] = (
 )
 
 
-def get_default_qconfig_mapping(backend: str = "auto") -> QConfigMapping:
+def get_default_qconfig_mapping(backend: str = "auto", *, reduce_range: bool | None = None
+                                ) -> QConfigMapping:
     """The default post-training QConfigMapping of a backend, as torch.ao builds it:
 
-    global ``get_default_qconfig(backend)``, plus
+    global ``get_default_qconfig(backend, reduce_range=reduce_range)`` (8-bit or 7-bit
+    activations as this CPU's kernels allow; ``mapping.activation_range`` says which and why),
+    plus
       * ``"reshape"``: :data:`default_reuse_input_qconfig`;
       * ConvTranspose1/2/3d and F.conv_transpose1/2/3d: per-tensor weights on fbgemm/x86
         (no per-channel transposed conv kernels there), else the global qconfig;
@@ -257,7 +283,7 @@ def get_default_qconfig_mapping(backend: str = "auto") -> QConfigMapping:
     ``mapping.backend`` records the resolved backend.
     """
     backend = resolve_backend(backend)
-    qconfig = get_default_qconfig(backend)
+    qconfig = get_default_qconfig(backend, reduce_range=reduce_range)
     transpose = QConfig(qconfig.activation, default_weight_observer) if backend in ("fbgemm", "x86") else qconfig
     layernorm = QConfig(qconfig.activation, default_placeholder_observer)
     mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
@@ -269,6 +295,7 @@ def get_default_qconfig_mapping(backend: str = "auto") -> QConfigMapping:
     for op, observer in FIXED_QPARAMS_OP_TO_OBSERVER.items():
         mapping.set_object_type(op, fixed.setdefault(observer, QConfig(observer, default_weight_observer)))
     mapping.backend = backend
+    mapping.activation_range = activation_range(backend, reduce_range)
     return mapping
 
 
@@ -333,6 +360,12 @@ class QConfigMapping:
         self.module_name_qconfigs: OrderedDict[str, QConfigAny] = OrderedDict()
         self.module_name_object_type_order_qconfigs: OrderedDict[tuple[str, Callable, int], QConfigAny] = OrderedDict()
         self.backend: str | None = None
+        # what the default activation range was chosen from (get_default_*_mapping); None for
+        # hand-made mappings. Informational: prepare records it, nothing reads it back.
+        self.activation_range: Any = None
+        # why the default dynamic mapping's qint8 weights are per-channel or per-tensor
+        # (fxquant.api.dynamic_qconfig_mapping); None elsewhere. Informational too.
+        self.dynamic_weights: str | None = None
 
     # -- setters (each returns self) -------------------------------------------------------
 

@@ -47,7 +47,59 @@ class Annotate:
                 stats[_keep_as_written(node, mutation, node in aliases.views)] += 1
             else:
                 stats[_annotate_node(node, backend, modules, groups, fallback)] += 1
+        at_risk = _warn_saturation(gm, backend)
+        if at_risk:
+            stats["saturation_risk"] = at_risk
         return PassResult(gm, False, dict(stats))
+
+
+def _warn_saturation(gm: fx.GraphModule, backend: Backend) -> int:
+    """Warn (once per graph, naming the nodes) where a weighted kernel gets activations wider
+    than this CPU's kernels add up exactly: a user who forced 8-bit activations on an x86 CPU
+    without VNNI. Convert's numeric kernel check then catches the saturating kernel; the
+    warning says so, so that nothing is silent. Returns how many nodes are at risk."""
+    import warnings
+
+    from fxquant.backends.cpu import saturation_risk
+    from fxquant.errors import SaturationWarning, node_location
+
+    risky: list[tuple[fx.Node, str]] = []
+    for node in gm.graph.nodes:
+        info = qinfo(node)
+        if info.qkind != "static" or info.rule is None or not info.input_specs \
+                or backend.rule_named(info.rule).qparams != WEIGHTED:
+            continue
+        obs = next(iter(info.input_specs.values())).observer()
+        why = saturation_risk(backend.name, getattr(obs, "quant_min", 0), getattr(obs, "quant_max", 0))
+        if why is not None:
+            record(node, Annotate.name, "saturation_risk", why)
+            risky.append((node, why))
+    if risky:
+        where = "; ".join(f"{n.name} (module {node_location(n)[0] or '<root>'}"
+                          f"{', ' + node_location(n)[1] if node_location(n)[1] else ''})"
+                          for n, _ in risky[:5]) + (f" and {len(risky) - 5} more" if len(risky) > 5 else "")
+        warnings.warn(f"{risky[0][1]}. Nodes: {where}. convert_fx checks every kernel on random "
+                      f"inputs from this range: a saturating one is replaced by one with weights "
+                      f"packed for qnnpack (exact, slower), or the op stays float; the decisions "
+                      f"say which. Fix: 7-bit activations (the default here: "
+                      f"get_default_qconfig_mapping({backend.name!r}) without reduce_range=False, "
+                      f"or an observer with reduce_range=True).", SaturationWarning,
+                      stacklevel=_user_stacklevel())
+    return len(risky)
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside fxquant (the user's prepare call)."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(root)
+                                 and "/tests/" not in frame.f_code.co_filename
+                                 or "/torch/" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _input_fallback(mapping: Any, is_qat: bool) -> QSpec:

@@ -38,10 +38,61 @@ class PropagateQConfig:
             info.qconfig, info.qconfig_reason, info.has_qconfig = qconfig, reason, True
             described = describe_qconfig(qconfig)
             text = reason if qconfig is None and reason.rstrip().endswith("None") \
-                else f"{reason} → {described}"
+                else f"{reason} → {described}{_range_note(mapping, qconfig)}"
             record(node, self.name, "assign_qconfig", text)
             stats["float" if qconfig is None else "quantizable"] += 1
+        stats.update(_attention_defaults(gm, mapping, modules, ctx))
         return PassResult(gm, False, dict(stats))
+
+
+def _attention_defaults(gm: fx.GraphModule, mapping: Any, modules: dict, ctx: PassContext
+                        ) -> dict[str, int]:
+    """Mask path and softmax of attention blocks float (:mod:`fxquant.attention`), where the
+    node's rule is the one the backend's default mapping would pick too."""
+    from fxquant.attention import apply_attention_defaults
+
+    reference = _default_mapping(mapping, bool(ctx.get("is_qat")))
+
+    def is_default(node: fx.Node) -> bool:
+        info = qinfo(node)
+        if info.qconfig_reason.startswith("global"):
+            return True
+        if reference is None or not info.qconfig_reason.startswith("object_type"):
+            return False
+        from fxquant.qconfig import qconfig_equals
+
+        qconfig, reason = _resolve(reference, node, modules, None)
+        return reason == info.qconfig_reason and qconfig_equals(qconfig, info.qconfig)
+
+    return apply_attention_defaults(gm, modules, is_default)
+
+
+def _default_mapping(mapping: Any, is_qat: bool) -> Any:
+    """The default (QAT) mapping of ``mapping.backend`` (x86 for hand-made mappings)."""
+    from fxquant.fake_quantize import get_default_qat_qconfig_mapping
+    from fxquant.qconfig import BACKENDS, get_default_qconfig_mapping
+
+    backend = getattr(mapping, "backend", None)
+    backend = backend if backend in BACKENDS else "x86"
+    try:
+        make = get_default_qat_qconfig_mapping if is_qat else get_default_qconfig_mapping
+        return make(backend)
+    except Exception:  # noqa: BLE001 - no reference: only global rules count as defaults
+        return None
+
+
+def _range_note(mapping: Any, qconfig: Any) -> str:
+    """Why the default activations are 8-bit or 7-bit on this CPU, on the nodes that use them
+    (``mapping.activation_range``, set by the default mappings; README "CPU requirements"), and
+    why the default dynamic weights are per-channel (``mapping.dynamic_weights``)."""
+    weights = getattr(mapping, "dynamic_weights", None)
+    if weights and qconfig is not None:
+        return f" [{weights}]"
+    chosen = getattr(mapping, "activation_range", None)
+    glob = getattr(mapping, "global_qconfig", None)
+    if chosen is None or qconfig is None or glob is None or qconfig.activation is not glob.activation:
+        return ""
+    return f" [{chosen.reason}]"
 
 
 def _object_types(node: fx.Node, modules: dict) -> list[Any]:

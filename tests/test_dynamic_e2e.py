@@ -54,10 +54,28 @@ class CellModel(nn.Module):
         return self.fc(h[0] if self.returns_tuple else h)
 
 
+def torch_spec(spec, dtype):
+    """torch.ao's qconfig_spec for what fxquant's ``spec`` means: fxquant's qint8 default
+    (None or a set of types) uses per-channel weights where the engine's dynamic kernels take
+    them (fxquant.backends.dynamic_defaults), torch.ao's default per-tensor ones; so torch.ao
+    gets its own per-channel qconfig for the same types there. A dict is used as given by both
+    (tests/test_dynamic_per_channel.py compares the per-tensor default of torch.ao too)."""
+    from fxquant.api import _DYNAMIC_DEFAULT_TYPES
+    from fxquant.backends.dynamic_defaults import dynamic_weights_per_channel
+
+    ao = ao_quantization()
+    if dtype != torch.qint8 or isinstance(spec, dict):
+        return spec
+    if not dynamic_weights_per_channel(torch.backends.quantized.engine).per_channel:
+        return spec
+    return {t: ao.per_channel_dynamic_qconfig for t in (spec or _DYNAMIC_DEFAULT_TYPES)}
+
+
 def _same_as_torch(model: nn.Module, inputs: tuple, spec, dtype) -> torch.nn.Module:
     ao = ao_quantization()
-    ours = fxquant.quantize_dynamic_fx(model, spec, dtype, inputs)
-    theirs = ao.quantize_dynamic(copy.deepcopy(model), spec, dtype)
+    ours = fxquant.quantize_dynamic_fx(model, spec, dtype, inputs,
+                                       backend=torch.backends.quantized.engine)
+    theirs = ao.quantize_dynamic(copy.deepcopy(model), torch_spec(spec, dtype), dtype)
     with torch.no_grad():
         a, b = ours(*inputs), theirs(*inputs)
     assert torch.equal(a, b), f"max diff {(a - b).abs().max()}"
@@ -128,7 +146,8 @@ def test_prepare_convert_with_dynamic_mapping():
     prepared = fxquant.prepare_fx(model, mapping, (x,))
     assert not any(n.startswith("activation_post_process") for n, _ in prepared.named_modules())
     quantized = fxquant.convert_fx(prepared)  # no calibration needed
-    expected = fxquant.quantize_dynamic_fx(model, None, torch.qint8, (x,))
+    per_tensor = {nn.LSTM: default_dynamic_qconfig, nn.Linear: default_dynamic_qconfig}
+    expected = fxquant.quantize_dynamic_fx(model, per_tensor, torch.qint8, (x,))
     assert torch.equal(quantized(x), expected(x))
 
 

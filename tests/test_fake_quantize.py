@@ -239,8 +239,11 @@ def _describe(mod: nn.Module) -> tuple:
 @pytest.mark.parametrize("version", [0, 1])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_qat_qconfig_matches_torch_ao(backend, version):
-    ours = fxquant.get_default_qat_qconfig(backend, version)
+    """Pinned to torch.ao's activation range (fixed by backend there; fxquant's default follows
+    the CPU: tests/test_hw_range.py) the qconfig is torch.ao's."""
     theirs = _ao().get_default_qat_qconfig(backend, version)
+    pinned = bool(theirs.activation().activation_post_process.reduce_range)
+    ours = fxquant.get_default_qat_qconfig(backend, version, reduce_range=pinned)
     assert _describe(ours.activation()) == _describe(theirs.activation())
     assert _describe(ours.weight()) == _describe(theirs.weight())
 
@@ -256,8 +259,11 @@ def test_qnnpack_qat_qconfig_as_the_issue_states():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_qat_qconfig_mapping_matches_torch_ao(backend):
-    ours = fxquant.get_default_qat_qconfig_mapping(backend)
     theirs = _ao().get_default_qat_qconfig_mapping(backend)
+    pinned = bool(theirs.global_qconfig.activation().activation_post_process.reduce_range)
+    ours = fxquant.get_default_qat_qconfig_mapping(backend, reduce_range=pinned)
+    default = fxquant.get_default_qat_qconfig_mapping(backend)
+    assert default.global_qconfig.activation().reduce_range is default.activation_range.reduce_range
     assert ours.backend == backend
     assert _describe(ours.global_qconfig.activation()) == _describe(theirs.global_qconfig.activation())
     assert len(ours.object_type_qconfigs) == len(theirs.object_type_qconfigs)

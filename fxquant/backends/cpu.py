@@ -37,9 +37,10 @@ import torch
 
 from fxquant.errors import FxQuantError
 
-__all__ = ["CpuKind", "Host", "classify", "cpu_features", "cpuinfo_flags",
-           "engine_accumulates_int32", "full_range_activations_safe", "host", "host_flags",
-           "parse_cpuinfo_flags", "x86_engine_uses_onednn"]
+__all__ = ["ActivationRange", "CpuKind", "Host", "classify", "cpu_features", "cpuinfo_flags",
+           "default_activation_range", "engine_accumulates_int32", "engine_of",
+           "full_range_activations_safe", "host", "host_flags", "parse_cpuinfo_flags",
+           "saturation_risk", "x86_engine_uses_onednn"]
 
 CpuKind = Literal["vnni", "avx2", "arm", "other"]
 
@@ -206,3 +207,77 @@ def _check_engine(engine: str) -> None:
     if engine not in _ENGINES:
         raise FxQuantError(f"unknown quantized engine {engine!r}",
                            hint=f"use one of {', '.join(_ENGINES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The default activation range of a backend on this CPU (the policy qconfig.py and
+# fake_quantize.py ask for; issue 11 item 5)
+
+
+@dataclass(frozen=True)
+class ActivationRange:
+    """The activation range a backend's default qconfig uses on this CPU, and why.
+
+    ``reduce_range`` True: 7-bit activations (0..127), which the x86 kernels without VNNI
+    compute exactly; False: full 8-bit activations (0..255), one bit more resolution, exact
+    where the engine accumulates in int32 (VNNI / AMX, or qnnpack)."""
+
+    backend: str
+    engine: str
+    cpu: CpuKind
+    reduce_range: bool
+    reason: str
+
+    @property
+    def bits(self) -> int:
+        return 7 if self.reduce_range else 8
+
+
+def engine_of(backend: str) -> str:
+    """The torch quantized engine a backend runs on (a registered backend's ``engine``; the
+    built-in backends are named after theirs)."""
+    from fxquant.backends.base import get_backend
+
+    try:
+        return get_backend(backend).engine
+    except FxQuantError:
+        return backend
+
+
+def default_activation_range(backend: str) -> ActivationRange:
+    """Full 8-bit activations where ``backend``'s int8 kernels accumulate in int32 on this CPU,
+    7-bit (reduce_range) where they add pairs of products into a saturating int16 (x86
+    without VNNI). Decided from :func:`host` (CPU flags and the ISA caps the process started
+    with), so an AVX2 run of a VNNI machine (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``) picks 7-bit.
+    An engine this module does not know gets 7-bit: exact on every x86 kernel."""
+    engine = engine_of(backend)
+    kind = cpu_features()
+    if engine not in _ENGINES:
+        return ActivationRange(backend, engine, kind, True,
+                               f"7-bit activations (reduce_range): engine {engine!r} is not one "
+                               f"fxquant knows the int8 accumulation of")
+    if full_range_activations_safe(engine):
+        why = ("qnnpack accumulates in int32 on every CPU" if engine_accumulates_int32(
+            engine, frozenset(), {}) else
+            f"this CPU ({kind}) runs {engine}'s int8 kernels with int32 accumulation (VNNI)")
+        return ActivationRange(backend, engine, kind, False,
+                               f"full 8-bit activations (0..255): {why}")
+    return ActivationRange(backend, engine, kind, True,
+                           f"7-bit activations (reduce_range, 0..127): this CPU ({kind}) runs "
+                           f"{engine}'s int8 kernels without VNNI, which add pairs of uint8 x int8 "
+                           f"products into a saturating int16; full-range activations would "
+                           f"come out wrong")
+
+
+def saturation_risk(backend: str, quant_min: int, quant_max: int) -> str | None:
+    """Why quint8 activations spanning ``quant_min..quant_max`` fed to a weighted kernel of
+    ``backend`` may saturate on this CPU, or None when they cannot: more than 128 levels
+    (pair sums of 255 x 128 exceed int16) on an engine that does not accumulate in int32."""
+    if quant_max - quant_min <= 127:
+        return None
+    engine = engine_of(backend)
+    if engine in _ENGINES and full_range_activations_safe(engine):
+        return None
+    return (f"activations use {quant_min}..{quant_max} on {engine} and this CPU "
+            f"({cpu_features()}) has no int32-accumulating (VNNI) {engine} kernels: int16 pair "
+            f"sums saturate on such inputs")
