@@ -166,7 +166,7 @@ def _options_of(prepared: fx.GraphModule) -> dict[str, Any]:
 
 
 def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str],
-             instruments: Iterable[Instrument], verify: bool) -> nn.Module:
+             instruments: Iterable[Instrument], verify: bool, range_check: str = "fix") -> nn.Module:
     """Convert a copy of ``prepared``: the GraphModule itself, or each prepared piece of a
     model that fallback prepared piece by piece."""
     from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
@@ -179,7 +179,8 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str
     def convert_unit(gm: fx.GraphModule) -> fx.GraphModule:
         path = gm.meta.get(PATH_KEY, "")
         gm.eval()
-        return _run(gm, passes, dict(_options_of(gm)), instruments=instruments, verify=verify,
+        options = {**_options_of(gm), "range_check": range_check}  # fxquant.range_check
+        return _run(gm, passes, options, instruments=instruments, verify=verify,
                     dump_dir=dump_dir and (os.path.join(dump_dir, path) if path else dump_dir),
                     facts={"traced", "normalized", "fused", "qconfig", "annotated", "observed"})
 
@@ -188,14 +189,20 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str
 
 def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
                dump_dir: Optional[str] = None, instruments: Iterable[Instrument] = (),
-               verify: bool = True, representation: str = "native") -> nn.Module:
+               verify: bool = True, representation: str = "native", range_check: str = "fix"
+               ) -> nn.Module:
     """Calibrated (or QAT-trained) prepared model → quantized GraphModule on the backend's
     kernels. The prepared model is not modified. A model that fallback prepared piece by piece
     is converted piece by piece (the eager parts stay as they are).
 
     ``representation="int"``: instead of the backend's quantized kernels, the reference graph
     on plain uint8/int8 tensors with fxquant's q/dq ops (no quantized dtypes): it runs on any
-    torch build, exports with ``torch.export`` and compiles with Inductor; see docs/integer.md."""
+    torch build, exports with ``torch.export`` and compiles with Inductor; see docs/integer.md.
+
+    ``range_check``: "fix" (default) checks every observed range first and fixes what would
+    ruin the model (an overflowing scale, a -1e4 / -inf mask in the range: that tensor stays
+    float), with a RangeWarning naming the node; "warn" only warns; "off" skips the check
+    (:mod:`fxquant.range_check`, docs/calibration.md)."""
     from fxquant.passes import convert_pipeline
 
     if representation not in ("native", "int"):
@@ -210,17 +217,19 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
         from fxquant.passes.lower_to_int import LowerToInt
 
         passes = (Convert(), Cleanup(), LowerToInt())
-    return _convert(prepared, passes or convert_pipeline(), dump_dir, instruments, verify)
+    return _convert(prepared, passes or convert_pipeline(), dump_dir, instruments, verify,
+                    range_check)
 
 
 def convert_to_reference_fx(prepared: nn.Module, *, dump_dir: Optional[str] = None,
-                            instruments: Iterable[Instrument] = (), verify: bool = True
-                            ) -> nn.Module:
+                            instruments: Iterable[Instrument] = (), verify: bool = True,
+                            range_check: str = "fix") -> nn.Module:
     """The reference quantized graph: quantize/dequantize around float ops, weights
-    quantized→dequantized. Numerically what the backend computes, readable, portable."""
+    quantized→dequantized. Numerically what the backend computes, readable, portable.
+    ``range_check``: as for :func:`convert_fx`."""
     from fxquant.passes import reference_pipeline
 
-    return _convert(prepared, reference_pipeline(), dump_dir, instruments, verify)
+    return _convert(prepared, reference_pipeline(), dump_dir, instruments, verify, range_check)
 
 
 def fuse_fx(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequence[type] = (),

@@ -51,7 +51,11 @@ from fxquant.errors import CalibrationDataError, CalibrationWarning
 
 __all__ = [
     "FixedQParamsObserver",
+    "CALIBRATION_METHODS",
+    "EntropyObserver",
     "HistogramObserver",
+    "MSEObserver",
+    "PercentileObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver",
@@ -373,6 +377,9 @@ class MinMaxObserver(UniformQuantizationObserverBase):
         self.register_buffer("min_val", torch.tensor(float("inf"), **fk))
         self.register_buffer("max_val", torch.tensor(float("-inf"), **fk))
         _reject_symmetric_reduced_quint8(name, qscheme, dtype, reduce_range)
+        # A small sorted sample of the values seen (not in the state_dict): the range check
+        # of convert uses it to tell a bulk from a few far values (fxquant.range_check).
+        self.range_sample: torch.Tensor | None = None
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         if x_orig.numel() == 0:
@@ -382,6 +389,7 @@ class MinMaxObserver(UniformQuantizationObserverBase):
         check_finite(self, cur_min, cur_max)
         self.min_val.copy_(torch.min(cur_min, self.min_val))
         self.max_val.copy_(torch.max(cur_max, self.max_val))
+        self.range_sample = update_range_sample(self.range_sample, x)
         return x_orig
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,6 +401,24 @@ class MinMaxObserver(UniformQuantizationObserverBase):
     def reset_min_max_vals(self) -> None:
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
+        self.range_sample = None
+
+
+RANGE_SAMPLE_SIZE = 4096
+"""How many values a min/max observer keeps as its sample for the range check."""
+
+
+def update_range_sample(sample: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``sample`` (sorted) merged with an evenly strided pick of up to RANGE_SAMPLE_SIZE / 4
+    values of ``x``; when it outgrows RANGE_SAMPLE_SIZE every other order statistic is kept,
+    so it stays an unbiased sketch of the distribution (its quantiles) at a fixed cost."""
+    flat = x.reshape(-1)
+    pick = flat[:: max(1, flat.numel() // (RANGE_SAMPLE_SIZE // 4))][: RANGE_SAMPLE_SIZE // 4]
+    merged = pick.float().cpu() if sample is None else torch.cat([sample, pick.float().cpu()])
+    merged = merged.sort().values
+    while merged.numel() > RANGE_SAMPLE_SIZE:
+        merged = merged[::2]
+    return merged
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
@@ -433,6 +459,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             max_val = max_val + self.averaging_constant * (cur_max - max_val)
         self.min_val.copy_(min_val)
         self.max_val.copy_(max_val)
+        self.range_sample = update_range_sample(self.range_sample, x)
         return x_orig
 
     def extra_repr(self) -> str:
@@ -629,6 +656,10 @@ class HistogramObserver(UniformQuantizationObserverBase):
         self.register_buffer("max_val", torch.tensor(float("-inf"), **fk))
         self.dst_nbins = qmath.dst_nbins(dtype)
         self.upsample_rate = 16
+        # how many infinite values were dropped (not in the state_dict): the range check of
+        # convert keeps such a tensor (a -inf mask) float, as quantizing would clamp them
+        self.ignored_infinities = 0
+        self.range_sample: torch.Tensor | None = None  # as MinMaxObserver's
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         buffer = getattr(self, name)
@@ -645,7 +676,9 @@ class HistogramObserver(UniformQuantizationObserverBase):
             warnings.warn(f"HistogramObserver{site.describe()}: ignoring infinite values in the input"
                           + (f" (module {site.module_path!r})" if site.module_path else ""),
                           CalibrationWarning, stacklevel=3)
-            x = x[x.abs() != torch.inf]
+            finite = x.abs() != torch.inf
+            self.ignored_infinities += int(finite.numel() - int(finite.sum()))
+            x = x[finite]
             if x.numel() == 0:
                 return None
             x_min, x_max = torch.aminmax(x)
@@ -658,6 +691,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         if finite is None:
             return x_orig
         x, x_min, x_max = finite
+        self.range_sample = update_range_sample(self.range_sample, x)
         if self.min_val == float("inf") or self.max_val == float("-inf"):
             self._set("min_val", x_min)
             self._set("max_val", x_max)
@@ -684,28 +718,120 @@ class HistogramObserver(UniformQuantizationObserverBase):
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.min_val == float("inf") and self.max_val == float("-inf"):
             warnings.warn(
-                "HistogramObserver has seen no data; returning scale=1.0, zero_point=0",
+                f"{type(self).__name__} has seen no data; returning scale=1.0, zero_point=0",
                 UserWarning,
                 stacklevel=2,
             )
             return qmath.default_qparams(self.min_val.device)
+        new_min, new_max = self.clipping_range()
+        return self._calculate_qparams(new_min, new_max)
+
+    def clipping_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range [new_min, new_max] the qparams cover (inside the observed one): the
+        method's search over the histogram. Needs data."""
         if self.histogram.numel() != self.bins:
             raise ValueError(
-                f"HistogramObserver has a histogram of {self.histogram.numel()} bins but bins={self.bins}; "
-                "load a state dict saved with the same number of bins"
+                f"{type(self).__name__} has a histogram of {self.histogram.numel()} bins but "
+                f"bins={self.bins}; load a state dict saved with the same number of bins"
             )
-        new_min, new_max = qmath.histogram_search_range(self.histogram, self.min_val, self.max_val, self.dst_nbins)
-        return self._calculate_qparams(new_min, new_max)
+        return self._search_range()
+
+    def _search_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return qmath.histogram_search_range(self.histogram, self.min_val, self.max_val, self.dst_nbins)
+
+    def _levels(self) -> int:
+        """Number of integer levels of the grid (quant_max - quant_min + 1)."""
+        return int(self.quant_max) - int(self.quant_min) + 1
 
     def reset_min_max_vals(self) -> None:
         """Forget all statistics (histogram and range)."""
         self.histogram.zero_()
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
+        self.ignored_infinities = 0
+        self.range_sample = None
 
     def extra_repr(self) -> str:
         count = float(self.histogram.sum())
         return f"bins={self.bins}, {self._config_repr()}, min_val={self.min_val}, max_val={self.max_val}, count={count:g}"
+
+
+class PercentileObserver(HistogramObserver):
+    """Histogram observer whose range is cut at the ``percentile``-th percentile on each side:
+    [q(1 - p/100), q(p/100)] of the values seen (default 99.99: the 0.01% most extreme values
+    on each side saturate). A tail of one sign only (ReLU outputs) keeps its bound at 0.
+
+    Use it for activations with rare outliers (ONNX Runtime's and NNCF's "percentile"
+    calibration). Buffers, state_dict, NaN / infinity handling: as :class:`HistogramObserver`.
+    """
+
+    def __init__(self, percentile: float = 99.99, bins: int = 2048, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None,
+                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
+                 is_dynamic: bool = False) -> None:
+        if not 50.0 < float(percentile) <= 100.0:
+            raise ValueError(f"PercentileObserver needs 50 < percentile <= 100, got {percentile}")
+        super().__init__(bins, dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        self.percentile = float(percentile)
+
+    def _search_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return qmath.histogram_percentile_range(self.histogram, self.min_val, self.max_val, self.percentile)
+
+    def extra_repr(self) -> str:
+        return f"percentile={self.percentile}, {super().extra_repr()}"
+
+
+class MSEObserver(HistogramObserver):
+    """Histogram observer whose range minimizes the expected quantization MSE: rounding noise
+    (step**2 / 12) of the values inside the range plus the squared saturation error of those
+    outside it, searched exhaustively over the histogram's bin edges for each bound
+    (:func:`fxquant.qmath.histogram_mse_range`). Unlike :class:`HistogramObserver`'s greedy
+    search it does not stop at the first local minimum. Use it when outliers are neither rare
+    enough for a percentile nor meaningful enough to keep."""
+
+    def _search_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return qmath.histogram_mse_range(self.histogram, self.min_val, self.max_val, self._levels())
+
+
+class EntropyObserver(HistogramObserver):
+    """TensorRT-style entropy (KL divergence) calibration: the threshold t on |x| whose
+    quantized distribution stays closest to the clipped float one
+    (:func:`fxquant.qmath.histogram_entropy_range`); the range is [-t, t] cut to the observed
+    one ([0, t] after a ReLU). ``levels``: quantization bins of the search (default: the
+    grid's levels on the side of 0 the data covers: 128 of 256 for signed data).
+    Use it for long-tailed activations (post-ReLU conv outputs of CNNs)."""
+
+    def __init__(self, bins: int = 2048, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None,
+                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
+                 is_dynamic: bool = False, levels: int | None = None) -> None:
+        super().__init__(bins, dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        if levels is not None and int(levels) < 2:
+            raise ValueError(f"EntropyObserver needs levels >= 2, got {levels}")
+        self.levels = None if levels is None else int(levels)
+
+    def _search_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = self.levels
+        if levels is None:
+            signed = bool(self.min_val < 0) and bool(self.max_val > 0)
+            levels = self._levels() // 2 if signed else self._levels()
+        return qmath.histogram_entropy_range(self.histogram, self.min_val, self.max_val, levels)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, {super().extra_repr()}"
+
+
+CALIBRATION_METHODS: dict[str, type] = {
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "histogram": HistogramObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+    "entropy": EntropyObserver,
+}
+"""Calibration method names (``get_default_qconfig_mapping(calibration=...)``) → observer."""
 
 
 # ----------------------------------------------------------------------------------------

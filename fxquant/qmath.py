@@ -444,3 +444,173 @@ def combine_histograms(
             f"[{orig_min}, {orig_max}]"
         )
     return update_hist + upscale_histogram(orig_hist, orig_min, orig_max, new_min, new_max, upsample_rate)
+
+
+# ----------------------------------------------------------------------------------------
+# Clipping-range searches of the calibration observers (PercentileObserver, MSEObserver,
+# EntropyObserver). Each takes a histogram of `bins` equal bins over [min_val, max_val] and
+# returns the clipping range (new_min, new_max) as 0-dim tensors; calculate_qparams turns
+# the range into (scale, zero_point) as for every other observer.
+# ----------------------------------------------------------------------------------------
+
+
+def _bin_edges(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor) -> torch.Tensor:
+    """The bins + 1 edges of a histogram over [min_val, max_val] (float64, for the search)."""
+    return torch.linspace(float(min_val), float(max_val), histogram.numel() + 1, dtype=torch.float64)
+
+
+def histogram_quantile(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor,
+                       q: float) -> float:
+    """The value below which a fraction ``q`` of the histogram's mass lies (linear inside a
+    bin: values are taken as uniform within each bin)."""
+    hist = histogram.detach().to(torch.float64).cpu()
+    edges = _bin_edges(hist, min_val, max_val)
+    total = float(hist.sum())
+    if total <= 0:
+        return float(min_val)
+    csum = torch.cumsum(hist, 0)
+    target = min(max(q, 0.0), 1.0) * total
+    i = min(int(torch.searchsorted(csum, torch.tensor([target], dtype=torch.float64))[0]), hist.numel() - 1)
+    before = float(csum[i - 1]) if i > 0 else 0.0
+    inside = float(hist[i])
+    frac = (target - before) / inside if inside > 0 else 0.0
+    return float(edges[i] + min(max(frac, 0.0), 1.0) * (edges[i + 1] - edges[i]))
+
+
+def histogram_percentile_range(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor,
+                               percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[q_lo, q_hi]: the (100 - percentile)% and percentile% quantiles of the histogram; the
+    tails beyond them (outliers) are clipped. A tail of exactly one side (ReLU outputs) is
+    left at its observed bound (its quantile is the bound)."""
+    lo = histogram_quantile(histogram, min_val, max_val, 1.0 - percentile / 100.0)
+    hi = histogram_quantile(histogram, min_val, max_val, percentile / 100.0)
+    return (torch.tensor(max(lo, float(min_val)), dtype=min_val.dtype),
+            torch.tensor(min(hi, float(max_val)), dtype=max_val.dtype))
+
+
+def _prefix_moments(histogram: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """[3, bins + 1]: prefix sums of n, n * c and n * c**2 (n: counts, c: bin centers)."""
+    moments = torch.stack([histogram, histogram * centers, histogram * centers * centers])
+    return torch.nn.functional.pad(torch.cumsum(moments, dim=1), (1, 0))
+
+
+def clipping_mse(histogram: torch.Tensor, centers: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 levels: int) -> torch.Tensor:
+    """Expected squared quantization error of the histogram's values (at their bin centers,
+    ascending) for clipping ranges [lo, hi] (broadcast against each other) on a uniform grid
+    of ``levels`` values: a value inside the range costs the rounding noise step**2 / 12, a
+    value outside it its squared distance to the nearer bound (it saturates). Prefix sums of
+    the moments make each candidate O(log bins)."""
+    m = _prefix_moments(histogram, centers)
+    lo, hi = torch.broadcast_tensors(lo, hi)
+    i_lo = torch.searchsorted(centers, lo.contiguous(), right=False)  # centers below lo: [0, i_lo)
+    i_hi = torch.searchsorted(centers, hi.contiguous(), right=True)  # centers above hi: [i_hi, bins)
+    n, s1, s2 = m[0], m[1], m[2]
+    below = lo * lo * n[i_lo] - 2 * lo * s1[i_lo] + s2[i_lo]
+    above = (s2[-1] - s2[i_hi]) - 2 * hi * (s1[-1] - s1[i_hi]) + hi * hi * (n[-1] - n[i_hi])
+    step = (hi - lo) / max(levels - 1, 1)
+    inside = (n[i_hi] - n[i_lo]).clamp_min(0) * step * step / 12
+    return below.clamp_min(0) + above.clamp_min(0) + inside
+
+
+def histogram_mse_range(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor,
+                        levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping range minimizing :func:`clipping_mse` on a grid of ``levels`` values.
+
+    The affine grid always holds 0, so the lower bound is searched among the bin edges at or
+    below 0 (or min_val) and the upper one among those at or above 0 (or max_val): an
+    exhaustive search over every pair (vectorized; ties go to the widest range)."""
+    hist = histogram.detach().to(torch.float64).cpu()
+    edges = _bin_edges(hist, min_val, max_val)
+    centers = (edges[:-1] + edges[1:]) / 2
+    lows = edges[edges <= max(0.0, float(min_val))]
+    highs = edges[edges >= min(0.0, float(max_val))]
+    lows = lows if lows.numel() else edges[:1]
+    highs = highs if highs.numel() else edges[-1:]
+    lo, hi = _mse_search(hist, centers, lows, highs, levels, max(1, -(-max(len(lows), len(highs)) // 256)))
+    return (torch.tensor(max(lo, float(min_val)), dtype=min_val.dtype),
+            torch.tensor(min(hi, float(max_val)), dtype=max_val.dtype))
+
+
+def _mse_search(hist: torch.Tensor, centers: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor,
+                levels: int, stride: int) -> tuple[float, float]:
+    """Exhaustive search over every ``stride``-th (lo, hi) pair, then over every pair within
+    one stride of the best one: (lo, hi) of the least :func:`clipping_mse`."""
+    def best_of(lo_idx: torch.Tensor, hi_idx: torch.Tensor) -> tuple[int, int]:
+        errors = clipping_mse(hist, centers, lows[lo_idx][:, None], highs[hi_idx][None, :], levels)
+        k = int(torch.argmin(errors.reshape(-1)))
+        return int(lo_idx[k // hi_idx.numel()]), int(hi_idx[k % hi_idx.numel()])
+
+    def around(i: int, n: int) -> torch.Tensor:
+        return torch.arange(max(0, i - stride), min(n, i + stride + 1))
+
+    coarse = [torch.unique(torch.cat([torch.arange(0, n, stride), torch.tensor([n - 1])]))
+              for n in (len(lows), len(highs))]
+    i, j = best_of(*coarse)
+    if stride > 1:
+        i, j = best_of(around(i, len(lows)), around(j, len(highs)))
+    return float(lows[i]), float(highs[j])
+
+
+def abs_histogram(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor
+                  ) -> tuple[torch.Tensor, float]:
+    """The histogram of |x| over [0, max(|min_val|, |max_val|)] with as many bins, built from
+    the bin centers of the signed one; and that upper bound."""
+    hist = histogram.detach().to(torch.float64).cpu()
+    edges = _bin_edges(hist, min_val, max_val)
+    centers = ((edges[:-1] + edges[1:]) / 2).abs()
+    amax = max(abs(float(min_val)), abs(float(max_val)))
+    bins = hist.numel()
+    if amax == 0.0:
+        return hist, amax
+    index = (centers / amax * bins).floor().long().clamp(0, bins - 1)
+    return torch.bincount(index, weights=hist, minlength=bins), amax
+
+
+def kl_divergences_of_thresholds(hist: torch.Tensor, thresholds: torch.Tensor, levels: int) -> torch.Tensor:
+    """KL(P || Q) for each TensorRT threshold bin i in ``thresholds``: P is hist[:i] with the
+    clipped tail's mass added to its last bin; Q is hist[:i] merged into ``levels`` bins and
+    spread back evenly over the non-empty source bins of each. One row per threshold."""
+    bins = hist.numel()
+    i = thresholds.to(torch.long)[:, None]
+    j = torch.arange(bins)[None, :]
+    inside = j < i
+    p = torch.where(inside, hist[None, :], torch.zeros(()).to(hist))
+    tail = hist.sum() - p.sum(dim=1)
+    p = p.scatter_add(1, i - 1, tail[:, None])
+    dst = torch.div(j * levels, i, rounding_mode="floor").clamp(max=levels - 1)
+    nonzero = (inside & (hist[None, :] != 0)).to(hist.dtype)
+    mass = torch.zeros(len(i), levels, dtype=hist.dtype).scatter_add(
+        1, dst, torch.where(inside, hist[None, :], torch.zeros(()).to(hist)))
+    count = torch.zeros(len(i), levels, dtype=hist.dtype).scatter_add(1, dst, nonzero)
+    q = torch.where(nonzero > 0, mass.gather(1, dst) / count.gather(1, dst).clamp_min(1),
+                    torch.zeros(()).to(hist))
+    p = p / p.sum(dim=1, keepdim=True)
+    q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    # an empty Q bin where P has mass (the clipped tail's bin): a large, finite penalty
+    terms = torch.where(p > 0, p * (p / q.clamp_min(1e-12)).log(), torch.zeros(()).to(hist))
+    return terms.sum(dim=1)
+
+
+def histogram_entropy_range(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor,
+                            levels: int, max_candidates: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """TensorRT's entropy calibration: the threshold t on |x| minimizing the KL divergence
+    between the distribution of |x| clipped at t and its quantization into ``levels`` bins;
+    the range is [-t, t] cut to the observed [min_val, max_val] (so [0, t] after a ReLU).
+    Thresholds are tried at every bin from ``levels`` on (at most ``max_candidates`` of them,
+    evenly spaced)."""
+    hist, amax = abs_histogram(histogram, min_val, max_val)
+    bins = hist.numel()
+    if amax == 0.0 or bins <= levels:
+        return min_val, max_val
+    stride = max(1, -(-(bins - levels) // max_candidates))
+    candidates = list(range(levels, bins + 1, stride))
+    if candidates[-1] != bins:
+        candidates.append(bins)
+    thresholds = torch.tensor(candidates)
+    divergences = torch.cat([kl_divergences_of_thresholds(hist, chunk, levels)
+                             for chunk in thresholds.split(64)])
+    best = candidates[int(torch.argmin(divergences))]
+    t = amax * best / bins
+    return (torch.tensor(max(-t, float(min_val)), dtype=min_val.dtype),
+            torch.tensor(min(t, float(max_val)), dtype=max_val.dtype))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.fx as fx
@@ -35,8 +35,12 @@ class Convert:
     name: ClassVar[str] = "convert"
     requires: ClassVar[frozenset[str]] = frozenset({"observed"})
     provides: ClassVar[frozenset[str]] = frozenset({"reference"})
+    # "fix" | "warn" | "off": the range check before quantizing (fxquant.range_check); None:
+    # the ``range_check`` option of convert_fx, else "fix"
+    range_check: Optional[str] = None
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        from fxquant.range_check import check_ranges
         from fxquant.serialize import remember_prepared
 
         remember_prepared(gm)
@@ -45,6 +49,8 @@ class Convert:
         stats["modules_unshared"] = _unshare_weighted_modules(gm)
         if not stats["modules_unshared"]:
             del stats["modules_unshared"]
+        findings = check_ranges(gm, self.range_check or ctx.get("range_check", "fix"), pass_name=self.name)
+        stats.update({"range_findings": len(findings)} if findings else {})
         for node in list(gm.graph.nodes):
             info = qinfo(node)
             if info.role == "observer":
