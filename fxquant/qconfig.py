@@ -221,7 +221,8 @@ def activation_range(backend: str, reduce_range: bool | None = None) -> Any:
                           f"default would be {chosen.reason}")
 
 
-def get_default_qconfig(backend: str = "x86", *, reduce_range: bool | None = None) -> QConfig:
+def get_default_qconfig(backend: str = "x86", *, reduce_range: bool | None = None,
+                        calibration: str = "histogram") -> QConfig:
     """The default post-training qconfig of a backend (histogram activations, int8 weights):
 
     * activations ``HistogramObserver``: full 8-bit (0..255) where the backend's kernels
@@ -231,11 +232,27 @@ def get_default_qconfig(backend: str = "x86", *, reduce_range: bool | None = Non
       torch.ao fixes this by backend (reduce_range on fbgemm/x86, full range on onednn) and is
       wrong on one kind of CPU or the other. ``reduce_range=`` pins the choice;
     * weights: per-channel symmetric qint8, per-tensor symmetric on qnnpack.
+
+    ``calibration`` picks the activation observer (docs/calibration.md): "histogram"
+    (default), "minmax", "moving_average", "percentile" (99.99%), "mse" or "entropy" (KL).
     """
     backend = resolve_backend(backend)
     act = activation_range(backend, reduce_range)
     weight = default_weight_observer if backend == "qnnpack" else default_per_channel_weight_observer
-    return QConfig(activation=HistogramObserver.with_args(reduce_range=act.reduce_range), weight=weight)
+    observer = calibration_observer(calibration)
+    return QConfig(activation=observer.with_args(reduce_range=act.reduce_range), weight=weight)
+
+
+def calibration_observer(calibration: str) -> Any:
+    """The activation observer class of a calibration method name
+    (:data:`fxquant.observers.CALIBRATION_METHODS`); ConfigError naming the known ones."""
+    from fxquant.observers import CALIBRATION_METHODS
+
+    if calibration not in CALIBRATION_METHODS:
+        raise ConfigError(f"unknown calibration method {calibration!r}"
+                          f"{did_you_mean(str(calibration), CALIBRATION_METHODS)}; use one of "
+                          f"{list(CALIBRATION_METHODS)}")
+    return CALIBRATION_METHODS[calibration]
 
 
 FIXED_QPARAMS_OP_TO_OBSERVER: Mapping[Callable | str, ObserverFactory] = types.MappingProxyType(
@@ -267,13 +284,14 @@ _CONV_TRANSPOSE_TYPES: tuple[Callable, ...] = (
 )
 
 
-def get_default_qconfig_mapping(backend: str = "auto", *, reduce_range: bool | None = None
-                                ) -> QConfigMapping:
+def get_default_qconfig_mapping(backend: str = "auto", *, reduce_range: bool | None = None,
+                                calibration: str = "histogram") -> QConfigMapping:
     """The default post-training QConfigMapping of a backend, as torch.ao builds it:
 
     global ``get_default_qconfig(backend, reduce_range=reduce_range)`` (8-bit or 7-bit
-    activations as this CPU's kernels allow; ``mapping.activation_range`` says which and why),
-    plus
+    activations as this CPU's kernels allow; ``mapping.activation_range`` says which and why;
+    its observer from ``calibration``: "histogram", "minmax", "moving_average", "percentile",
+    "mse", "entropy"), plus
       * ``"reshape"``: :data:`default_reuse_input_qconfig`;
       * ConvTranspose1/2/3d and F.conv_transpose1/2/3d: per-tensor weights on fbgemm/x86
         (no per-channel transposed conv kernels there), else the global qconfig;
@@ -283,7 +301,7 @@ def get_default_qconfig_mapping(backend: str = "auto", *, reduce_range: bool | N
     ``mapping.backend`` records the resolved backend.
     """
     backend = resolve_backend(backend)
-    qconfig = get_default_qconfig(backend, reduce_range=reduce_range)
+    qconfig = get_default_qconfig(backend, reduce_range=reduce_range, calibration=calibration)
     transpose = QConfig(qconfig.activation, default_weight_observer) if backend in ("fbgemm", "x86") else qconfig
     layernorm = QConfig(qconfig.activation, default_placeholder_observer)
     mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
