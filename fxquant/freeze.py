@@ -248,7 +248,7 @@ def _try_method(qmodel: nn.Module, inputs: tuple[Any, ...], method: str,
         try:
             compiled = _compile(qmodel, inputs, method)
         except Exception as e:  # noqa: BLE001 - TorchScript raises many types; diagnosed below
-            return None, _diagnose(qmodel, inputs, method, e)
+            return None, _compile_error(qmodel, inputs, method, e)
     traced_warnings = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     for w in caught:
         if w not in traced_warnings:
@@ -256,10 +256,10 @@ def _try_method(qmodel: nn.Module, inputs: tuple[Any, ...], method: str,
     try:
         frozen = torch.jit.freeze(compiled.eval(), optimize_numerics=False)
     except Exception as e:  # noqa: BLE001 - e.g. a scripted list of packed RNN cell params
-        return None, _diagnose(qmodel, inputs, method, e)
+        return None, _compile_error(qmodel, inputs, method, e)
     python_op = _python_call(frozen)
     if python_op:
-        return None, _Failure(method, python_op)
+        return None, _diagnose(qmodel, inputs, method, python_op, str(frozen.graph))
     diff = _mismatch(frozen, cases)
     if diff:
         note = (f"; the trace warned: {traced_warnings[0].message} "
@@ -273,8 +273,8 @@ def _python_call(frozen: torch.jit.ScriptModule) -> str:
     """A reason when the frozen graph calls back into Python (it would not save or load)."""
     for node in frozen.graph.nodes():
         if node.kind() == "prim::PythonOp":
-            scope = node.scopeName() or "(top level)"
-            return (f"it calls the Python function {node.pyname()!r} (scope {scope}), which a "
+            scope = f" (scope {node.scopeName()})" if node.scopeName() else ""
+            return (f"it calls the Python function {node.pyname()!r}{scope}, which a "
                     f"TorchScript archive cannot hold")
     return ""
 
@@ -333,9 +333,9 @@ def _captured_args(qmodel: nn.Module, inputs: tuple[Any, ...],
 
 
 def _diagnose(qmodel: nn.Module, inputs: tuple[Any, ...], method: str,
-              error: BaseException) -> _Failure:
-    """Which called module fails to compile alone: the culprit of ``error``; the graph's own
-    code when every module compiles."""
+              reason: str, details: str = "") -> _Failure:
+    """The first called module that fails alone as the whole model did (compile, freeze, or
+    a Python call left in its graph): the culprit; else the graph's own code (``reason``)."""
     modules = _called_modules(qmodel)
     args = _captured_args(qmodel, inputs, modules) if method == "trace" else {}
     for path, mod, node in modules:
@@ -344,17 +344,26 @@ def _diagnose(qmodel: nn.Module, inputs: tuple[Any, ...], method: str,
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.jit.freeze(_compile(mod, args.get(id(mod), ()), method).eval(),
-                                 optimize_numerics=False)
+                frozen = torch.jit.freeze(_compile(mod, args.get(id(mod), ()), method).eval(),
+                                          optimize_numerics=False)
+            python_op = _python_call(frozen)
+            if python_op:
+                return _Failure(method, f"{type(mod).__name__}: {python_op}", node, path,
+                                details=str(frozen.graph))
         except Exception as e:  # noqa: BLE001
             done = "scripted" if method == "script" else "traced"
-            reason = f"{type(mod).__name__} cannot be {done} and frozen: {_first_line(e)}"
+            why = f"{type(mod).__name__} cannot be {done} and frozen: {_first_line(e)}"
             if method == "script" and hasattr(mod, "_cell_params"):
-                reason += (" (torch.jit.freeze cannot inline a scripted list of packed RNN "
-                           "cell params; method='trace' can, and 'auto' falls back to it)")
-            return _Failure(method, reason, node, path, details=str(e))
-    return _Failure(method, f"torch.jit.{method} + freeze failed: {_first_line(error)}",
-                    details=str(error))
+                why += (" (torch.jit.freeze cannot inline a scripted list of packed RNN "
+                        "cell params; method='trace' can, and 'auto' falls back to it)")
+            return _Failure(method, why, node, path, details=str(e))
+    return _Failure(method, reason, details=details)
+
+
+def _compile_error(qmodel: nn.Module, inputs: tuple[Any, ...], method: str,
+                   error: BaseException) -> _Failure:
+    return _diagnose(qmodel, inputs, method,
+                     f"torch.jit.{method} + freeze failed: {_first_line(error)}", str(error))
 
 
 def _error(qmodel: nn.Module, failures: list[_Failure]) -> FreezeError:
