@@ -21,7 +21,10 @@ from fxquant.qconfig import (QConfig, QConfigMapping, get_default_qconfig,
                              get_default_qconfig_mapping)
 from fxquant.serialize import load, save
 from fxquant.compile import compile, register_engine  # noqa: A004
+from fxquant.bias_correction import bias_correction
+from fxquant.budget import quantize_with_budget
 from fxquant.freeze import freeze
+from fxquant.backends.onnx import export_onnx  # onnx itself is imported lazily
 
 __all__ = [
     "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",
@@ -38,6 +41,11 @@ __all__ += ["save", "load"]
 # Other execution engines (fxquant/compile.py): fxquant.compile(qmodel, example_inputs,
 # backend="inductor" | "onnxruntime" | "openvino").
 __all__ += ["compile", "register_engine"]
+# Accuracy (docs/accuracy.md): fxquant.bias_correction(prepared, calib_data),
+# fxquant.quantize_with_budget(model, mapping, example_inputs, calib_data, eval_fn, max_drop).
+__all__ += ["bias_correction", "quantize_with_budget"]
+# QDQ ONNX from fxquant's own qparams: fxquant.export_onnx(qmodel, path, example_inputs).
+__all__ += ["export_onnx"]
 # Frozen TorchScript of a converted model (no Python dispatch): fxquant.freeze(qmodel, example_inputs).
 __all__ += ["freeze"]
 __version__ = "0.1.0"
