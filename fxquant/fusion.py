@@ -65,8 +65,11 @@ def _clamp_fusable(node, modules) -> bool:
     return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
 
 
+# in-place spellings too (x.clamp_(0, 6), torch.clamp_, F.hardtanh_, nn.ReLU6(inplace=True)):
+# a chain's interior node has one user, so nothing else reads the tensor they overwrite
 CLAMP = Op(nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clip,
-           "clamp", "clip", name="clamp", check=_clamp_fusable)
+           torch.clamp_, torch.clip_, "clamp", "clip", "clamp_", "clip_", name="clamp",
+           check=_clamp_fusable)
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -135,6 +138,20 @@ def _with_clamp(kind: str) -> Callable[[Sequence[nn.Module], bool, tuple[float, 
     return build
 
 
+def _with_bn_clamp(kind: str, fold: str) -> Callable[[Sequence[nn.Module], bool,
+                                                     tuple[float, float]], Optional[nn.Module]]:
+    """conv/linear + BatchNorm + ReLU6/Hardtanh/clamp (MobileNetV2's block): BatchNorm folded,
+    the clamp kept in the fused module so that its output is observed after the clamp. In
+    training (QAT) it declines, and conv + bn fuse without the clamp."""
+    def build(mods: Sequence[nn.Module], training: bool, bounds: tuple[float, float]
+              ) -> Optional[nn.Module]:
+        if training:
+            return None
+        core = getattr(_fold(), fold)(mods[0], mods[1])
+        return _with_clamp(kind)([core], training, bounds)
+    return build
+
+
 def _bn_relu(d: int) -> Builder:
     def build(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
         return getattr(_fused(), f"BNReLU{d}d")(mods[0], nn.ReLU())
@@ -161,6 +178,11 @@ def default_module_fusions() -> tuple[ModuleFusion, ...]:
                          f"ConvTranspose{d}d + BatchNorm{d}d"),
         ]
     for d in (1, 2, 3):
+        table.append(ModuleFusion(Chain(Op(_CONV[d], name="conv"), Op(_BN[d], name="bn"), CLAMP,
+                                        name=f"conv{d}d_bn_clamp"),
+                                  _with_bn_clamp(f"ConvClamp{d}d", "fold_conv_bn_eval"),
+                                  f"Conv{d}d + BatchNorm{d}d + ReLU6/Hardtanh/clamp (BatchNorm "
+                                  f"folded, bound in output qparams)", clamp_root=True))
         table.append(ModuleFusion(Chain(Op(_CONV[d], name="conv"), CLAMP, name=f"conv{d}d_clamp"),
                                   _with_clamp(f"ConvClamp{d}d"),
                                   f"Conv{d}d + ReLU6/Hardtanh/clamp (bound in output qparams)",
@@ -169,6 +191,11 @@ def default_module_fusions() -> tuple[ModuleFusion, ...]:
                               _with_clamp("LinearClamp"),
                               "Linear + ReLU6/Hardtanh/clamp (bound in output qparams)",
                               clamp_root=True))
+    table.append(ModuleFusion(Chain(Op(nn.Linear, name="linear"), Op(nn.BatchNorm1d, name="bn"),
+                                    CLAMP, name="linear_bn_clamp"),
+                              _with_bn_clamp("LinearClamp", "fold_linear_bn_eval"),
+                              "Linear + BatchNorm1d + ReLU6/Hardtanh/clamp (BatchNorm folded, "
+                              "bound in output qparams)", clamp_root=True))
     for d in (2, 3):
         table.append(ModuleFusion(Chain(Op(_BN[d], name="bn"), RELU, name=f"bn{d}d_relu"),
                                   _bn_relu(d), f"BatchNorm{d}d + ReLU"))

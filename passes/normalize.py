@@ -4,8 +4,10 @@
 ``torch.add`` / ``x += y`` / ``x.add_(y)`` become ``torch.add`` (tensors only: ``x.size(0) + 1``
 stays Python); ``torch.concat`` becomes ``torch.cat``; ``nn.Flatten`` / ``x.flatten`` become
 ``torch.flatten``. In-place spellings become out-of-place and every later reader of the
-mutated tensor reads the result instead, which is what it saw in eager mode. Dropout and
-``nn.Identity`` are removed when the model is not training.
+mutated tensor reads the result instead, which is what it saw in eager mode. Inference no-ops
+are removed when the model is not training: dropout in every spelling (``nn.Dropout*``,
+``F.dropout*``, ``torch.dropout``, alpha / feature-alpha dropout), torchvision's stochastic depth
+(``stochastic_depth`` / ``StochasticDepth``, matched by name) and ``nn.Identity``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxquant.aliasing import has_view_alias, is_inplace
 from fxquant.functional import build_module, functional_entry
@@ -90,17 +93,65 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
+# torch's own dropout entry points beside F.* (``torch.dropout(x, p, train)``, ...)
+_TORCH_DROPOUTS: tuple[Any, ...] = tuple(
+    f for f in (getattr(torch, n, None) for n in ("dropout", "alpha_dropout", "feature_dropout",
+                                                  "feature_alpha_dropout"))
+    if f is not None) + ((F.feature_alpha_dropout,) if hasattr(F, "feature_alpha_dropout")
+                         else ())
+_EXTRA_DROPOUT_MODULES: tuple[type, ...] = tuple(
+    c for c in (getattr(nn, "FeatureAlphaDropout", None),) if c is not None)
+# torchvision's stochastic depth (torchvision.ops.stochastic_depth, wrapped as a leaf function
+# for torch.fx, and the StochasticDepth module when kept as a leaf): matched by name, so that
+# torchvision is not imported (it need not be installed) and look-alikes are matched too
+_NO_OP_FUNCTION_NAMES = frozenset({"stochastic_depth"})
+_NO_OP_MODULE_NAMES = frozenset({"StochasticDepth"})
+
+
 def _is_identity_at_inference(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return op_is(node, DROPOUT_MODULES + IDENTITY_MODULES + DROPOUT_FUNCTIONS, modules)
+    """Dropout in every spelling, stochastic depth and nn.Identity: the identity once the
+    model is in eval mode."""
+    if op_is(node, DROPOUT_MODULES + IDENTITY_MODULES + DROPOUT_FUNCTIONS + _TORCH_DROPOUTS
+             + _EXTRA_DROPOUT_MODULES, modules):
+        return _first_arg_is_tensor(node)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None) in _NO_OP_FUNCTION_NAMES \
+            and _first_arg_is_tensor(node)
+    if node.op == "call_module":
+        return type(modules.get(node.target)).__name__ in _NO_OP_MODULE_NAMES
+    return False
+
+
+def _first_arg_is_tensor(node: fx.Node) -> bool:
+    return bool(node.args) and isinstance(node.args[0], fx.Node)
+
+
+def _training_flag(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
+    """The ``training`` the op would run with: the module's flag, or the functional call's
+    argument (F.dropout's default is True, torchvision's stochastic_depth's too)."""
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "training", False))
+    if "training" in node.kwargs or "train" in node.kwargs:
+        return node.kwargs.get("training", node.kwargs.get("train"))
+    name = getattr(node.target, "__name__", "")
+    index = 3 if name in _NO_OP_FUNCTION_NAMES else 2
+    return node.args[index] if len(node.args) > index else True
 
 
 def _remove_identity(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> None:
     src = node.args[0]
     what = type(modules[node.target]).__name__ if node.op == "call_module" else target_name(node.target)
+    flag = _training_flag(node, modules) if what != "Identity" else False
+    why = "identity at inference (eval mode)"
+    if flag is not False:
+        # F.dropout(x, p) without training=self.training drops even in eager eval mode; a
+        # quantized model is for inference, so it goes too, and the record says so
+        shown = flag.name if isinstance(flag, fx.Node) else flag
+        why += (f"; note: it was called with training={shown}, so eager eval mode would "
+                f"still have applied it (pass training=self.training)")
     if isinstance(src, fx.Node):
         record(src, Normalize.name, "remove_identity",
-               f"removed {what} '{qinfo(node).module_path or node.name}' after this op: "
-               f"identity at inference (eval mode)")
+               f"removed {what} '{qinfo(node).module_path or node.name}' after this op: {why}")
     node.replace_all_uses_with(src)
     gm.graph.erase_node(node)
 

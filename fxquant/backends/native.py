@@ -5,7 +5,7 @@ Each backend file takes these rules and adds or removes what its kernels differ 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import operator
 
@@ -28,41 +28,56 @@ _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
 
 # ---------------------------------------------------------------- lowering functions
 def lower_weighted(ctx: LowerCtx) -> Lowered:
-    """dequantize -> reference conv/linear (-> relu inside a fused module) -> quantize
-    becomes one quantized module with prepacked weights."""
+    """dequantize -> reference conv/linear (-> relu / clamp inside a fused module) -> quantize
+    becomes one quantized module with prepacked weights. A clamp (ReLU6, Hardtanh, clamp) was
+    observed, so its bound is in the output qparams: the kernel's saturation enforces it where
+    the output uses the full integer range; with reduce_range headroom the module clips its
+    int8 output in place (fxquant.nn.clamped). On x86 / fbgemm, convs may be packed for a
+    faster engine (fxquant.backends.engine_choice)."""
+    from fxquant.backends import engine_choice
+
     core, container = weighted_core(ctx.module)
     qcls = _QUANTIZED_WEIGHTED.get((type(container) if container is not None else None,
                                     _float_class(core)))
     bounds = None
     if isinstance(container, _CLAMPED):
-        # the clamp was observed, so its bounds are in the output qparams; its lower bound is
-        # the kernel's relu when it is 0
         bounds = (float(container[1].min_val), float(container[1].max_val))
+        # the kernel's relu is the lower bound when it is 0
         qcls = _QUANTIZED_WEIGHTED[(_RELU_OF[type(container)] if bounds[0] == 0.0 else None,
                                     _float_class(core))]
     if qcls is None:
         return NoMatch(f"no quantized module for {type(ctx.module).__name__}")
+    in_module_clamp = bounds is not None and not _saturation_enforces(bounds, ctx)
+    build = _weighted_builder(qcls, core, ctx, bounds if in_module_clamp else None)
     try:
-        qmod = qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point, ctx.pack_engine)
+        qmod = build(ctx.pack_engine)
     except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
         return NoMatch(f"{qcls.__name__} cannot take these qparams: {e}")
     err = ctx.probe(qmod)
     if err:
-        return NoMatch(f"{qcls.__name__} does not run on this engine: {err}")
+        return NoMatch(f"{type(qmod).__name__} does not run on this engine: {err}")
+    qmod = engine_choice.choose(ctx, qmod, build)
     ctx.set_module(qmod)
-    out = ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
-    if bounds is not None and not _saturation_enforces(bounds, ctx):
-        # reduce_range (x86/fbgemm) leaves headroom: the kernel saturates at 255, past the
-        # observed range, so the clamp must still run (on the int8 tensor)
-        ctx.kernel = f"{qcls.__name__} + clamp{bounds} on the quantized tensor"
-        ctx.note(out, f"runs on {qcls.__name__}; the clamp after it keeps {bounds} because "
-                      f"the output range has headroom (reduce_range)")
-        src = out
-        if torch.backends.quantized.engine == "qnnpack":
-            src = ctx.note(ctx.gm.graph.call_method("contiguous", (out,)),
-                           "qnnpack's clamp needs a contiguous input")
-        return ctx.gm.graph.call_function(torch.clamp, (src, bounds[0], bounds[1]))
-    return out
+    if in_module_clamp:
+        # reduce_range (x86/fbgemm on AVX2) leaves headroom: the kernel saturates at 255,
+        # past the observed range, so the module clips its int8 output to the bound
+        ctx.kernel = (f"{qcls.__name__} + in-place int8 clamp{bounds} inside "
+                      f"{type(qmod).__name__} (the output range has reduce_range headroom)")
+    return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
+
+
+def _weighted_builder(qcls: type, core: nn.Module, ctx: LowerCtx,
+                      bounds: Optional[tuple[float, float]]) -> Any:
+    """engine -> the quantized module packed for it (the clamped form when ``bounds``)."""
+    from fxquant.nn import clamped
+
+    def build(engine: Optional[str]) -> nn.Module:
+        if bounds is None:
+            return qcls.from_reference(core, ctx.out_scale, ctx.out_zero_point, engine)
+        plain = next(c for c in qcls.__mro__ if c in clamped.CLAMPED_OF)
+        return clamped.CLAMPED_OF[plain].from_reference_clamped(
+            core, ctx.out_scale, ctx.out_zero_point, bounds, engine)
+    return build
 
 
 def _saturation_enforces(bounds: tuple[float, float], ctx: LowerCtx) -> bool:
@@ -232,13 +247,32 @@ def lower_binary(kernel: Any, kernel_relu: Any):
             return NoMatch("one operand is not a quantized tensor (tensor-scalar form has no "
                            "kernel here yet)")
         target = kernel_relu if len(ctx.group) > 1 else kernel
-        err = ctx.probe(lambda a, b: target(a, b, ctx.out_scale, ctx.out_zero_point), keys=(0, 1))
+        order = _broadcast_order(ctx)
+        err = ctx.probe(lambda a, b: target(a, b, ctx.out_scale, ctx.out_zero_point),
+                        keys=order)
         if err:  # e.g. qnnpack refuses input/output scale ratios outside [2**-14, 2**8)
             return NoMatch(f"quantized::{target.__name__} refuses these qparams: {err}")
         ctx.kernel = f"quantized::{target.__name__}"
         return ctx.gm.graph.call_function(
-            target, (ctx.qinputs[0], ctx.qinputs[1], ctx.out_scale, ctx.out_zero_point))
+            target, (ctx.qinputs[order[0]], ctx.qinputs[order[1]], ctx.out_scale,
+                     ctx.out_zero_point))
     return lower
+
+
+def _broadcast_order(ctx: LowerCtx) -> tuple[int, int]:
+    """(0, 1), or (1, 0) when only the second operand has the output's shape: add / mul
+    commute, and quantized::add / mul size their output from the first operand (a smaller
+    first operand makes torch resize the output, which it deprecates)."""
+    from fxquant.meta import qinfo
+
+    shapes = [getattr(qinfo(ctx.qinputs[k]).value, "shape", None) for k in (0, 1)]
+    if None in shapes or shapes[0] == shapes[1]:
+        return (0, 1)
+    try:
+        out = torch.broadcast_shapes(tuple(shapes[0]), tuple(shapes[1]))
+    except RuntimeError:
+        return (0, 1)
+    return (1, 0) if tuple(shapes[0]) != out and tuple(shapes[1]) == out else (0, 1)
 
 
 def lower_dynamic(ctx: LowerCtx) -> Lowered:
@@ -322,9 +356,17 @@ def check_two_tensors(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: 
     if len(tensors) != 2:
         return NoMatch("tensor-scalar form: no quantized kernel with own output qparams here")
     shapes = [qinfo(a).value.shape for a in tensors]
-    if shapes[0] != shapes[1]:
-        return NoMatch(f"operands of shapes {shapes[0]} and {shapes[1]} broadcast; "
-                       f"quantized::add/mul need equal shapes")
+    if None in shapes or shapes[0] == shapes[1]:
+        return True
+    try:
+        torch.broadcast_shapes(tuple(shapes[0]), tuple(shapes[1]))
+    except RuntimeError:
+        return NoMatch(f"operands of shapes {tuple(shapes[0])} and {tuple(shapes[1])} do not "
+                       f"broadcast")
+    # quantized::add / mul broadcast like torch.add / mul (squeeze-excite gating, layer
+    # scale: (N,C,1,1) x (N,C,H,W) within half a step of float on x86, fbgemm, onednn and
+    # qnnpack, torch 2.13); lowering's numeric check runs each such kernel on the recorded
+    # shapes and keeps it float, with the reason, where it is wrong
     return True
 
 

@@ -114,7 +114,8 @@ def fuse(model, x, training):
     return before, result
 
 
-CLAMP_FUSIONS = {"conv1d_clamp", "conv2d_clamp", "conv3d_clamp", "linear_clamp"}
+CLAMP_FUSIONS = {"conv1d_clamp", "conv2d_clamp", "conv3d_clamp", "linear_clamp",
+                 "conv1d_bn_clamp", "conv2d_bn_clamp", "conv3d_bn_clamp", "linear_bn_clamp"}
 
 
 def test_every_table_entry_has_a_case():
@@ -162,6 +163,42 @@ def test_clamp_fuses_into_conv_and_linear(d, clamp):
     else:
         assert f"call_module:{expected}" not in kinds
     torch.testing.assert_close(r.gm(x), want)
+
+
+class BnClamp(nn.Module):
+    def __init__(self, core: nn.Module, bn: nn.Module, clamp) -> None:
+        super().__init__()
+        self.core, self.bn, self.clamp = core, bn, clamp
+
+    def forward(self, x):
+        return self.clamp(self.bn(self.core(x)))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, "linear"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_bn_clamp_fuses_with_bn_folded(d, training):
+    """conv/linear + BatchNorm + ReLU6 (MobileNetV2): one ConvClamp / LinearClamp with the
+    BatchNorm folded in eval mode; in training (QAT) conv+bn fuse and the clamp stays."""
+    core = _lin() if d == "linear" else _conv(d)
+    torch.manual_seed(0)
+    model = _randomize_bn(BnClamp(core, _bn(1 if d == "linear" else d), nn.ReLU6(inplace=True)))
+    model.train(training)
+    x = _input(d)
+    want = model.eval()(x)
+    model.train(training)
+    _, r = fuse(model, x, training)
+    kinds = [n for n in structure(r.gm) if n.startswith("call_module")]
+    if training:
+        assert kinds[0] in ("call_module:ConvBn1d", "call_module:ConvBn2d",
+                            "call_module:ConvBn3d", "call_module:LinearBn1d"), kinds
+        assert "call_module:ReLU6" in kinds
+        return
+    expected = "LinearClamp" if d == "linear" else f"ConvClamp{d}d"
+    assert kinds == [f"call_module:{expected}"], kinds
+    (node,) = call_nodes(r.gm)
+    (dec,) = decisions(node, "fuse", "fuse")
+    assert dec.detail["pattern"].endswith("_bn_clamp") and "BatchNorm folded" in dec.reason
+    torch.testing.assert_close(r.gm(x), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,a,b,relu,training,fused_cls,d", CASES, ids=[c[0] for c in CASES])

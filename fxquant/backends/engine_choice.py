@@ -1,0 +1,277 @@
+"""Per-layer engine choice: pack a conv's weights for another engine where that runs faster.
+
+A quantized conv's packed weights carry their engine: weights packed for onednn run under the
+x86 (or fbgemm) engine with onednn's kernel. Some fbgemm kernels are far slower than onednn's
+on the same CPU: depthwise 3x3 convs with 58 or 116 channels (ShuffleNetV2) take 2.4-8.7 ms
+where onednn's take ~0.1 ms (issue 10, AMD Zen 3, 1 thread). No table can say which shapes
+are slow on which CPU, so lowering measures: for each conv on an x86 / fbgemm backend it times
+the module packed for the current engine and for each candidate engine on the recorded
+example shape (a few interleaved runs, the minimum of each), and keeps a candidate only when
+
+* it passes the same numeric test as lowering's kernel check (``kernel_check``: at most 1
+  step off the reference on all but 0.1% of elements, never more than 2) on random inputs of
+  the input's real integer range, and is within that tolerance of the current engine's
+  kernel too, and the current engine's kernel passes it as well (otherwise the kernel check's
+  own fallback decides: a measured choice never hides a wrong kernel);
+* it is clearly faster: ``min_speedup`` (1.5x) or more.
+
+The decision (engine, every time measured, the steps off) is recorded on the node as an
+``engine_choice`` decision, and cached per (module configuration, input shape and range
+class, output qparams class, engine, options) so repeated layers are measured once per
+process. Timings are noisy by nature: tests assert that a decision is recorded and that the
+output is within one step of the current engine's, never which engine won.
+
+Switch it off (or force an engine) with :func:`configure` / the :func:`options` context
+manager, e.g. ``with engine_choice.options(enabled=False): convert_fx(prepared)``; the
+environment variable ``FXQUANT_ENGINE_CHOICE=0`` switches it off too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Hashable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from fxquant.backends.base import LowerCtx
+
+
+@dataclass(frozen=True)
+class EngineChoiceOptions:
+    """``enabled``: measure at all. ``engines``: the backend engines whose convs are probed.
+    ``candidates``: engines to pack for instead, in order. ``min_speedup``: how much faster a
+    candidate must be. ``repeats``: timed runs per engine (interleaved). ``min_kernel_ms``:
+    kernels faster than this are not probed (nothing worth the convert time to win).
+    ``force``: take this engine whenever it passes the numeric test, whatever the times (for
+    tests and benchmarks; timings are still measured and recorded)."""
+
+    enabled: bool = True
+    engines: tuple[str, ...] = ("x86", "fbgemm")
+    candidates: tuple[str, ...] = ("onednn", "qnnpack")
+    min_speedup: float = 1.5
+    repeats: int = 5
+    min_kernel_ms: float = 0.2
+    force: Optional[str] = None
+
+
+_OPTIONS: list[EngineChoiceOptions] = [EngineChoiceOptions(
+    enabled=os.environ.get("FXQUANT_ENGINE_CHOICE", "1").strip().lower()
+    not in ("0", "false", "no", "off"))]
+
+
+def current_options() -> EngineChoiceOptions:
+    return _OPTIONS[-1]
+
+
+def configure(**changes: Any) -> EngineChoiceOptions:
+    """Change the options for the rest of the process; returns the previous ones."""
+    previous = _OPTIONS[-1]
+    _OPTIONS[-1] = replace(previous, **changes)
+    return previous
+
+
+@contextlib.contextmanager
+def options(**changes: Any) -> Iterator[EngineChoiceOptions]:
+    """Options changed inside a ``with`` block only."""
+    _OPTIONS.append(replace(_OPTIONS[-1], **changes))
+    try:
+        yield _OPTIONS[-1]
+    finally:
+        _OPTIONS.pop()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The outcome for one layer. ``engine``: the engine the weights are packed for (None: the
+    current engine's own kernel). ``times_ms``: engine -> minimum run time measured.
+    ``steps``: engine -> max steps off the reference; ``steps_vs_own``: engine -> max steps
+    off the current engine's output. ``reason``: the sentence recorded on the node."""
+
+    engine: Optional[str]
+    reason: str
+    times_ms: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    steps_vs_own: dict[str, int] = field(default_factory=dict)
+
+
+_CACHE: dict[Hashable, Choice] = {}
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+Build = Callable[[Optional[str]], nn.Module]
+
+
+def choose(ctx: LowerCtx, own: nn.Module, build: Build) -> nn.Module:
+    """The module to use for ``ctx``'s conv: ``own`` (packed for the current engine) or one
+    ``build(engine)`` packed for a faster candidate. Records the decision on ``ctx.node`` and
+    sets ``ctx.pack_engine`` when a candidate is taken."""
+    opts = current_options()
+    engine = str(torch.backends.quantized.engine)
+    if not _applies(ctx, own, opts, engine):
+        return own
+    from fxquant.backends import kernel_check
+
+    specs = kernel_check.input_specs(ctx)
+    if not specs or len(specs) != 1:
+        return own
+    key = (_config(ctx), tuple((s.shape, s.dtype, s.qrange) for s in specs.values()),
+           ctx.out_dtype, engine, opts)
+    choice = _CACHE.get(key)
+    chosen = None
+    if choice is None or choice.engine is not None:
+        choice, chosen = _measure(ctx, own, build, specs, opts, engine) if choice is None \
+            else (choice, _try_build(build, choice.engine))
+        _CACHE[key] = choice
+    _record(ctx, choice, engine)
+    if choice.engine is None or chosen is None:
+        return own
+    ctx.pack_engine = choice.engine
+    return chosen
+
+
+def _applies(ctx: LowerCtx, own: nn.Module, opts: EngineChoiceOptions, engine: str) -> bool:
+    from fxquant.nn import quantized as q
+
+    return (opts.enabled and engine in opts.engines and ctx.pack_engine is None
+            and isinstance(own, (q.Conv1d, q.Conv2d, q.Conv3d))
+            and not isinstance(own, q._ConvTransposeNd))
+
+
+def _config(ctx: LowerCtx) -> Hashable:
+    from fxquant.backends.kernel_check import _module_config
+
+    return _module_config(ctx.module)
+
+
+def _try_build(build: Build, engine: Optional[str]) -> Optional[nn.Module]:
+    try:
+        return build(engine)
+    except (ValueError, TypeError, NotImplementedError, RuntimeError):
+        return None
+
+
+def _measure(ctx: LowerCtx, own: nn.Module, build: Build, specs: Any,
+             opts: EngineChoiceOptions, engine: str) -> tuple[Choice, Optional[nn.Module]]:
+    from fxquant.backends import kernel_check
+    from fxquant.backends.engine import supported_engines
+
+    x = next(iter(kernel_check.random_inputs(specs).values()))
+    if x.dim() in (4, 5):  # what a quantized conv feeds the next one
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                         else torch.channels_last_3d)
+    want = _reference_ints(ctx, x)
+    mods: dict[str, nn.Module] = {engine: own}
+    for cand in opts.candidates:
+        if cand != engine and cand in supported_engines():
+            mod = _try_build(build, cand)
+            if mod is not None:
+                mods[cand] = mod
+    outs = {e: _ints_of(m, x, ctx) for e, m in mods.items()}
+    runnable = {e: m for e, m in mods.items() if outs[e] is not None}
+    if engine not in runnable:
+        return Choice(None, f"not probed: the {engine} kernel does not run on random "
+                            f"inputs"), None
+    times = _time(runnable, x, opts.repeats, opts.min_kernel_ms, engine)
+    steps = {e: _steps(o, want) for e, o in outs.items() if o is not None}
+    vs_own = {e: _steps(o, outs[engine]) for e, o in outs.items() if o is not None}
+    return _decide(engine, times, steps, vs_own, opts, runnable)
+
+
+def _reference_ints(ctx: LowerCtx, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        ref = ctx.module(x.dequantize())
+    return torch.quantize_per_tensor(ref, ctx.out_scale, ctx.out_zero_point,
+                                     ctx.out_dtype).int_repr().to(torch.int32)
+
+
+def _ints_of(mod: nn.Module, x: torch.Tensor, ctx: LowerCtx) -> Optional[torch.Tensor]:
+    try:
+        with torch.no_grad():
+            out = mod(x)
+    except Exception:  # noqa: BLE001 - a candidate that fails to run is no candidate
+        return None
+    if not isinstance(out, torch.Tensor) or not out.is_quantized:
+        return None
+    return out.int_repr().to(torch.int32)
+
+
+def _steps(got: torch.Tensor, want: torch.Tensor) -> tuple[int, float]:
+    """(max steps off, fraction of elements more than the check's tolerance off)."""
+    from fxquant.backends.kernel_check import STEP_TOLERANCE
+
+    if got.shape != want.shape:
+        return (10 ** 6, 1.0)
+    diff = (got - want).abs()
+    return int(diff.max()) if diff.numel() else 0, \
+        float((diff > STEP_TOLERANCE).float().mean()) if diff.numel() else 0.0
+
+
+def _passes(steps: tuple[int, float]) -> bool:
+    from fxquant.backends.kernel_check import MAX_OUTLIER_STEPS, OUTLIER_FRACTION
+
+    return steps[0] <= MAX_OUTLIER_STEPS and steps[1] <= OUTLIER_FRACTION
+
+
+def _time(mods: dict[str, nn.Module], x: torch.Tensor, repeats: int, min_ms: float,
+          engine: str) -> dict[str, float]:
+    """Minimum wall time per engine over ``repeats`` interleaved runs (one warm-up each).
+    Stops after the current engine's first run when that is below ``min_ms``."""
+    best = {e: float("inf") for e in mods}
+    with torch.no_grad():
+        for m in mods.values():
+            m(x)
+        for i in range(max(repeats, 1)):
+            for e, m in mods.items():
+                t0 = time.perf_counter()
+                m(x)
+                best[e] = min(best[e], (time.perf_counter() - t0) * 1e3)
+            if i == 0 and best[engine] < min_ms:
+                break
+    return best
+
+
+def _decide(engine: str, times: dict[str, float], steps: dict[str, tuple[int, float]],
+            vs_own: dict[str, tuple[int, float]], opts: EngineChoiceOptions,
+            mods: dict[str, nn.Module]) -> tuple[Choice, Optional[nn.Module]]:
+    shown = ", ".join(f"{e} {t:.3f} ms" for e, t in times.items())
+    detail = dict(times_ms=dict(times), steps={e: s[0] for e, s in steps.items()},
+                  steps_vs_own={e: s[0] for e, s in vs_own.items()})
+    if not _passes(steps[engine]):
+        return Choice(None, f"kept {engine}'s own kernel: it is off the reference on random "
+                            f"inputs (max {steps[engine][0]} steps), so the kernel check "
+                            f"decides ({shown})", **detail), None
+    if opts.force is None and times[engine] < opts.min_kernel_ms:
+        return Choice(None, f"kept {engine}'s own kernel: {times[engine]:.3f} ms, below the "
+                            f"{opts.min_kernel_ms} ms worth probing", **detail), None
+    ok = [e for e in times if e != engine and _passes(steps[e]) and _passes(vs_own[e])]
+    if opts.force is not None:
+        pick = opts.force if opts.force in ok else None
+        why = f"forced by the engine_choice option (force={opts.force!r})"
+    else:
+        fast = [e for e in ok if times[engine] >= opts.min_speedup * times[e]]
+        pick = min(fast, key=lambda e: times[e]) if fast else None
+        why = (f"{times[engine] / times[pick]:.1f}x faster than {engine}'s own kernel"
+               if pick else "")
+    if pick is None:
+        wrong = [e for e in times if e != engine and e not in ok]
+        return Choice(None, f"kept {engine}'s own kernel: no other engine is "
+                            f"{opts.min_speedup}x faster and within the numeric check"
+                            + (f" ({', '.join(wrong)} off the reference)" if wrong else "")
+                            + f" ({shown})", **detail), None
+    return Choice(pick, f"weights packed for {pick}: {why}, max {steps[pick][0]} step(s) off "
+                        f"the reference and {vs_own[pick][0]} off {engine}'s output on random "
+                        f"inputs ({shown})", **detail), mods[pick]
+
+
+def _record(ctx: LowerCtx, choice: Choice, engine: str) -> None:
+    from fxquant.meta import record
+
+    record(ctx.node, "lower_to_backend", "engine_choice", choice.reason,
+           engine=choice.engine or engine, times_ms=dict(choice.times_ms),
+           steps=dict(choice.steps), steps_vs_own=dict(choice.steps_vs_own))
