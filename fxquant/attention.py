@@ -271,6 +271,8 @@ def apply_attention_defaults(gm: fx.GraphModule, modules: Mapping[str, nn.Module
         info = qinfo(node)
         if info.qconfig is None or _is_dynamic(info.qconfig):
             continue
+        if info.value is not None and info.value.kind != "tensor":
+            continue  # x.size(1) sizing a causal mask: not a tensor, nothing to keep float
         if not is_default(node):
             stats["attention_explicit"] += 1
             record(node, "propagate_qconfig", "attention_explicit",
