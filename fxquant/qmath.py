@@ -20,6 +20,7 @@ float16 (and other floating dtypes) have no qparams: observers for them pass dat
 from __future__ import annotations
 
 import bisect
+import math
 import struct
 import warnings
 from typing import Final
@@ -518,8 +519,8 @@ def histogram_mse_range(histogram: torch.Tensor, min_val: torch.Tensor, max_val:
     """The clipping range minimizing :func:`clipping_mse` on a grid of ``levels`` values.
 
     The affine grid always holds 0, so the lower bound is searched among the bin edges at or
-    below 0 (or min_val) and the upper one among those at or above 0 (or max_val): an
-    exhaustive search over every pair (vectorized; ties go to the widest range)."""
+    below 0 (or min_val) and the upper one among those at or above 0 (or max_val), by
+    coordinate descent (:func:`_mse_search`)."""
     hist = histogram.detach().to(torch.float64).cpu()
     edges = _bin_edges(hist, min_val, max_val)
     centers = (edges[:-1] + edges[1:]) / 2
@@ -527,29 +528,21 @@ def histogram_mse_range(histogram: torch.Tensor, min_val: torch.Tensor, max_val:
     highs = edges[edges >= min(0.0, float(max_val))]
     lows = lows if lows.numel() else edges[:1]
     highs = highs if highs.numel() else edges[-1:]
-    lo, hi = _mse_search(hist, centers, lows, highs, levels, max(1, -(-max(len(lows), len(highs)) // 256)))
+    lo, hi = _mse_search(hist, centers, lows, highs, levels)
     return (torch.tensor(max(lo, float(min_val)), dtype=min_val.dtype),
             torch.tensor(min(hi, float(max_val)), dtype=max_val.dtype))
 
 
 def _mse_search(hist: torch.Tensor, centers: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor,
-                levels: int, stride: int) -> tuple[float, float]:
-    """Exhaustive search over every ``stride``-th (lo, hi) pair, then over every pair within
-    one stride of the best one: (lo, hi) of the least :func:`clipping_mse`."""
-    def best_of(lo_idx: torch.Tensor, hi_idx: torch.Tensor) -> tuple[int, int]:
-        errors = clipping_mse(hist, centers, lows[lo_idx][:, None], highs[hi_idx][None, :], levels)
-        k = int(torch.argmin(errors.reshape(-1)))
-        return int(lo_idx[k // hi_idx.numel()]), int(hi_idx[k % hi_idx.numel()])
-
-    def around(i: int, n: int) -> torch.Tensor:
-        return torch.arange(max(0, i - stride), min(n, i + stride + 1))
-
-    coarse = [torch.unique(torch.cat([torch.arange(0, n, stride), torch.tensor([n - 1])]))
-              for n in (len(lows), len(highs))]
-    i, j = best_of(*coarse)
-    if stride > 1:
-        i, j = best_of(around(i, len(lows)), around(j, len(highs)))
-    return float(lows[i]), float(highs[j])
+                levels: int, rounds: int = 4) -> tuple[float, float]:
+    """Coordinate descent: the best upper bound for the current lower one over every
+    candidate, then the best lower bound for it, ``rounds`` times (each an exhaustive
+    vectorized 1-D search; the bounds interact only through the step, so this settles fast)."""
+    lo, hi = lows[:1], highs[-1:]
+    for _ in range(rounds):
+        hi = highs[int(torch.argmin(clipping_mse(hist, centers, lo, highs, levels)))].reshape(1)
+        lo = lows[int(torch.argmin(clipping_mse(hist, centers, lows, hi, levels)))].reshape(1)
+    return float(lo), float(hi)
 
 
 def abs_histogram(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor
@@ -567,33 +560,40 @@ def abs_histogram(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch
     return torch.bincount(index, weights=hist, minlength=bins), amax
 
 
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x > 0, x * x.clamp_min(1e-300).log(), torch.zeros_like(x))
+
+
 def kl_divergences_of_thresholds(hist: torch.Tensor, thresholds: torch.Tensor, levels: int) -> torch.Tensor:
-    """KL(P || Q) for each TensorRT threshold bin i in ``thresholds``: P is hist[:i] with the
-    clipped tail's mass added to its last bin; Q is hist[:i] merged into ``levels`` bins and
-    spread back evenly over the non-empty source bins of each. One row per threshold."""
-    bins = hist.numel()
+    """KL(P || Q) for each TensorRT threshold bin i in ``thresholds`` (each >= ``levels``):
+    P is hist[:i] with the clipped tail's mass added to its last bin; Q is hist[:i] merged
+    into ``levels`` bins (source bin j into floor(j * levels / i)) and spread back evenly over
+    the non-empty source bins of each. Where P has mass and Q none (the tail's bin, empty in
+    the histogram) Q is taken as 1e-12: a large, finite penalty. Computed from prefix sums,
+    O(levels) per threshold."""
+    h = hist.to(torch.float64)
+    pad = torch.nn.functional.pad
+    c, nz, hl = (pad(torch.cumsum(v, 0), (1, 0)) for v in (h, (h > 0).to(h.dtype), _xlogx(h)))
+    total = c[-1]
     i = thresholds.to(torch.long)[:, None]
-    j = torch.arange(bins)[None, :]
-    inside = j < i
-    p = torch.where(inside, hist[None, :], torch.zeros(()).to(hist))
-    tail = hist.sum() - p.sum(dim=1)
-    p = p.scatter_add(1, i - 1, tail[:, None])
-    dst = torch.div(j * levels, i, rounding_mode="floor").clamp(max=levels - 1)
-    nonzero = (inside & (hist[None, :] != 0)).to(hist.dtype)
-    mass = torch.zeros(len(i), levels, dtype=hist.dtype).scatter_add(
-        1, dst, torch.where(inside, hist[None, :], torch.zeros(()).to(hist)))
-    count = torch.zeros(len(i), levels, dtype=hist.dtype).scatter_add(1, dst, nonzero)
-    q = torch.where(nonzero > 0, mass.gather(1, dst) / count.gather(1, dst).clamp_min(1),
-                    torch.zeros(()).to(hist))
-    p = p / p.sum(dim=1, keepdim=True)
-    q = q / q.sum(dim=1, keepdim=True).clamp_min(1e-300)
-    # an empty Q bin where P has mass (the clipped tail's bin): a large, finite penalty
-    terms = torch.where(p > 0, p * (p / q.clamp_min(1e-12)).log(), torch.zeros(()).to(hist))
-    return terms.sum(dim=1)
+    d = torch.arange(levels + 1)[None, :]
+    edges = torch.div(d * i + levels - 1, levels, rounding_mode="floor")  # chunk starts, then i
+    mass, cnt = c[edges[:, 1:]] - c[edges[:, :-1]], nz[edges[:, 1:]] - nz[edges[:, :-1]]
+    q = mass / cnt.clamp_min(1)  # per source bin of each chunk
+    qt = c[i[:, 0]]
+    log_q = torch.where(cnt > 0, (q / qt[:, None]).clamp_min(1e-300).log(), torch.zeros_like(q))
+    last = h[i[:, 0] - 1]
+    p_last = last + (total - qt)
+    log_q_last = torch.where(last > 0, log_q[:, -1], torch.full_like(last, math.log(1e-12)))
+    body = (hl[i[:, 0] - 1] - c[i[:, 0] - 1] * total.log()) / total  # sum over j < i - 1 of p log p
+    body = body - ((mass * log_q).sum(dim=1) - last * log_q[:, -1]) / total
+    tail = torch.where(p_last > 0, p_last / total * ((p_last / total).clamp_min(1e-300).log() - log_q_last),
+                       torch.zeros_like(p_last))
+    return body + tail
 
 
 def histogram_entropy_range(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor,
-                            levels: int, max_candidates: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                            levels: int, max_candidates: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """TensorRT's entropy calibration: the threshold t on |x| minimizing the KL divergence
     between the distribution of |x| clipped at t and its quantization into ``levels`` bins;
     the range is [-t, t] cut to the observed [min_val, max_val] (so [0, t] after a ReLU).
@@ -607,9 +607,7 @@ def histogram_entropy_range(histogram: torch.Tensor, min_val: torch.Tensor, max_
     candidates = list(range(levels, bins + 1, stride))
     if candidates[-1] != bins:
         candidates.append(bins)
-    thresholds = torch.tensor(candidates)
-    divergences = torch.cat([kl_divergences_of_thresholds(hist, chunk, levels)
-                             for chunk in thresholds.split(64)])
+    divergences = kl_divergences_of_thresholds(hist, torch.tensor(candidates), levels)
     best = candidates[int(torch.argmin(divergences))]
     t = amax * best / bins
     return (torch.tensor(max(-t, float(min_val)), dtype=min_val.dtype),

@@ -363,6 +363,9 @@ def _report(gm: fx.GraphModule, target: str, nodes: list[fx.Node],
     for node in nodes:
         record(_observed(node), pass_name, ACTION, f"{kind}: {message}; {fix}",
                fixed=mode == "fix", **_fields(finding))
+        if mode == "fix" and clip is None:
+            record(_observed(node), pass_name, "keep_float",
+                   f"range check ({kind}): output kept float, see the range findings")
     warnings.warn(f"fxquant range check: {finding.describe()}. "
                   + ("" if mode == "fix" else "convert_fx(..., range_check='fix') applies the fix; ")
                   + "see docs/calibration.md", RangeWarning, stacklevel=2)

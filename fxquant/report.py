@@ -365,6 +365,9 @@ class Report:
     size_float: Optional[int] = None
     size_model: Optional[int] = None
     title: str = "fxquant report"
+    # what convert's range check found (fxquant.range_check.RangeFinding), read back from the
+    # range_finding decisions
+    range_findings: list = field(default_factory=list)
 
     def op_rows(self) -> list[ReportRow]:
         """The rows a table shows: ops, not observers."""
@@ -392,7 +395,13 @@ class Report:
                         f" ({self.size_model / self.size_float:.2f}x)")
             lines.append(size)
         lines += self._numeric_lines(worst)
-        return lines
+        return lines + self._range_lines()
+
+    def _range_lines(self) -> list[str]:
+        if not self.range_findings:
+            return []
+        return [f"Range findings ({len(self.range_findings)}, docs/calibration.md):"] + [
+            f"  {f.describe()}" for f in self.range_findings]
 
     def _numeric_lines(self, worst: int) -> list[str]:
         c = self.comparison
@@ -552,8 +561,11 @@ def build(gm: fx.GraphModule, float_model: Optional[nn.Module] = None, inputs: A
     stage = graph_stage(gm)
     size_model = model_size_bytes(gm) if stage in ("converted", "reference") else None
     size_float = model_size_bytes(float_model) if float_model is not None else None
+    from fxquant.range_check import findings_of
+
     return Report(gm, [r for r in all_rows if r.status not in (QUANTIZE, DEQUANTIZE)],
-                  summary(gm, all_rows), comparison, size_float, size_model, title)
+                  summary(gm, all_rows), comparison, size_float, size_model, title,
+                  findings_of(gm))
 
 
 def text_report(gm: fx.GraphModule, width: int = 40) -> str:
