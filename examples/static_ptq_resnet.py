@@ -100,6 +100,12 @@ def main() -> None:
         t = interleaved_latency({"fp32": model, "int8": quantized}, inp, rounds=5, iters=5)
         print(f"latency batch {batch:<3}  fp32 {t['fp32'] * 1e3:.2f} ms, int8 {t['int8'] * 1e3:.2f} ms "
               f"(int8/fp32 = {t['int8'] / t['fp32']:.2f})")
+    # the same int8 kernels without the GraphModule's Python dispatch (docs/freeze.md)
+    inp = (torch.randn(1, 3, 64, 64),)
+    frozen = fxquant.freeze(quantized, inp)
+    t = interleaved_latency({"int8": quantized, "frozen": frozen}, inp, rounds=5, iters=5)
+    print(f"frozen batch 1     int8 {t['int8'] * 1e3:.2f} ms, frozen {t['frozen'] * 1e3:.2f} ms "
+          f"(frozen/int8 = {t['frozen'] / t['int8']:.2f}, fxquant.freeze)")
 
 
 if __name__ == "__main__":

@@ -236,7 +236,10 @@ def _shapes(inputs: tuple[Any, ...]) -> str:
 
 def _compile(qmodel: nn.Module, inputs: tuple[Any, ...], method: str) -> torch.jit.ScriptModule:
     if method == "script":
-        return torch.jit.script(qmodel)
+        with warnings.catch_warnings():  # about attributes set in __init__; harmless here
+            warnings.filterwarnings("ignore", message=".*instance-level annotations",
+                                    category=UserWarning)
+            return torch.jit.script(qmodel)
     return torch.jit.trace(qmodel, inputs, check_trace=False)
 
 
