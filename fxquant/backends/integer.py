@@ -20,8 +20,8 @@ dequantize -> float op -> quantize) by respelling each piece without quantized d
 Why own ops rather than ``torch.ops.quantized_decomposed``: torch registers that namespace only
 when ``torch.ao.quantization.fx._decomposed`` (or Inductor) is imported, and library code may
 not import torch.ao. The ``fxquant::`` ops have the same schemas as ``quantized_decomposed``'s
-``.tensor`` overloads and the same math (round half to even of ``x * (1/scale)``, plus zero
-point, clamp), with CompositeExplicitAutograd kernels in plain torch integer/float math and fake
+``.tensor`` overloads and torch's own quantize math (``round_half_even(x * (1/scale) +
+zero_point)``, clamped: bit-identical to ``torch.quantize_per_tensor``), with CompositeExplicitAutograd kernels in plain torch integer/float math and fake
 (meta) kernels, so they run eagerly on any torch build, trace, ``torch.export`` and compile;
 :mod:`fxquant.backends.inductor` respells them as ``quantized_decomposed`` ops, whose Inductor
 lowerings and int8 fusion patterns exist. A program exported with them needs ``import
@@ -69,10 +69,12 @@ _LIB.define("dequantize_per_channel(Tensor input, Tensor scales, Tensor zero_poi
 
 def _quantize_math(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                    quant_min: int, quant_max: int, dtype: torch.dtype) -> torch.Tensor:
-    """``clamp(round(x * (1/scale)) + zero_point)`` in float32, as fbgemm's quantize does
-    (round half to even, the inverse scale a float32)."""
+    """``clamp(round(x * (1/scale) + zero_point))`` in float32, as torch's quantize_per_tensor
+    does: the inverse scale a float32, the zero point added *before* rounding half to even
+    (``quantized_decomposed`` rounds first, which differs by one on exact ties with an odd zero
+    point: averages of grid values hit them)."""
     inv = 1.0 / scale.to(torch.float32)
-    q = torch.round(x.to(torch.float32) * inv) + zero_point.to(torch.float32)
+    q = torch.round(x.to(torch.float32) * inv + zero_point.to(torch.float32))
     return q.clamp(quant_min, quant_max).to(dtype)
 
 
@@ -146,10 +148,11 @@ def storage_of(dtype: torch.dtype) -> tuple[torch.dtype, int, int]:
 def quantize_weight_int(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                         axis: int, quant_min: int, quant_max: int) -> torch.Tensor:
     """int8 values of ``w`` for per-tensor (``axis < 0``) or per-channel qparams, computed in
-    plain float math (``round(w * (1/scale)) + zero_point``, clamped to the weight observer's
+    plain float math (``round(w * (1/scale) + zero_point)``, clamped to the weight observer's
     range) so that no quantized tensor is ever made. Multiplication by the float32 inverse,
-    not division: that is how torch's own quantize rounds (division differs on a few weights
-    in ten thousand; checked against ``quantize_per_channel`` in tests/test_integer_repr.py)."""
+    not division, and the zero point added before rounding: that is how torch's own quantize
+    rounds (division differs on a few weights in ten thousand; checked against
+    ``quantize_per_channel`` in tests/test_integer_repr.py)."""
     w = w.detach().to(torch.float32)
     if axis < 0:
         s = scale.reshape(()).to(torch.float32)
@@ -159,7 +162,7 @@ def quantize_weight_int(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.
         shape[axis] = -1
         s = scale.reshape(shape).to(torch.float32)
         z = zero_point.reshape(shape).to(torch.float32)
-    q = torch.round(w * (1.0 / s)) + z
+    q = torch.round(w * (1.0 / s) + z)
     return q.clamp(quant_min, quant_max).to(torch.int8)
 
 
