@@ -541,9 +541,17 @@ def test_bert_style_encoder_dynamic_matches_eager_quantize_dynamic(with_inputs):
         import torch.ao.quantization as ao
     except ImportError:
         return
+    from fxquant.api import _DYNAMIC_DEFAULT_TYPES
+    from fxquant.backends.dynamic_defaults import dynamic_weights_per_channel
+
+    # fxquant's default dynamic weights are per-channel where the engine takes them (torch.ao's
+    # default is per-tensor): give torch.ao its own per-channel qconfig there
+    spec = None
+    if dynamic_weights_per_channel(torch.backends.quantized.engine).per_channel:
+        spec = {t: ao.per_channel_dynamic_qconfig for t in _DYNAMIC_DEFAULT_TYPES}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = ao.quantize_dynamic(copy.deepcopy(model))
+        theirs = ao.quantize_dynamic(copy.deepcopy(model), spec)
     assert sum(type(m).__name__ == "Linear" and "dynamic" in type(m).__module__
                for m in theirs.modules()) == n_linear
     with torch.no_grad():
