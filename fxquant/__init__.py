@@ -25,6 +25,7 @@ from fxquant.bias_correction import bias_correction
 from fxquant.budget import quantize_with_budget
 from fxquant.freeze import freeze
 from fxquant.backends.onnx import export_onnx  # onnx itself is imported lazily
+import fxquant.backends.integer  # noqa: E402,F401 - registers the fxquant:: q/dq ops (torch.export.load)
 
 __all__ = [
     "prepare_fx", "convert_fx", "convert_to_reference_fx", "fuse_fx", "quantize_dynamic_fx",

@@ -14,19 +14,26 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from fxquant.backends.onnx_export import GraphIO, OnnxExportError, build_model
 from fxquant.compile import EngineUnavailable
 from fxquant.errors import FxQuantError
 
+if TYPE_CHECKING:  # numpy and the graph builder load with the first export, not with fxquant
+    import numpy as np
+
+    from fxquant.backends.onnx_export import GraphIO
+
 __all__ = ["export_onnx", "compile_onnxruntime", "OnnxExportError", "EngineModule"]
+
+
+class OnnxExportError(FxQuantError):
+    """A node of the converted graph has no ONNX form in fxquant's exporter."""
 
 
 def require(module: str, extra: str) -> Any:
@@ -65,6 +72,8 @@ def _example_tuple(example_inputs: Any) -> tuple:
 def build(qmodel: nn.Module, example_inputs: Any) -> tuple[Any, GraphIO]:
     """(onnx ModelProto, GraphIO) of a converted model at the example inputs' shapes."""
     onnx = require("onnx", "onnx")
+    from fxquant.backends.onnx_export import build_model
+
     gm = _check_converted(qmodel)
     model, io = build_model(gm, _example_tuple(example_inputs), onnx)
     meta = {"output_qparams": [None if q is None else [q.scale, q.zero_point, str(q.dtype)]
@@ -90,7 +99,7 @@ def export_onnx(qmodel: nn.Module, path: Union[str, os.PathLike], example_inputs
 
 
 # ------------------------------------------------------------------------ engine modules
-Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
+Runner = Callable[[list], list]  # numpy arrays in, numpy arrays out
 
 
 class EngineModule(nn.Module):
@@ -128,6 +137,8 @@ class EngineModule(nn.Module):
         return self._runners[key]
 
     def forward(self, *inputs: Any) -> Any:
+        import numpy as np
+
         runner, io = self._runner_for(inputs)
         arrays = []
         for pos in io.input_positions:

@@ -45,16 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from fxquant.errors import FxQuantError
+from fxquant.backends.onnx import OnnxExportError
 from fxquant.nn import fused
 from fxquant.nn import quantized as qnn
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17: older runtimes read it too
-
-
-class OnnxExportError(FxQuantError):
-    """A node of the converted graph has no ONNX form in fxquant's exporter."""
 
 
 # ------------------------------------------------------------------------ recorded values
@@ -970,7 +966,7 @@ def emit_node(b: Builder, node: fx.Node) -> Any:
         emit = module_emitter(mod, node)
         if isinstance(mod, _RAW_MODULES):
             return emit(b, node, mod)
-        return _finish(b, val, emit(b, node, mod))
+        return _module_clamp(b, node, mod, _finish(b, val, emit(b, node, mod)))
     key = function_key(node)
     if key is operator.getitem and isinstance(b.value(node.args[0]), tuple):
         return _tuple_item(b, node)
@@ -986,6 +982,23 @@ def emit_node(b: Builder, node: fx.Node) -> Any:
                               hint=_UNSUPPORTED_HINT)
     out = emit(b, node)
     return out if raw else _finish(b, val, out)
+
+
+def _module_clamp(b: Builder, node: fx.Node, mod: nn.Module, out: str) -> str:
+    """A quantized conv / linear that clips its own int8 output in place (``clamp_min`` /
+    ``clamp_max``: ReLU6 / hardtanh bounds the kernel's saturation cannot enforce, as with
+    7-bit activations): a Clip on the uint8 output of the conv's QuantizeLinear, with the
+    integer bounds the in-place ``hardtanh_`` uses. No Q/DQ pair between the conv and the
+    Clip: the Clip's output quantization is the conv's."""
+    lo, hi = getattr(mod, "clamp_min", None), getattr(mod, "clamp_max", None)
+    if lo is None and hi is None:
+        return out
+    q = b.qinfo(node)
+    if q is None:
+        raise OnnxExportError(f"{type(mod).__name__} with a float output", node)
+    bounds = [b.const(np.asarray(_integer_bound(float(v), q), q.np_dtype), f"clip_{k}")
+              if v is not None else "" for k, v in (("min", lo), ("max", hi))]
+    return b.add("Clip", [out, *bounds])
 
 
 def _finish(b: Builder, val: Recorded, out: Any) -> Any:
