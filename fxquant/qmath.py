@@ -592,17 +592,28 @@ def kl_divergences_of_thresholds(hist: torch.Tensor, thresholds: torch.Tensor, l
     return body + tail
 
 
+ENTROPY_MIN_VALUES_PER_LEVEL: Final = 16
+"""Below this many observed values per quantization level the KL divergence of a sparse
+histogram is noise (it picks arbitrary small thresholds): the entropy search then keeps the
+observed range."""
+
+
 def histogram_entropy_range(histogram: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor,
                             levels: int, max_candidates: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """TensorRT's entropy calibration: the threshold t on |x| minimizing the KL divergence
     between the distribution of |x| clipped at t and its quantization into ``levels`` bins;
     the range is [-t, t] cut to the observed [min_val, max_val] (so [0, t] after a ReLU).
     Thresholds are tried at every bin from ``levels`` on (at most ``max_candidates`` of them,
-    evenly spaced)."""
+    evenly spaced). With fewer than ENTROPY_MIN_VALUES_PER_LEVEL * levels values the
+    observed range is kept."""
     hist, amax = abs_histogram(histogram, min_val, max_val)
     bins = hist.numel()
-    if amax == 0.0 or bins <= levels:
+    if amax == 0.0 or bins <= levels or float(hist.sum()) < ENTROPY_MIN_VALUES_PER_LEVEL * levels:
         return min_val, max_val
+    # the spike of exact zeros after a ReLU would make the search clip hard (1.9 sigma of a
+    # half-normal instead of 3.8): its bin gets its neighbour's count, as NVIDIA's
+    # pytorch-quantization does before the same search
+    hist[0] = hist[1]
     stride = max(1, -(-(bins - levels) // max_candidates))
     candidates = list(range(levels, bins + 1, stride))
     if candidates[-1] != bins:
