@@ -15,7 +15,7 @@ import torch
 import fxquant
 from fxquant.backends.cpu import full_range_activations_safe, x86_engine_uses_onednn
 from tests.models import STATIC_CASES, build, calibration_batches
-from tests.util import ao_quantization, ao_quantize_fx, op_counts, output_scale
+from tests.util import ao_default_qconfig_mapping, ao_quantize_fx, op_counts, output_scale
 
 BACKENDS = ["fbgemm", "x86", "qnnpack"]
 
@@ -44,7 +44,7 @@ EXPECTED = {
 
 def _mappings(name: str, backend: str):
     ours = fxquant.get_default_qconfig_mapping(backend)
-    theirs = ao_quantization().get_default_qconfig_mapping(backend)
+    theirs = ao_default_qconfig_mapping(backend)  # at fxquant's activation range for this CPU
     if name == "float_head":
         ours.set_module_name("head", None)
         theirs.set_module_name("head", None)
@@ -160,16 +160,13 @@ def test_linear_bn_relu_folds_and_fuses():
 
 
 def exact_mapping(backend: str) -> tuple[fxquant.QConfigMapping, bool]:
-    """(the backend's default mapping, whether its activations use reduce_range), with
-    reduce_range activations where this CPU's kernels for the backend would saturate full-range
-    ones (onednn without VNNI; README "CPU requirements"): there fxquant's kernel check keeps
-    the saturating convs float, and the test is about fusion, not about the CPU."""
+    """(the backend's default mapping, whether its activations use reduce_range). The default
+    uses reduce_range activations exactly where this CPU's kernels for the backend would
+    saturate full-range ones (README "CPU requirements"; tests/test_hw_range.py), so the test
+    is about fusion, not about the CPU."""
     mapping = fxquant.get_default_qconfig_mapping(backend)
-    if full_range_activations_safe(backend):
-        return mapping, backend in ("x86", "fbgemm")
-    weight = mapping.global_qconfig.weight
-    reduced = fxquant.get_default_qconfig("x86").activation
-    return mapping.set_global(fxquant.QConfig(activation=reduced, weight=weight)), True
+    assert mapping.activation_range.reduce_range is not full_range_activations_safe(backend)
+    return mapping, mapping.activation_range.reduce_range
 
 
 @pytest.mark.parametrize("backend", ["qnnpack", "onednn", "x86"])
@@ -178,7 +175,8 @@ def test_relu6_and_clamp_fuse_into_conv_and_linear(backend):
     fuses it: conv2d_relu with the upper bound in the output qparams. On x86/fbgemm the default
     activations use reduce_range (0..127, for fbgemm's input accumulation; so do onednn's here
     on CPUs without VNNI, see exact_mapping), so the kernel's saturation at 255 is past the
-    bound and a clamp on the int8 tensor stays."""
+    bound and the quantized module clips its int8 output in place (fxquant.nn.clamped): no
+    separate clamp op either way."""
     import torch.nn as nn
 
     class M(nn.Module):
@@ -200,11 +198,14 @@ def test_relu6_and_clamp_fuse_into_conv_and_linear(backend):
         prepared(batch * 3)  # the clamps are active on this data
     quantized = fxquant.convert_fx(prepared)
     counts = op_counts(quantized)
-    assert counts["quantized.ConvReLU2d"] == 1 and counts["quantized.Conv2d"] == 1
-    assert counts["quantized.LinearReLU"] == 1
+    if reduced:  # the kernel saturates past the bound: the module clips its int8 output
+        assert counts["clamped.ConvClamp2d"] == 2 and counts["clamped.LinearClamp"] == 1, \
+            dict(counts)
+    else:
+        assert counts["quantized.ConvReLU2d"] == 1 and counts["quantized.Conv2d"] == 1
+        assert counts["quantized.LinearReLU"] == 1
     assert not any("hardtanh" in k or "relu6" in k for k in counts), dict(counts)
-    if not reduced:
-        assert counts["clamp"] == 0, dict(counts)  # the bounds live in the output qparams
+    assert counts["clamp"] == 0, dict(counts)  # no separate clamp op (issue 10)
     x = torch.randn(2, 3, 8, 8) * 3
     out, ref = quantized(x), model(x)
     assert sqnr(ref, out) >= SQNR_FLOOR_DB
