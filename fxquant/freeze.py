@@ -177,7 +177,12 @@ def _expected_outputs(qmodel: nn.Module, inputs: tuple[Any, ...],
                       check_inputs: Optional[Sequence[Any]]) -> list[tuple[tuple, Any]]:
     """(inputs, qmodel's outputs) for the example and every check input qmodel runs on. Drawn
     check inputs that qmodel itself rejects (a fixed batch size) are skipped; given ones not."""
-    cases = [(inputs, qmodel(*inputs))]
+    try:
+        cases = [(inputs, qmodel(*inputs))]
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model
+        raise ExampleInputsError(f"qmodel fails on example_inputs ({_shapes(inputs)}): "
+                                 f"{type(e).__name__}: {_first_line(e)}",
+                                 hint="pass inputs the converted model runs on") from None
     drawn = check_inputs is None
     for extra in (_default_check_inputs(inputs) if drawn else check_inputs):
         extra = (extra,) if isinstance(extra, torch.Tensor) else tuple(extra)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.backends.engine import engine, supported_engines
-from fxquant.errors import ModelModeError
+from fxquant.errors import ExampleInputsError, ModelModeError
 from fxquant.freeze import FreezeError, FreezeWarning
 from fxquant.qconfig import default_dynamic_qconfig, float16_dynamic_qconfig
 from tests.models import build, calibration_batches
@@ -318,6 +318,8 @@ def test_bad_arguments():
         fxquant.freeze(lambda t: t, (x,))
     with pytest.raises(fxquant.FxQuantError, match="tuple"):
         fxquant.freeze(qmodel, {"x": x})
+    with pytest.raises(ExampleInputsError, match="fails on example_inputs"):
+        fxquant.freeze(qmodel, (torch.randn(2, 3),))  # 2-D: the quantized conv refuses
     qmodel.train()
     with pytest.raises(ModelModeError, match="eval"):
         fxquant.freeze(qmodel, (x,))
