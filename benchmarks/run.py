@@ -63,6 +63,7 @@ PATHS = ("fp32", "torch.ao", "fxq.native", "fxq.frozen", "fxq.inductor", "fxq.or
          "fxq.openvino", "ort.quantize", "ov.nncf")
 FXQ_PATHS = tuple(p for p in PATHS if p.startswith("fxq."))
 PEER_PATHS = ("ort.quantize", "ov.nncf")  # the other tools' own int8 flows
+ENGINE_OF = {"fxq.inductor": "inductor", "fxq.ort": "onnxruntime", "fxq.openvino": "openvino"}
 QUICK_MODELS = ("mobilenet_v2", "shufflenet_v2", "lstm")
 Fn = Callable[[torch.Tensor], Any]
 
@@ -104,6 +105,11 @@ def _calibrate(prepared: nn.Module, data: list[torch.Tensor]) -> None:
 
 def _dynamic_spec() -> set:
     return {nn.LSTM, nn.Linear}
+
+
+def _ao_dynamic_types() -> tuple:
+    """torch.ao fuses Linear+ReLU only when the ReLU has the Linear's qconfig too."""
+    return (nn.LSTM, nn.Linear, nn.ReLU, torch.nn.functional.relu, torch.relu)
 
 
 def fxq_prepared(ctx: ModelCtx) -> nn.Module:
@@ -170,7 +176,7 @@ def build_torch_ao(ctx: ModelCtx, example: torch.Tensor) -> Fn:
         model = copy.deepcopy(ctx.model)
         if ctx.kind == "dynamic":
             mapping = QConfigMapping()
-            for t in _dynamic_spec():
+            for t in _ao_dynamic_types():
                 mapping = mapping.set_object_type(t, default_dynamic_qconfig)
             return convert_fx(prepare_fx(model, mapping, (ctx.calib[0],)))
         prepared = prepare_fx(model, get_default_qconfig_mapping(BACKEND), (ctx.calib[0],))
@@ -389,20 +395,37 @@ def time_interleaved(fns: dict[str, Fn], x: torch.Tensor, rounds: int, iters: in
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
-def float_ops(qmodel: nn.Module) -> list[str]:
-    """The compute ops fxquant's converted graph leaves float (status float or reference; the
-    quantize/dequantize at the edges and non-compute nodes such as getitem/size excluded)."""
+def float_ops(qmodel: nn.Module, example: torch.Tensor) -> list[str]:
+    """The float compute ops of fxquant's converted static graph: ``call_*`` nodes whose output,
+    when the graph runs on ``example``, is a (non-quantized) floating-point tensor, other than
+    dequantize itself. An int8-end-to-end model has none: its only float values are the input
+    before its quantize and the output of its dequantize. Each entry names the op and the
+    reason fxquant recorded for keeping it float."""
     from fxquant import report
 
-    skip = {"getitem", "getattr", ".size()", ".dim()", "size", "dim"}
-    gm = qmodel if hasattr(qmodel, "graph") else None
-    if gm is None:
+    if not isinstance(qmodel, torch.fx.GraphModule):
         return []
+    why = {r.node: f"{r.op} ({r.module_path or r.node}): {r.reason}"
+           for r in report.rows(qmodel, include_qdq=True)}
+    produced: dict[str, Any] = {}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            produced[n.name] = value = super().run_node(n)
+            return value
+    with torch.no_grad():
+        Probe(qmodel).run(example)
     out = []
-    for row in report.rows(gm):
-        if row.status in (report.FLOAT, report.REFERENCE) and row.op not in skip:
-            out.append(f"{row.op} ({row.module_path or row.node}): {row.reason}")
+    for n in qmodel.graph.nodes:
+        v = produced.get(n.name)
+        if (n.op.startswith("call_") and isinstance(v, torch.Tensor) and not v.is_quantized
+                and v.is_floating_point() and not _is_dequantize(n)):
+            out.append(why.get(n.name, f"{n.op} {n.target} ({n.name})"))
     return out
+
+
+def _is_dequantize(n: torch.fx.Node) -> bool:
+    return n.target == "dequantize" or getattr(n.target, "__name__", "") == "dequantize"
 
 
 # --------------------------------------------------------------------------------- one model
@@ -422,7 +445,7 @@ def bench_model(name: str, paths: list[str], batches: list[int], size: int, roun
     shape = f"{size}x{size}" if spec.kind == "static" else "tokens"
     log(f"\n== {name} ({spec.kind}, {shape}, {params / 1e6:.2f} M params)")
     result: dict[str, Any] = {"kind": spec.kind, "input": shape, "params": params, "batches": {},
-                              "build_s": {}, "na": {}}
+                              "build_s": {}, "na": {}, "representation": {}}
     fns: dict[str, Fn] = {}
     example1 = spec.make_input(1, size, gen)
     for path in paths:
@@ -433,8 +456,9 @@ def bench_model(name: str, paths: list[str], batches: list[int], size: int, roun
             log(f"   {path:<13} n/a ({_clip(reason)})")
         else:
             fns[path] = fn
-            rep = ctx.cache.get(f"rep.{path.split('.', 1)[1]}", (None, None))[1] if path in (
-                "fxq.ort", "fxq.openvino", "fxq.inductor") else None
+            rep = ctx.cache.get(f"rep.{ENGINE_OF.get(path)}", (None, None))[1]
+            if rep:
+                result["representation"][path] = rep
             log(f"   {path:<13} ready in {secs:5.1f} s" + (f" (from the {rep} representation)"
                                                          if rep else ""))
     _count_float_ops(ctx, result, log)
@@ -446,16 +470,18 @@ def bench_model(name: str, paths: list[str], batches: list[int], size: int, roun
 
 
 def _count_float_ops(ctx: ModelCtx, result: dict[str, Any], log: Callable[[str], None]) -> None:
+    if ctx.kind == "dynamic":  # activations are float by design: nothing to count
+        result["float_ops"] = None
+        return
     try:
-        ops = float_ops(fxq_native(ctx))
+        ops = float_ops(fxq_native(ctx), ctx.calib[0][:1])
     except Exception as e:  # noqa: BLE001
         result["float_ops"] = None
         log(f"   float ops: n/a ({_first_line(e)})")
         return
     result["float_ops"] = len(ops)
     result["float_op_list"] = ops
-    if ctx.kind == "static":
-        result["int8_end_to_end"] = not ops
+    result["int8_end_to_end"] = not ops
     shown = "; ".join(ops[:3]) + (" ..." if len(ops) > 3 else "")
     log(f"   float ops left in fxquant's graph: {len(ops)}" + (f" ({shown})" if ops else ""))
 
@@ -544,8 +570,8 @@ def acceptance(results: dict[str, Any], batch: str = "1") -> list[dict[str, Any]
             have = [p for p in candidates if p in timed]
             return min(have, key=lambda p: timed[p]["wall_ms"]) if have else None
         fxq, peer = best(FXQ_PATHS), best(PEER_PATHS)
-        row: dict[str, Any] = {"model": name, "fxq_best": fxq, "peer_best": peer,
-                               "float_ops": res.get("float_ops")}
+        row: dict[str, Any] = {"model": name, "kind": res["kind"], "fxq_best": fxq,
+                               "peer_best": peer, "float_ops": res.get("float_ops")}
         if fxq and peer:
             row["fxq_vs_peer_wall"] = round(timed[fxq]["wall_ms"] / timed[peer]["wall_ms"], 3)
             row["fxq_vs_peer_cpu"] = round(timed[fxq]["cpu_ms"] / timed[peer]["cpu_ms"], 3)
@@ -570,7 +596,8 @@ def format_acceptance(rows: list[dict[str, Any]]) -> list[str]:
         worst = (f"{r['fxq_worst_vs_fp32'][0]} {r['fxq_worst_vs_fp32'][1]:.2f}"
                  if "fxq_worst_vs_fp32" in r else "n/a")
         nat = f"{r['native_vs_torch_ao']:.2f}" if "native_vs_torch_ao" in r else "n/a"
-        fo = "n/a" if r["float_ops"] is None else str(r["float_ops"])
+        fo = ("dynamic" if r.get("kind") == "dynamic" else "n/a") if r["float_ops"] is None \
+            else str(r["float_ops"])
         lines.append(f"{r['model']:<16} {r['fxq_best'] or 'n/a':<13} {r['peer_best'] or 'n/a':<13} "
                      f"{vs_peer:>9} {worst:<26} {nat:>15} {fo:>9}")
     return lines

@@ -98,3 +98,21 @@ def test_cli_rejects_unknown_names(capsys) -> None:
     with pytest.raises(SystemExit):
         bench.main(["--models", "nope", "--json", ""])
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+class FloatIsland(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.cumsum(self.a(x), 1))  # no quantized cumsum: a float island
+
+
+def test_float_op_count_sees_islands() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    ctx = bench.ModelCtx("island", "static", FloatIsland().eval(), [x], "")
+    ops = bench.float_ops(bench.fxq_native(ctx), x[:1])
+    assert len(ops) == 1 and ops[0].startswith("torch.cumsum"), ops
+    ctx = bench.ModelCtx("tiny", "static", Tiny().eval(), [torch.randn(2, 3, 8, 8)], "")
+    assert bench.float_ops(bench.fxq_native(ctx), x[:1]) == []
