@@ -223,9 +223,8 @@ def _compare(want: Any, got: Any) -> str:
             continue
         if a.dtype != b.dtype or a.shape != b.shape:
             return (f"output {i} is {b.dtype}{list(b.shape)}, expected {a.dtype}{list(a.shape)}")
-        if a.is_quantized:
-            a, b = a.int_repr(), b.int_repr()
-        if not torch.equal(a, b):
+        if not torch.equal(a, b):  # quantized: same qparams and integer values
+            a, b = (a.dequantize(), b.dequantize()) if a.is_quantized else (a, b)
             d = (a.double() - b.double()).abs()
             return (f"output {i} differs on {int((d > 0).sum())} of {a.numel()} elements "
                     f"(max {float(d.max()):.3g})")
