@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.measure import sqnr_db
 from fxquant.meta import qinfo
-from tests.util import ao_quantization, ao_quantize_fx, op_counts, output_scale
+from tests.util import ao_default_qconfig_mapping, ao_quantize_fx, op_counts, output_scale
 
 BACKENDS = ["x86", "qnnpack"]
 SHAPE = (2, 4, 6, 6)
@@ -105,13 +105,12 @@ def test_arithmetic_runs_on_its_kernel(name, backend):
 @pytest.mark.parametrize("name", ["add", "add_relu", "mul", "cat"])
 def test_arithmetic_matches_torch_ao_within_one_step(name):
     qfx = ao_quantize_fx()
-    ao = ao_quantization()
     factory, _ = POSITIVE[name]
     torch.manual_seed(0)
     model = factory().eval()
     ours, batches = _convert(copy.deepcopy(model), "x86")
     torch.backends.quantized.engine = "x86"
-    theirs = qfx.prepare_fx(copy.deepcopy(model), ao.get_default_qconfig_mapping("x86"),
+    theirs = qfx.prepare_fx(copy.deepcopy(model), ao_default_qconfig_mapping("x86"),
                             (batches[0],))
     for b in batches:
         theirs(b)

@@ -26,7 +26,7 @@ from fxquant.meta import qinfo
 from fxquant.nn import qat
 from fxquant.patterns import Op
 from tests.models import ConvBnReLUChain, build
-from tests.util import op_counts, output_scale
+from tests.util import ao_default_qconfig_mapping, op_counts, output_scale
 
 BACKENDS = ["x86", "fbgemm", "qnnpack", "onednn"]
 
@@ -123,15 +123,12 @@ def test_swap_pass_stats_and_unchanged_case():
 
 
 def _exact_qat_mapping(backend: str) -> fxquant.QConfigMapping:
-    """The backend's default QAT mapping, with reduce_range (0..127) activations where this CPU
-    runs the backend's int8 kernels without VNNI: there full-range activations (onednn's
-    default) saturate the kernels' int16 pair sums (observed: up to 6 output steps on this
+    """The backend's default QAT mapping, which has reduce_range (0..127) activations where
+    this CPU runs the backend's int8 kernels without VNNI: there full-range activations (torch's
+    onednn default) saturate the kernels' int16 pair sums (observed: up to 6 output steps on this
     model), which is a property of the CPU, not of conv-bn folding (see tests/test_cpu.py)."""
-    mapping = fxquant.get_default_qat_qconfig_mapping(backend)
-    if not full_range_activations_safe(backend):
-        qconfig = mapping.global_qconfig
-        reduced = fxquant.get_default_qat_qconfig("x86").activation  # 0..255, reduce_range
-        mapping.set_global(fxquant.QConfig(activation=reduced, weight=qconfig.weight))
+    mapping = fxquant.get_default_qat_qconfig_mapping(backend)  # 7-bit exactly there
+    assert mapping.activation_range.reduce_range is not full_range_activations_safe(backend)
     return mapping
 
 
@@ -238,7 +235,8 @@ def test_differential_against_torch_ao_qat():
     model = build(ConvBnReLUChain).train()
     example = (torch.randn(2, 3, 8, 8),)
     ours = fxquant.prepare_qat_fx(copy.deepcopy(model), fxquant.get_default_qat_qconfig_mapping("x86"), example)
-    theirs = qfx.prepare_qat_fx(copy.deepcopy(model), ao.get_default_qat_qconfig_mapping("x86"), example)
+    theirs = qfx.prepare_qat_fx(copy.deepcopy(model), ao_default_qconfig_mapping("x86", qat=True),
+                                  example)
     for x in _data(4):
         ours(x)
         theirs(x)

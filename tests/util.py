@@ -55,6 +55,26 @@ def ao_quantization():
     return pytest.importorskip("torch.ao.quantization")
 
 
+def ao_default_qconfig_mapping(backend: str, qat: bool = False):
+    """torch.ao's default (QAT) QConfigMapping for ``backend`` with the activation range
+    fxquant's default picks on this CPU (8-bit where the engine accumulates in int32, 7-bit
+    reduce_range elsewhere; torch.ao fixes it by backend name): the differential tests then
+    compare the same configuration on every CPU. Only the qconfigs that share the global
+    activation factory (global, transposed convs, layer_norm) change."""
+    import fxquant
+
+    ao = ao_quantization()
+    theirs = (ao.get_default_qat_qconfig_mapping if qat else ao.get_default_qconfig_mapping)(backend)
+    reduce_range = fxquant.qconfig.activation_range(backend).reduce_range
+    old = theirs.global_qconfig.activation  # a torch.ao _PartialWrapper around a partial
+    new = old.p.func.with_args(**{**old.p.keywords, "reduce_range": reduce_range})
+    theirs.set_global(ao.QConfig(activation=new, weight=theirs.global_qconfig.weight))
+    for key, qc in list(theirs.object_type_qconfigs.items()):
+        if qc is not None and qc.activation is old:
+            theirs.set_object_type(key, ao.QConfig(activation=new, weight=qc.weight))
+    return theirs
+
+
 # ---------------------------------------------------------------------------------------------
 # int16 saturation of uint8 x int8 kernels without VNNI (see fxquant.backends.cpu)
 
