@@ -149,7 +149,7 @@ def _model_engine(qmodel: nn.Module) -> Iterator[None]:
 def _redraw(x: Any, g: torch.Generator, grow: bool) -> Any:
     """A fresh random value like ``x`` (same dtype and range), dimension 0 one larger if
     ``grow``; non-tensors are kept."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 and grow:
+    if not isinstance(x, torch.Tensor) or (x.dim() == 0 and grow):
         return x
     shape = list(x.shape)
     if grow:
