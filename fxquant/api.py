@@ -171,6 +171,9 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str
     model that fallback prepared piece by piece."""
     from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
 
+    from fxquant.range_check import check_mode
+
+    check_mode(range_check)
     restore_pickled_meta(prepared)  # records and options of a torch.save'd prepared model
     validate_calibrated(prepared)
     if not is_prepared(prepared):

@@ -313,16 +313,21 @@ def _find(gm: fx.GraphModule, nodes: list[fx.Node], obs: nn.Module, limits: Rang
     return None
 
 
-def check_ranges(gm: fx.GraphModule, mode: str = "fix", limits: RangeLimits = RangeLimits(),
-                 pass_name: str = "convert") -> list[RangeFinding]:
-    """Check every integer activation observer of the prepared ``gm``; with ``mode="fix"``
-    apply each finding's fix (swap the observer module), with ``"warn"`` only report. Each
-    finding is recorded on the observed node(s) and warned as a RangeWarning. Returns them."""
+def check_mode(mode: str) -> None:
+    """ConfigError unless ``mode`` is one of RANGE_CHECK_MODES."""
     if mode not in RANGE_CHECK_MODES:
         from fxquant.errors import ConfigError
 
         raise ConfigError(f"range_check must be one of {RANGE_CHECK_MODES}, got {mode!r}",
                           hint="range_check='fix' (default), 'warn' or 'off'")
+
+
+def check_ranges(gm: fx.GraphModule, mode: str = "fix", limits: RangeLimits = RangeLimits(),
+                 pass_name: str = "convert") -> list[RangeFinding]:
+    """Check every integer activation observer of the prepared ``gm``; with ``mode="fix"``
+    apply each finding's fix (swap the observer module), with ``"warn"`` only report. Each
+    finding is recorded on the observed node(s) and warned as a RangeWarning. Returns them."""
+    check_mode(mode)
     if mode == "off":
         return []
     by_target: dict[str, list[fx.Node]] = {}
