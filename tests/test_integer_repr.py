@@ -264,20 +264,22 @@ def test_unknown_representation_and_passes_conflict() -> None:
 
 
 # --------------------------------------------------------------------------------- dynamic
-def _dynamic(model: nn.Module, example: tuple, mapping=None) -> tuple[nn.Module, nn.Module]:
-    torch.backends.quantized.engine = "x86"
-    prepared = fxquant.prepare_fx(model, mapping or dynamic_qconfig_mapping(), example,
-                                  backend="x86")
+def _dynamic(model: nn.Module, example: tuple, backend: str = "x86"
+             ) -> tuple[nn.Module, nn.Module]:
+    torch.backends.quantized.engine = backend
+    prepared = fxquant.prepare_fx(model, dynamic_qconfig_mapping(), example, backend=backend)
     return fxquant.convert_fx(prepared, representation="int"), fxquant.convert_fx(prepared)
 
 
-def test_dynamic_linear_quantizes_activations_like_fbgemm() -> None:
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_dynamic_linear_quantizes_activations_like_the_kernel(backend) -> None:
     """Per-call activation quantization in plain ops: the same qparams and integers as
-    ``quantized::linear_dynamic`` (reduce_range), so only float summation order differs."""
+    ``quantized::linear_dynamic`` ([0, 127] on x86, whose kernel honours reduce_range; [0, 255]
+    on qnnpack, whose kernel ignores it), so only float summation order differs."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
     x = torch.randn(16, 32) * 3 + 1
-    ours, native = _dynamic(model, (x,))
+    ours, native = _dynamic(model, (x,), backend)
     with forbid_quantized_dtypes():
         y = ours(x)
     ref, err_native = native(x), (native(x) - model(x)).abs().max()
