@@ -273,6 +273,12 @@ def _try_method(qmodel: nn.Module, inputs: tuple[Any, ...], method: str,
                 f"({traced_warnings[0].filename}:{traced_warnings[0].lineno})"
                 if traced_warnings else "")
         return None, _Failure(method, f"the frozen module computes something else: {diff}{note}")
+    if traced_warnings:  # passed the checks, but a value the trace baked may differ elsewhere
+        w = traced_warnings[0]
+        warnings.warn(f"fxquant.freeze: the trace read a Python value from a tensor "
+                      f"({w.filename}:{w.lineno}: {w.message}); the frozen module matched on "
+                      f"{len(cases)} inputs but runs the example's branch / shape on every "
+                      f"input", FreezeWarning, stacklevel=4)
     return frozen, None
 
 
