@@ -244,10 +244,11 @@ class IntWeighted(nn.Module):
 # -------------------------------------------------------------------------- dynamic modules
 def _dynamic_activation_qparams(x: torch.Tensor, quant_max: int
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (scale, zero_point) fbgemm's ``linear_dynamic`` chooses for ``x`` over
-    [0, quant_max] (fbgemm ``ChooseQuantizationParams``: range widened to include 0, the zero
-    point taken from whichever end loses less precision, rounded and clamped), as tensors so
-    the computation traces and exports."""
+    """The (scale, zero_point) ``quantized::linear_dynamic`` chooses for ``x`` over
+    [0, quant_max] (ATen's ``quant_utils::ChooseQuantizationParams``: range widened to include
+    0, the zero point taken from whichever end loses less precision, rounded and clamped; its
+    tiny-scale adjustment below ~6e-5 is not reproduced), as tensors so the computation traces
+    and exports."""
     lo = torch.clamp(x.min(), max=0.0).to(torch.float64)
     hi = torch.clamp(x.max(), min=0.0).to(torch.float64)
     scale = (hi - lo) / quant_max
