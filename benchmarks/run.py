@@ -462,6 +462,7 @@ def bench_model(name: str, paths: list[str], batches: list[int], size: int, roun
             log(f"   {path:<13} ready in {secs:5.1f} s" + (f" (from the {rep} representation)"
                                                          if rep else ""))
     _count_float_ops(ctx, result, log)
+    _sizes(ctx, result, log)
     for batch in batches:
         result["batches"][str(batch)] = _bench_batch(ctx, fns, batch, size, rounds, log)
     result["total_s"] = round(time.perf_counter() - t0, 1)
@@ -484,6 +485,19 @@ def _count_float_ops(ctx: ModelCtx, result: dict[str, Any], log: Callable[[str],
     result["int8_end_to_end"] = not ops
     shown = "; ".join(ops[:3]) + (" ..." if len(ops) > 3 else "")
     log(f"   float ops left in fxquant's graph: {len(ops)}" + (f" ({shown})" if ops else ""))
+
+
+def _sizes(ctx: ModelCtx, result: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Checkpoint (state_dict) size of the float and the native int8 model."""
+    from fxquant.measure import model_size_bytes
+
+    try:
+        fp32, int8 = model_size_bytes(ctx.model), model_size_bytes(fxq_native(ctx))
+    except Exception as e:  # noqa: BLE001
+        log(f"   size: n/a ({_first_line(e)})")
+        return
+    result["size_bytes"] = {"fp32": fp32, "fxq.native": int8}
+    log(f"   size: fp32 {fp32 / 1e6:.2f} MB, fxquant int8 {int8 / 1e6:.2f} MB ({int8 / fp32:.2f}x)")
 
 
 def _bench_batch(ctx: ModelCtx, fns: dict[str, Fn], batch: int, size: int, rounds: int,
@@ -603,6 +617,47 @@ def format_acceptance(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def markdown(data: dict[str, Any]) -> str:
+    """The README's tables from a bench JSON: per batch, process CPU ms per call of each path
+    with its ratio to fp32; then the batch-1 acceptance view."""
+    paths = [p for p in PATHS if p in data["config"]["paths"]]
+    out = []
+    for batch in [str(b) for b in data["config"]["batches"]]:
+        out += [f"CPU ms per call (ratio to fp32 eager), batch {batch}, 1 thread:", "",
+                "| model | " + " | ".join(paths) + " |", "|---" * (len(paths) + 1) + "|"]
+        for name, res in data["models"].items():
+            rows, cells = res["batches"].get(batch, {}), []
+            for p in paths:
+                r = rows.get(p)
+                cells.append("n/a" if r is None or "cpu_ms" not in r else
+                             f"{r['cpu_ms']:.1f} ({r.get('cpu_vs_fp32', 1.0):.2f})")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["Batch 1: fxquant's fastest path against the fastest peer int8 flow (ORT "
+            "`quantize_static` / OpenVINO+NNCF), CPU-time ratio (wall-time ratio); every fxquant "
+            "path against fp32; native against torch.ao; float ops left in fxquant's graph; "
+            "SQNR of the native int8 model against fp32:", "",
+            "| model | fxq fastest | peer fastest | fxq / peer | slowest fxq path / fp32 | "
+            "native / torch.ao | float ops | SQNR dB |", "|---" * 8 + "|"]
+    for r in data["acceptance_batch1"]:
+        res = data["models"][r["model"]]
+        b1 = res["batches"].get("1", {})
+
+        def cpu(p: Optional[str]) -> Optional[float]:
+            return b1.get(p, {}).get("cpu_ms") if p else None
+        f, pe = cpu(r["fxq_best"]), cpu(r["peer_best"])
+        vs = (f"{f / pe:.2f} ({r['fxq_vs_peer_wall']:.2f})" if f and pe else "n/a")
+        slow = [(b1[p]["cpu_vs_fp32"], p) for p in FXQ_PATHS if "cpu_vs_fp32" in b1.get(p, {})]
+        worst = f"{max(slow)[0]:.2f} ({max(slow)[1]})" if slow else "n/a"
+        nat = (f"{cpu('fxq.native') / cpu('torch.ao'):.2f}"
+               if cpu("fxq.native") and cpu("torch.ao") else "n/a")
+        fo = "dynamic" if res["kind"] == "dynamic" else str(res.get("float_ops"))
+        sq = _fmt_db(b1.get("fxq.native", {}).get("sqnr_db"))
+        out.append(f"| {r['model']} | {r['fxq_best'] or 'n/a'} | {r['peer_best'] or 'n/a'} | "
+                   f"{vs} | {worst} | {nat} | {fo} | {sq} |")
+    return "\n".join(out)
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
@@ -665,7 +720,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batches", default=None, help="comma-separated (default 1,8)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5)")
     parser.add_argument("--json", default="out/bench.json", help="'' to write none")
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="print the README's tables from a bench JSON and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return
     models = (args.models.split(",") if args.models
               else list(QUICK_MODELS) if args.quick else list(bench_models.MODELS))
     paths = args.paths.split(",") if args.paths else list(PATHS)

@@ -55,6 +55,7 @@ def test_harness_reports_timings_and_na(tiny_registered: str, tmp_path, monkeypa
     assert set(written) >= {"machine", "config", "models", "acceptance_batch1", "int8_end_to_end"}
     res = written["models"]["tiny"]
     assert res["kind"] == "static" and res["float_ops"] == len(res["float_op_list"])
+    assert res["size_bytes"]["fp32"] > 0 and res["size_bytes"]["fxq.native"] > 0
     assert res["na"]["fxq.frozen"] == "fxquant.freeze not in this checkout"
     assert res["na"]["ov.nncf"] == "failed: RuntimeError: engine exploded"
     for batch in ("1", "2"):
