@@ -25,8 +25,17 @@ MovingAverage(PerChannel)MinMaxObs.    min_val, max_val           AVG (approxima
 HistogramObserver                      histogram [bins],          re-bin each replica onto the
                                        min_val, max_val (0-dim)   union range (combine_histograms)
                                                                   then SUM
+Percentile / MSE / Entropy Observer    as HistogramObserver       as HistogramObserver
 FixedQParamsObserver                   scale [1], zero_point [1]  constant
 =====================================  =========================  ===========================
+
+Calibration methods (docs/calibration.md): PercentileObserver, MSEObserver and EntropyObserver
+are histogram observers with their own clipping-range search (:mod:`fxquant.qmath`); select
+them per op in a QConfig or with ``get_default_qconfig_mapping(backend, calibration=...)``
+(:data:`CALIBRATION_METHODS`). Min/max and histogram observers also keep, outside the
+state_dict, a small sorted sample of the values seen (``range_sample``) and the histogram ones
+the count of infinities they ignored (``ignored_infinities``): convert's range check
+(:mod:`fxquant.range_check`) reads them.
 
 Uniform observers also hold ``eps`` (shape [1]) as a buffer, like torch, so state dicts are
 interchangeable with torch.ao's.
