@@ -301,3 +301,25 @@ def test_export_unavailable_without_onnx(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(EngineUnavailable, match=r"fxquant\[onnx\]"):
         fxquant.export_onnx(nn.Linear(2, 2), tmp_path / "m.onnx", (torch.randn(1, 2),))
+
+
+def test_float_bias_option(cnn: tuple[nn.Module, torch.Tensor], tmp_path) -> None:
+    """bias="float": the converted modules' float biases as they are, no int32 initializer;
+    the default int32 bias has scale input scale x weight scale."""
+    pytest.importorskip("onnx")
+    qmodel, example = cnn
+    model = fxquant.export_onnx(qmodel, tmp_path / "f.onnx", (example,), bias="float")
+    inits, _ = _graph_index(model)
+    assert not any(a.dtype == np.int32 for a in inits.values())
+    for m in (m for m in qmodel.modules() if hasattr(m, "_packed_params")):
+        b = m.bias().detach().numpy()
+        assert sum(a.shape == b.shape and np.array_equal(a, b) for a in inits.values()) >= 1
+    model = fxquant.export_onnx(qmodel, tmp_path / "i.onnx", (example,))
+    inits, producer = _graph_index(model)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    bias_dq, x_dq = producer[conv.input[2]], producer[conv.input[0]]
+    assert inits[bias_dq.input[0]].dtype == np.int32
+    w_scale = inits[producer[conv.input[1]].input[1]]
+    np.testing.assert_allclose(inits[bias_dq.input[1]], inits[x_dq.input[1]] * w_scale, rtol=1e-6)
+    with pytest.raises(OnnxExportError, match="bias="):
+        fxquant.export_onnx(qmodel, tmp_path / "x.onnx", (example,), bias="int8")

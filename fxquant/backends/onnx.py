@@ -69,31 +69,35 @@ def _example_tuple(example_inputs: Any) -> tuple:
         else (example_inputs,)
 
 
-def build(qmodel: nn.Module, example_inputs: Any) -> tuple[Any, GraphIO]:
+def build(qmodel: nn.Module, example_inputs: Any, bias: str = "int32") -> tuple[Any, GraphIO]:
     """(onnx ModelProto, GraphIO) of a converted model at the example inputs' shapes."""
     onnx = require("onnx", "onnx")
     from fxquant.backends.onnx_export import build_model
 
     gm = _check_converted(qmodel)
-    model, io = build_model(gm, _example_tuple(example_inputs), onnx)
+    model, io = build_model(gm, _example_tuple(example_inputs), onnx, bias)
     meta = {"output_qparams": [None if q is None else [q.scale, q.zero_point, str(q.dtype)]
                                for q in io.output_q]}
     onnx.helper.set_model_props(model, {"fxquant": json.dumps(meta)})
     return model, io
 
 
-def export_onnx(qmodel: nn.Module, path: Union[str, os.PathLike], example_inputs: Any) -> Any:
+def export_onnx(qmodel: nn.Module, path: Union[str, os.PathLike], example_inputs: Any, *,
+                bias: str = "int32") -> Any:
     """Write ``qmodel`` (a :func:`fxquant.convert_fx` result) to ``path`` as a QDQ ONNX model.
 
     Every quantized tensor of the converted graph becomes a uint8/int8 tensor made by a
     QuantizeLinear with exactly fxquant's scale and zero point; int8 weights are initializers
     behind a DequantizeLinear (per-channel ``axis`` where fxquant quantized per channel); ops
     fxquant kept float stay float. Shapes are those of ``example_inputs`` (batch included).
+    ``bias``: "int32" (scale input scale x weight scale, zero point 0: what ONNX Runtime fuses
+    into QLinearConv / QGemm) or "float" (the float bias as fbgemm adds it: closer to the
+    native model on deep models, but ONNX Runtime then runs the conv in float; docs/onnx.md).
     Returns the ``onnx.ModelProto``. Raises :class:`OnnxExportError` naming the node, module
     path and source line of an op the exporter cannot write.
     """
     onnx = require("onnx", "onnx")
-    model, _ = build(qmodel, example_inputs)
+    model, _ = build(qmodel, example_inputs, bias)
     onnx.save(model, os.fspath(path))
     return model
 
@@ -114,8 +118,10 @@ class EngineModule(nn.Module):
 
     engine = "engine"
 
-    def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int]) -> None:
+    def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int],
+                 bias: str = "int32") -> None:
         super().__init__()
+        self.bias = bias
         self._qmodel = [qmodel]  # a list: not a submodule (no double state_dict, no .to())
         self.threads = int(threads) if threads is not None else torch.get_num_threads()
         self._runners: dict[tuple, tuple[Runner, GraphIO]] = {}
@@ -127,12 +133,12 @@ class EngineModule(nn.Module):
 
     def onnx_model(self, *inputs: Any) -> Any:
         """The ONNX ModelProto run for inputs of these shapes (the example inputs' if none)."""
-        return build(self._qmodel[0], inputs or self._example)[0]
+        return build(self._qmodel[0], inputs or self._example, self.bias)[0]
 
     def _runner_for(self, inputs: tuple) -> tuple[Runner, GraphIO]:
         key = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
         if key not in self._runners:
-            model, io = build(self._qmodel[0], inputs)
+            model, io = build(self._qmodel[0], inputs, self.bias)
             self._runners[key] = (self._make_runner(model), io)
         return self._runners[key]
 
@@ -173,10 +179,10 @@ class OnnxRuntimeModule(EngineModule):
     engine = "onnxruntime"
 
     def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int] = None,
-                 optimization: str = "all") -> None:
+                 optimization: str = "all", bias: str = "int32") -> None:
         self._ort = require("onnxruntime", "onnx")
         self.optimization = optimization
-        super().__init__(qmodel, example_inputs, threads)
+        super().__init__(qmodel, example_inputs, threads, bias)
 
     def _make_runner(self, model: Any) -> Runner:
         ort = self._ort
@@ -203,12 +209,14 @@ class OnnxRuntimeModule(EngineModule):
 
 
 def compile_onnxruntime(qmodel: nn.Module, example_inputs: tuple, *,
-                        threads: Optional[int] = None, optimization: str = "all") -> nn.Module:
+                        threads: Optional[int] = None, optimization: str = "all",
+                        bias: str = "int32") -> nn.Module:
     """``fxquant.compile(qmodel, example_inputs, backend="onnxruntime")``: the converted model
     as a QDQ ONNX graph in an ONNX Runtime CPU session.
 
     ``threads``: intra-op threads (default: ``torch.get_num_threads()``, so a benchmark that
     sets torch to 1 thread gets a 1-thread session too); ``optimization``: ONNX Runtime's
-    graph optimization level ("all", "extended", "basic", "none").
+    graph optimization level ("all", "extended", "basic", "none"); ``bias``: as for
+    :func:`export_onnx`.
     """
-    return OnnxRuntimeModule(qmodel, _example_tuple(example_inputs), threads, optimization)
+    return OnnxRuntimeModule(qmodel, _example_tuple(example_inputs), threads, optimization, bias)

@@ -128,6 +128,7 @@ class Builder:
     names: dict[fx.Node, Any] = field(default_factory=dict)  # raw name (uint8 if quantized)
     _used: set = field(default_factory=set)
     node: Optional[fx.Node] = None  # the fx node being written
+    float_bias: bool = False  # conv / linear bias as float instead of int32 (see _bias_initializer)
 
     def fresh(self, base: str) -> str:
         base = "".join(c if c.isalnum() or c in "_." else "_" for c in base) or "t"
@@ -713,6 +714,8 @@ def _bias_initializer(b: Builder, bias: Optional[torch.Tensor], in_q: QInfo,
     point 0, and its DequantizeLinear: what ONNX Runtime's QLinearConv/QGemm fusion expects."""
     if bias is None:
         return None
+    if b.float_bias:  # exact, like fbgemm's float bias; ORT then leaves the conv unfused
+        return b.f32(bias.detach().float().numpy(), f"{b.node.name}_bias")
     scales = (np.float64(in_q.scale) * np.broadcast_to(w_scales.astype(np.float64),
                                                         (channels,))).astype(np.float32)
     safe = np.where(scales > 0, scales, 1.0).astype(np.float64)
@@ -1017,10 +1020,14 @@ def _elem_type(onnx: Any, val: TensorVal) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(np_dtype)
 
 
-def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any) -> tuple[Any, GraphIO]:
-    """The ONNX ModelProto of a converted GraphModule run on ``example_inputs``."""
+def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any, bias: str = "int32"
+                ) -> tuple[Any, GraphIO]:
+    """The ONNX ModelProto of a converted GraphModule run on ``example_inputs``; ``bias``:
+    "int32" (what ONNX Runtime's QLinearConv / QGemm fusion needs) or "float"."""
+    if bias not in ("int32", "float"):
+        raise OnnxExportError(f"bias={bias!r}: use 'int32' or 'float'")
     values = record(gm, example_inputs)
-    b = Builder(gm, values, onnx.helper, onnx.numpy_helper)
+    b = Builder(gm, values, onnx.helper, onnx.numpy_helper, float_bias=bias == "float")
     inputs, positions, shapes, names = [], [], [], []
     live = _live(gm)
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):

@@ -24,12 +24,13 @@ class OpenVINOModule(EngineModule):
     engine = "openvino"
 
     def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int] = None,
-                 device: str = "CPU", config: Optional[dict[str, Any]] = None) -> None:
+                 device: str = "CPU", config: Optional[dict[str, Any]] = None,
+                 bias: str = "int32") -> None:
         self._ov = require("openvino", "openvino")
         require("onnx", "openvino")  # the graph is built with onnx
         self.device = device
         self.config = dict(config or {})
-        super().__init__(qmodel, example_inputs, threads)
+        super().__init__(qmodel, example_inputs, threads, bias)
 
     def _make_runner(self, model: Any) -> Runner:
         ov = self._ov
@@ -52,11 +53,12 @@ class OpenVINOModule(EngineModule):
 
 def compile_openvino(qmodel: nn.Module, example_inputs: tuple, *,
                      threads: Optional[int] = None, device: str = "CPU",
-                     config: Optional[dict[str, Any]] = None) -> nn.Module:
+                     config: Optional[dict[str, Any]] = None, bias: str = "int32") -> nn.Module:
     """``fxquant.compile(qmodel, example_inputs, backend="openvino")``: the converted model's QDQ
     ONNX graph compiled by OpenVINO.
 
     ``threads``: ``INFERENCE_NUM_THREADS`` (default: ``torch.get_num_threads()``); ``device``:
-    the OpenVINO device ("CPU"); ``config``: more ``compile_model`` properties (they win).
+    the OpenVINO device ("CPU"); ``config``: more ``compile_model`` properties (they win);
+    ``bias``: as for :func:`fxquant.export_onnx`.
     """
-    return OpenVINOModule(qmodel, _example_tuple(example_inputs), threads, device, config)
+    return OpenVINOModule(qmodel, _example_tuple(example_inputs), threads, device, config, bias)
