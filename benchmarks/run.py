@@ -620,9 +620,13 @@ def format_acceptance(rows: list[dict[str, Any]]) -> list[str]:
 def markdown(data: dict[str, Any]) -> str:
     """The README's tables from a bench JSON: per batch, process CPU ms per call of each path
     with its ratio to fp32; then the batch-1 acceptance view."""
-    paths = [p for p in PATHS if p in data["config"]["paths"]]
+    results = data["models"]  # a partial JSON (a run stopped early) has only the models
+    seen = {p for r in results.values() for b in r["batches"].values() for p in b} | {
+        p for r in results.values() for p in r.get("na", {})}
+    paths = [p for p in PATHS if p in seen]
+    batches = sorted({b for r in results.values() for b in r["batches"]}, key=int)
     out = []
-    for batch in [str(b) for b in data["config"]["batches"]]:
+    for batch in batches:
         out += [f"CPU ms per call (ratio to fp32 eager), batch {batch}, 1 thread:", "",
                 "| model | " + " | ".join(paths) + " |", "|---" * (len(paths) + 1) + "|"]
         for name, res in data["models"].items():
@@ -639,7 +643,7 @@ def markdown(data: dict[str, Any]) -> str:
             "SQNR of the native int8 model against fp32:", "",
             "| model | fxq fastest | peer fastest | fxq / peer | slowest fxq path / fp32 | "
             "native / torch.ao | float ops | SQNR dB |", "|---" * 8 + "|"]
-    for r in data["acceptance_batch1"]:
+    for r in data.get("acceptance_batch1") or acceptance(results):
         res = data["models"][r["model"]]
         b1 = res["batches"].get("1", {})
 
@@ -687,6 +691,9 @@ def run(models: list[str], paths: list[str], batches: list[int], size: int, roun
     with tempfile.TemporaryDirectory(prefix="fxq_bench_") as workdir:
         for name in models:
             results[name] = bench_model(name, paths, batches, size, rounds, workdir, log)
+            if json_path:  # a long run stopped early still leaves the models it finished
+                _write_json(json_path, {"partial": True, "machine": machine(),
+                                        "models": results})
     acc = acceptance(results)
     log("\n== batch 1, 1 thread: fxquant's fastest path vs the fastest peer (wall-time ratio; "
         "<= 1.00 means fxquant is as fast or faster)")
@@ -702,11 +709,15 @@ def run(models: list[str], paths: list[str], batches: list[int], size: int, roun
             "int8_end_to_end": {"models": e2e, "of_static": len(static)},
             "total_s": round(time.perf_counter() - t0, 1)}
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(data, f, indent=1, default=str)
+        _write_json(json_path, data)
         log(f"\nJSON: {json_path} ({data['total_s']:.0f} s in all)")
     return data
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

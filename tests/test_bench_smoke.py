@@ -74,6 +74,9 @@ def test_harness_reports_timings_and_na(tiny_registered: str, tmp_path, monkeypa
     acc = data["acceptance_batch1"][0]
     assert acc["model"] == "tiny" and acc["fxq_best"] == "fxq.native" and acc["peer_best"] is None
     assert "fxq.native" in acc["fxq_vs_fp32"]
+    md = bench.markdown(written).splitlines()
+    row = next(line for line in md if line.startswith("| tiny | fp32"[:7]) and "(1.00)" in line)
+    assert row.count("n/a") == 2, row  # fxq.frozen and ov.nncf columns
 
 
 def test_batch_failure_is_na_not_crash(tiny_registered: str, monkeypatch) -> None:
