@@ -237,8 +237,15 @@ def test_relu6_is_a_clip_on_the_conv_output(cnn: tuple[nn.Module, torch.Tensor],
     model = fxquant.export_onnx(qmodel, tmp_path / "cnn.onnx", (example,))
     inits, producer = _graph_index(model)
     clips = [n for n in model.graph.node if n.op_type == "Clip"]
-    assert len(clips) == 1
-    clip = clips[0]
+    # a fused ReLU whose output zero point is above 0 is a Clip at the zero point on the
+    # conv's uint8 output too (a float Relu before the Q would keep ORT from fusing the conv)
+    for relu in (n for n in clips if len(n.input) < 3 or not n.input[2]):
+        q = producer[relu.input[0]]
+        assert q.op_type == "QuantizeLinear" and producer[q.input[0]].op_type == "Conv"
+        assert int(inits[relu.input[1]]) == int(inits[q.input[2]]) > 0
+    bounded = [n for n in clips if len(n.input) > 2 and n.input[2]]
+    assert len(bounded) == 1
+    clip = bounded[0]
     q = producer[clip.input[0]]
     assert q.op_type == "QuantizeLinear"  # the conv's own output quantization, then the Clip
     assert producer[q.input[0]].op_type == "Conv"
@@ -247,7 +254,6 @@ def test_relu6_is_a_clip_on_the_conv_output(cnn: tuple[nn.Module, torch.Tensor],
     lo, hi = inits[clip.input[1]], inits[clip.input[2]]
     assert lo.dtype == hi.dtype == np.uint8  # a Clip on the integers
     assert int(lo) == zp and int(hi) == min(255, zp + round(6.0 / scale))
-    assert all(n.op_type != "Clip" for n in model.graph.node if n.op_type == "Relu")
 
 
 def test_unsupported_op_names_node_module_and_line(tmp_path) -> None:

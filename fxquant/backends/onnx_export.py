@@ -129,6 +129,19 @@ class Builder:
     _used: set = field(default_factory=set)
     node: Optional[fx.Node] = None  # the fx node being written
     float_bias: bool = False  # conv / linear bias as float instead of int32 (see _bias_initializer)
+    relu_after_quantize: bool = False  # set by relu(): a uint8 Clip at the zero point follows
+
+    def relu(self, y: str) -> str:
+        """The ReLU of a fused kernel (conv-relu, linear-relu, add-relu). Where the node's
+        output zero point is above the dtype's minimum, a float Relu before QuantizeLinear
+        would keep ONNX Runtime from fusing the op (it drops a Relu before a Q only when the
+        zero point is the minimum), so the ReLU becomes a Clip at the zero point on the
+        quantized output instead: exact, as rounding is monotone."""
+        q = self.qinfo(self.node) if self.node is not None else None
+        if q is not None and q.zero_point > (0 if q.dtype == torch.quint8 else -128):
+            self.relu_after_quantize = True
+            return y
+        return self.add("Relu", [y])
 
     def fresh(self, base: str) -> str:
         base = "".join(c if c.isalnum() or c in "_." else "_" for c in base) or "t"
@@ -288,7 +301,7 @@ def _binary(op: str, relu: bool = False) -> Emitter:
         if alpha != 1:
             raise OnnxExportError(f"{op} with alpha={alpha} is not exported", n)
         y = b.add(op, [b.x(n.args[0]), b.x(n.args[1])])
-        return b.add("Relu", [y]) if relu else y
+        return b.relu(y) if relu else y
     return emit
 
 
@@ -767,7 +780,7 @@ def _qconv(b: Builder, n: fx.Node, mod: Any) -> str:
     y = b.add("ConvTranspose" if transposed else "Conv", [x, w_name, bias],
               **_conv_attrs(mod, zeros_mode))
     relu = isinstance(mod, (qnn.ConvReLU1d, qnn.ConvReLU2d, qnn.ConvReLU3d))
-    return b.add("Relu", [y]) if relu else y
+    return b.relu(y) if relu else y
 
 
 def _gemm(b: Builder, n: fx.Node, weight: str, bias: Optional[str], out_features: int) -> str:
@@ -790,7 +803,7 @@ def _qlinear(b: Builder, n: fx.Node, mod: Any) -> str:
     w_name, w_scales, _ = _weight_initializer(b, w, n.name)
     bias = _bias_initializer(b, mod.bias(), in_q, w_scales, int(w.shape[0]))
     y = _gemm(b, n, w_name, bias, int(w.shape[0]))
-    return b.add("Relu", [y]) if isinstance(mod, qnn.LinearReLU) else y
+    return b.relu(y) if isinstance(mod, qnn.LinearReLU) else y
 
 
 def _float_linear(b: Builder, n: fx.Node, mod: nn.Linear) -> str:
@@ -820,7 +833,7 @@ def _batch_norm(b: Builder, n: fx.Node, mod: Any) -> str:
               (("scale", weight), ("bias", bias), ("mean", mod.running_mean),
                ("var", mod.running_var))]
     y = b.add("BatchNormalization", [b.x(n.args[0]), *params], epsilon=float(mod.eps))
-    return b.add("Relu", [y]) if isinstance(mod, (qnn.BNReLU2d, qnn.BNReLU3d)) else y
+    return b.relu(y) if isinstance(mod, (qnn.BNReLU2d, qnn.BNReLU3d)) else y
 
 
 def _pool_module(b: Builder, n: fx.Node, mod: nn.Module) -> str:
@@ -1049,7 +1062,13 @@ def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any, bias: str 
                 or isinstance(values.get(node), Const):
             continue
         b.node = node
-        b.names[node] = emit_node(b, node)
+        out = emit_node(b, node)
+        if b.relu_after_quantize:
+            q = values[node].q
+            zp = b.const(np.asarray(q.zero_point, q.np_dtype), "relu_min")
+            out = b.add("Clip", [out, zp, ""])
+            b.relu_after_quantize = False
+        b.names[node] = out
     b.node = None
     io, outputs = _outputs(b, gm, onnx, names, positions, shapes)
     graph = onnx.helper.make_graph(b.nodes, "fxquant", inputs, outputs,
