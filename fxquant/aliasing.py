@@ -43,12 +43,26 @@ def _name(node: fx.Node) -> str:
 
 
 def is_view(node: fx.Node) -> bool:
-    """Does ``node`` (possibly) return a view of its first argument?"""
+    """Does ``node`` (possibly) return a view of one of its arguments (:func:`view_source`)?"""
+    return view_source(node) is not None
+
+
+def view_source(node: fx.Node) -> Optional[fx.Node]:
+    """The node whose storage ``node``'s result may share as a view: the first argument of a
+    view op; the only operand of ``torch.einsum`` (an einsum that only permutes or takes a
+    diagonal, ``einsum('nchw->nhwc', x)``, returns a view); None otherwise."""
     if node.op not in ("call_method", "call_function") or not node.args:
-        return False
+        return None
+    first = node.args[0]
     if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-        return node.args[1] in VIEW_OPS  # x.T, x.data ...
-    return _name(node) in VIEW_OPS
+        view = node.args[1] in VIEW_OPS  # x.T, x.data ...
+    elif _name(node) == "einsum":
+        operands: list[fx.Node] = []
+        fx.node.map_arg(node.args[1:], operands.append)  # einsum(eq, a, b) or (eq, [a, b])
+        return operands[0] if len(operands) == 1 else None
+    else:
+        view = _name(node) in VIEW_OPS
+    return first if view and isinstance(first, fx.Node) else None
 
 
 def is_inplace(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -82,9 +96,7 @@ def alias_parent(node: fx.Node, modules: Mapping[str, nn.Module]) -> Optional[fx
     written = mutated_by(node, modules)
     if written is not None:
         return written
-    if is_view(node) and isinstance(node.args[0], fx.Node):
-        return node.args[0]
-    return None
+    return view_source(node)
 
 
 @dataclass

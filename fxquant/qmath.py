@@ -623,3 +623,29 @@ def histogram_entropy_range(histogram: torch.Tensor, min_val: torch.Tensor, max_
     t = amax * best / bins
     return (torch.tensor(max(-t, float(min_val)), dtype=min_val.dtype),
             torch.tensor(min(t, float(max_val)), dtype=max_val.dtype))
+
+
+def add_scalar_qparams(scale: float, zero_point: int, qmin: int, qmax: int, c: float
+                       ) -> tuple[float, int]:
+    """Output qparams of ``quantized::add_scalar`` (torch's rule): ``x + c`` keeps the scale
+    and moves the zero point by ``c`` in steps (the integers are unchanged); when the moved
+    zero point leaves [qmin, qmax] the zero point pins to that end and the scale widens so
+    the shifted range fits. ``c`` in steps rounds half away from zero (``std::round``)."""
+    steps = math.floor(abs(c / scale) + 0.5) * (1 if c >= 0 else -1)
+    moved = zero_point - steps
+    if moved < qmin:
+        return (qmax - moved) / (qmax - qmin) * scale, qmin
+    if moved > qmax:
+        return (moved - qmin) / (qmax - qmin) * scale, qmax
+    return scale, int(moved)
+
+
+def mul_scalar_qparams(scale: float, zero_point: int, qmin: int, qmax: int, c: float
+                       ) -> tuple[float, int]:
+    """Output qparams of ``quantized::mul_scalar`` (torch's rule): the scale times ``|c|``;
+    a negative ``c`` mirrors the zero point; ``c == 0`` gives scale 1, zero point 0."""
+    if c == 0:
+        return 1.0, 0
+    if c > 0:
+        return c * scale, zero_point
+    return abs(c) * scale, qmax - (zero_point - qmin)

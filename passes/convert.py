@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from fxquant.backends.reference_ops import (activation_qparams, has_reference, insert_dequantize,
                                             insert_quantize_buffered, kernel_qparam_slots,
-                                            to_reference)
+                                            scalar_op_qparams, to_reference)
 from fxquant.errors import FxQuantError
 from fxquant.meta import QNodeInfo, inherit, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
@@ -100,6 +100,7 @@ def _convert_observer(gm: fx.GraphModule, node: fx.Node) -> str:
         return "observers_removed"
     _check_calibrated(obs, node)
     scale, zp, dtype = activation_qparams(obs)
+    scale, zp = _kernel_derived_qparams(node, scale, zp, dtype)
     with gm.graph.inserting_before(node):
         q, s, z = insert_quantize_buffered(gm, x, scale, zp, dtype,
                                            f"{x.name}_qparams")
@@ -117,6 +118,60 @@ def _convert_observer(gm: fx.GraphModule, node: fx.Node) -> str:
     node.replace_all_uses_with(dq)
     gm.graph.erase_node(node)
     return "quantize_dequantize"
+
+
+def _kernel_derived_qparams(node: fx.Node, scale: float, zp: int, dtype: torch.dtype
+                            ) -> tuple[float, int]:
+    """The qparams of a value at or downstream of ``x + c`` / ``x * c`` (through ops that keep
+    their input's qparams): what ``quantized::add_scalar`` / ``mul_scalar`` derive from their
+    input's qparams, not the shared observer's (which are the input's: ``sigmoid(x) + 2``
+    would clip at 1). Upstream observers are converted first, so an op's input is a
+    dequantize that already carries the right (possibly derived) qparams."""
+    from fxquant.meta import SharedSpec
+    from fxquant.passes.insert_observers import DERIVED_QPARAMS_RULES, observed_value
+    from fxquant.slots import get_input
+
+    value = observed_value(node)
+    info = qinfo(value)
+    if info.rule in DERIVED_QPARAMS_RULES:
+        if len(value.args) < 2 or not isinstance(value.args[1], (int, float)) \
+                or not isinstance(value.args[0], fx.Node):
+            return scale, zp
+        src = qinfo(value.args[0]).qparams or {}
+        derived = scalar_op_qparams(str(info.rule), src.get("scale", scale),
+                                    src.get("zero_point", zp), dtype, float(value.args[1]))
+        return derived if derived is not None else (scale, zp)
+    spec = info.output_spec
+    if isinstance(spec, SharedSpec) and not spec.all_inputs \
+            and _downstream_of_derived(value):
+        src = get_input(value, spec.input_index)
+        qparams = qinfo(src).qparams if isinstance(src, fx.Node) else None
+        if qparams and qparams.get("dtype") == dtype:
+            return qparams["scale"], qparams["zero_point"]
+    return scale, zp
+
+
+def _downstream_of_derived(value: fx.Node) -> bool:
+    """Is ``value`` reached from an add_scalar / mul_scalar through ops sharing qparams?"""
+    from fxquant.meta import SharedSpec
+    from fxquant.passes.insert_observers import DERIVED_QPARAMS_RULES
+    from fxquant.slots import get_input
+
+    for _ in range(len(value.graph.nodes)):
+        info = qinfo(value)
+        if info.rule in DERIVED_QPARAMS_RULES:
+            return True
+        spec = info.output_spec
+        if not isinstance(spec, SharedSpec) or spec.all_inputs:
+            return False
+        src = get_input(value, spec.input_index)
+        while isinstance(src, fx.Node) and qinfo(src).role in ("dequantize", "quantize",
+                                                               "observer"):
+            src = src.args[0] if src.args else None
+        if not isinstance(src, fx.Node):
+            return False
+        value = src
+    return False
 
 
 def _check_calibrated(obs: torch.nn.Module, node: fx.Node) -> None:

@@ -260,3 +260,27 @@ print(" | ".join(d.reason for n in c.graph.nodes for d in qinfo(n).decisions
     ref_db, conv_db = map(float, figures.split())
     assert conv_db >= ref_db - 1.0, (ref_db, conv_db, reasons)
     assert "qnnpack" in reasons, reasons
+
+
+@pytest.mark.parametrize("rule", ["add_scalar", "mul_scalar"])
+@pytest.mark.parametrize("dtype", [torch.quint8, torch.qint8])
+def test_derived_scalar_qparams_are_the_kernels(rule: str, dtype: torch.dtype) -> None:
+    """The reference graph's qparams after x + c / x * c (plain arithmetic in qmath) equal
+    what quantized::add_scalar / mul_scalar derive, over random qparams and scalars
+    (including shifts past the integer range, negative and zero scalars)."""
+    from fxquant.backends.reference_ops import scalar_op_qparams
+
+    gen = torch.Generator().manual_seed(1)
+    lo, hi = (0, 255) if dtype == torch.quint8 else (-128, 127)
+    kernel = getattr(torch.ops.quantized, rule)
+    for i in range(400):
+        scale = float(10 ** (torch.rand(1, generator=gen) * 5 - 4))
+        zp = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        c = [float(torch.randn(1, generator=gen) * 3), float(torch.randint(-3, 4, (1,),
+             generator=gen)), float(torch.rand(1, generator=gen) * 1000 - 500) * scale][i % 3]
+        x = torch._make_per_tensor_quantized_tensor(
+            torch.zeros(1, dtype=torch.uint8 if dtype == torch.quint8 else torch.int8), scale, zp)
+        out = kernel(x, c)
+        got = scalar_op_qparams(rule, scale, zp, dtype, c)
+        assert got is not None and got[1] == out.q_zero_point(), (scale, zp, c)
+        assert got[0] == pytest.approx(out.q_scale(), rel=1e-6), (scale, zp, c)

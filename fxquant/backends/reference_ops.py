@@ -124,6 +124,25 @@ def activation_qparams(observer: nn.Module) -> tuple[float, int, torch.dtype]:
     return float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0]), observer.dtype
 
 
+def scalar_op_qparams(rule: str, scale: float, zero_point: int, dtype: torch.dtype,
+                      scalar: float) -> Optional[tuple[float, int]]:
+    """The output qparams ``quantized::add_scalar`` / ``mul_scalar`` derive for an input with
+    these qparams (:func:`fxquant.qmath.add_scalar_qparams` / ``mul_scalar_qparams``, plain
+    arithmetic: no quantized kernel runs at convert). The reference graph quantizes
+    ``x + c`` / ``x * c`` with them, so that it computes what the kernel does instead of
+    clipping to the input's range. None for another rule or dtype."""
+    from fxquant.qmath import add_scalar_qparams, mul_scalar_qparams
+
+    if dtype not in (torch.quint8, torch.qint8):
+        return None
+    qmin, qmax = (0, 255) if dtype == torch.quint8 else (-128, 127)
+    if rule == "add_scalar":
+        return add_scalar_qparams(scale, zero_point, qmin, qmax, scalar)
+    if rule == "mul_scalar":
+        return mul_scalar_qparams(scale, zero_point, qmin, qmax, scalar)
+    return None
+
+
 def weight_qparams(module: nn.Module, weight_factory: Callable[[], nn.Module]) -> WeightQParams:
     obs = weight_factory()
     obs(module.weight.detach())
