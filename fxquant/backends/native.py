@@ -493,9 +493,10 @@ def _qnnpack_fallback(rule: Rule) -> Rule:
     """A weighted kernel that fails lowering's numeric check is retried with its weights
     packed for qnnpack, which accumulates in int32 on every CPU: fbgemm / onednn saturate
     int16 pair sums on full-range activations without VNNI, and fbgemm's transposed conv with
-    kernel 2, stride 2 is wrong on any CPU (torch 2.13). Not ConvTranspose3d: qnnpack's is
-    wrong too."""
-    if rule.lower is not lower_weighted or rule.name == "conv_transpose3d" \
+    kernel 2, stride 2 is wrong on any CPU (torch 2.13). Not 3-d convs: qnnpack's
+    ConvTranspose3d is wrong, and a qnnpack-packed Conv3d cannot be unpacked (state_dict,
+    TorchScript save fail: "QNNPACK only supports conv2d_unpack")."""
+    if rule.lower is not lower_weighted or "3d" in rule.name \
             or rule.alt_engines or "qnnpack" not in torch.backends.quantized.supported_engines:
         return rule
     return replace(rule, alt_engines=("qnnpack",))
