@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.fxquant-installed
 TORCH   := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench setup graphviz clean optable docs fuzz
+.PHONY: demo test test-inductor bench setup graphviz clean optable docs fuzz
 
 setup: $(STAMP) graphviz
 
@@ -19,16 +19,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Debian's graphviz gives the `dot` binary that fxquant.visualize renders with.
+# g++: torch.compile / AOTInductor (fxquant.compile(..., backend="inductor")) build C++ kernels.
 graphviz:
-	@command -v dot >/dev/null 2>&1 || { \
+	@command -v dot >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q graphviz; }
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q graphviz g++; }
 
 demo: setup
 	$(VPY) examples/static_ptq_resnet.py
 
 test: setup
 	$(VPY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# The Inductor compile / AOTInductor package tests (minutes each: not in `make test`).
+test-inductor: setup
+	FXQUANT_INDUCTOR_TESTS=1 $(VPY) -m pytest -q tests/test_integer_repr.py $(PYTEST_ARGS)
 
 bench: setup
 	$(VPY) benchmarks/run.py
