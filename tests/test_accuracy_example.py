@@ -2,7 +2,7 @@
 (real, if undertrained, weights), the example's own helpers, a few of its rows.
 
 The full table (README "Accuracy", docs/accuracy.md) takes minutes; here each model is
-trained for 40 steps and only the rows whose claims the docs make are checked.
+trained for 15-60 steps and only the rows whose claims the docs make are checked.
 """
 from __future__ import annotations
 
@@ -38,11 +38,9 @@ def ex():
 
 def test_models_train_deterministically(ex):
     am = sys.modules["accuracy_models"]
-    a, b = am._trained_digits(40), am.DigitsNet()
-    b.load_state_dict(a.state_dict())
-    assert am.accuracy(a, am.digits_data()[2]) > 0.25  # 2.5x chance after 40 steps
+    a = am._trained_digits(15)
     am._trained_digits.cache_clear()
-    again = am._trained_digits(40)
+    again = am._trained_digits(15)
     for (k, v), w in zip(a.state_dict().items(), again.state_dict().values()):
         assert torch.equal(v, w), k
     tokens, mask, labels = am.sequence_data(8, seed=0)
@@ -54,6 +52,7 @@ def test_cnn_rows(ex):
     am = sys.modules["accuracy_models"]
     model = am.digits_cnn(steps=60)
     _, calib, test = am.digits_data()
+    assert am.accuracy(model, test) > 0.6  # 0.836 after 60 steps
     batches = [(calib.x[:100],), (calib.x[100:],)]
     f = ex.run(model, test.x)
     x86 = fxquant.get_default_qconfig_mapping("x86")
