@@ -67,10 +67,15 @@ _SCALE_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
 class RangeLimits:
     """The thresholds of the checks. ``min_bulk_levels``: fewer quantization levels than this
     across the bulk (the values near 0) is a far-values finding; ``wider_factor``: an output
-    range this many times its input's is a wider-than-input finding."""
+    range this many times its input's is a wider-than-input finding; ``min_values`` /
+    ``far_spreads``: a far-values finding needs that many observed values and values that
+    many bulk widths away (a -1e4 mask is thousands; a Gaussian's tail of 8 samples is not).
+    """
 
     min_bulk_levels: float = 16.0
     wider_factor: float = 1.5
+    min_values: int = 64  # fewer observed values: no far-values finding
+    far_spreads: float = 4.0  # far values lie this many bulk widths beyond the bulk
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,8 @@ def _far_values(obs: nn.Module, limits: RangeLimits) -> Optional[str]:
     qrange = observer_range(obs)
     if sketch is None or qrange is None:
         return None
+    if float(sketch[1].sum()) < limits.min_values:
+        return None  # a handful of values: no telling an outlier from the distribution
     split = bulk_and_far(*sketch)
     if split is None:
         return None
@@ -189,8 +196,9 @@ def _far_values(obs: nn.Module, limits: RangeLimits) -> Optional[str]:
     spread = bulk_hi - bulk_lo
     if spread <= 0 or step <= 0 or spread / step >= limits.min_bulk_levels:
         return None
-    if not (qrange[0] < bulk_lo - spread or qrange[1] > bulk_hi + spread):
-        return None  # the far values are clipped already: the range is the bulk's
+    reach = limits.far_spreads * spread
+    if not (qrange[0] < bulk_lo - reach or qrange[1] > bulk_hi + reach):
+        return None  # the far values are clipped already, or not far: a long tail
     return (f"{100 * far:.3g}% of the values lie far from the bulk [{bulk_lo:.4g}, {bulk_hi:.4g}] "
             f"(a -1e4 additive mask?) and stretch the range to [{qrange[0]:.4g}, {qrange[1]:.4g}]"
             f": the bulk gets {spread / step:.1f} of {obs.quant_max - obs.quant_min + 1} levels")
