@@ -445,7 +445,8 @@ def _options_json(units: list[tuple[str, fx.GraphModule]], model: nn.Module) -> 
         else "reference",
         "leaf_classes": [_qualname(c) for c in getattr(config, "leaf_classes", ())],
         "leaf_names": [n for n in getattr(config, "leaf_names", ()) if n not in auto_leaves],
-        "concrete_args": None, "qconfig_mapping": None, "qconfig_mapping_unsaved": None}
+        "concrete_args": None, "qconfig_mapping": None, "qconfig_mapping_unsaved": None,
+        "engine_choices": [list(c) for c in _engine_choices(units)]}
     names = _Names(user_classes=True)
     try:
         if units[0][0] == "" and getattr(config, "concrete_args", None) is not None:
@@ -474,6 +475,27 @@ def _split_state(state: dict[str, Any], what: str) -> tuple[dict[str, torch.Tens
     return tensors, values
 
 
+def _refuse_rebuild_mismatch(units: list[tuple[str, fx.GraphModule]]) -> None:
+    """:func:`load` rebuilds a model by preparing and converting the user's float model
+    again: models changed after ``convert_fx`` in ways it does not replay are refused here,
+    at save, rather than by load's exact check later with a misleading message."""
+    for path, unit in units:
+        where = f" (in {path!r})" if path else ""
+        if any(n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "fxquant"
+               for n in unit.graph.nodes):
+            raise NotSaveableError(
+                f"the model{where} is in the integer representation "
+                "(convert_fx(..., representation='int')), which fxquant.save does not rebuild",
+                hint="save it with torch.export.save(torch.export.export(model, example_inputs), "
+                     "path) (docs/integer.md), or save the native model")
+        if "fxquant_bias_correction" in unit.meta:
+            raise NotSaveableError(
+                f"the model{where} was bias-corrected after convert (fxquant.bias_correction), "
+                "which fxquant.load does not replay: the loaded model would differ",
+                hint="save the model's state_dict and load it into a model converted and "
+                     "corrected the same way (docs/accuracy.md)")
+
+
 def save(model: nn.Module, path: Any) -> str:
     """Write ``model`` (returned by :func:`fxquant.convert_fx` / ``convert_to_reference_fx`` /
     ``quantize_dynamic_fx``) to ``path`` as a safe model file: tensors and JSON, no pickled
@@ -484,6 +506,7 @@ def save(model: nn.Module, path: Any) -> str:
     if not units:
         raise NotSaveableError(f"{type(model).__name__} is not a model converted by fxquant",
                                hint="save what fxquant.convert_fx returned")
+    _refuse_rebuild_mismatch(units)
     prepared, prepared_values = _split_state(_prepared_state(model, units), "prepared")
     converted, converted_values = _split_state(model.state_dict(), "converted")
     tensors = {"prepared": prepared, "converted": converted}
@@ -592,10 +615,20 @@ def load(float_model: nn.Module, path: Any, example_inputs: Any = None, *,
     _load_prepared_state(prepared, art)
     import fxquant
 
+    from fxquant.backends import engine_choice
+
     convert = fxquant.convert_fx if opts["kind"] == "converted" else fxquant.convert_to_reference_fx
-    converted = convert(prepared)
+    saved_choices = tuple((str(t), str(e)) for t, e in opts.get("engine_choices") or ())
+    with engine_choice.options(replay=saved_choices):  # the saved packing, not new timings
+        converted = convert(prepared)
     check_matches(converted, art)
     return converted
+
+
+def _engine_choices(units: list[tuple[str, fx.GraphModule]]) -> tuple[tuple[str, str], ...]:
+    from fxquant.backends.engine_choice import saved_choices
+
+    return saved_choices(gm for _, gm in units)
 
 
 def _saved_mapping(art: Artifact, names: _Names) -> Any:

@@ -440,3 +440,57 @@ def test_save_refuses_what_fxquant_did_not_convert(tmp_path):
     del clone.meta["fxquant_prepared_state"]
     with pytest.raises(NotSaveableError, match="does not hold the state"):
         fxquant.save(clone, tmp_path / "y.fxq")
+
+
+@pytest.mark.parametrize("change", ["int_representation", "bias_correction"])
+def test_save_refuses_models_load_would_not_rebuild(change: str, tmp_path) -> None:
+    """load re-prepares and converts the float model: a model in the integer representation
+    or bias-corrected after convert would come back different, so save refuses it, saying
+    what to do instead (not load's "rebuilt graph differs" later)."""
+    from fxquant.serialize import NotSaveableError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("qnnpack"), (x,),
+                                  backend="qnnpack")
+    prepared(x)
+    if change == "int_representation":
+        quantized = fxquant.convert_fx(copy.deepcopy(prepared), representation="int")
+        expected = "integer representation"
+    else:
+        quantized = fxquant.bias_correction(prepared, [x])
+        expected = "bias-corrected"
+    with pytest.raises(NotSaveableError, match=expected) as err:
+        fxquant.save(quantized, tmp_path / "m.fxq")
+    assert err.value.hint
+    assert not (tmp_path / "m.fxq").exists()
+
+
+def test_load_replays_the_saved_engine_choices(tmp_path) -> None:
+    """Lowering's per-layer engine choice is measured (timings): load must not measure again
+    and maybe pick another engine (other outputs) but repack each conv as saved."""
+    from fxquant.backends import engine_choice
+
+    if not {"x86", "onednn"} <= set(torch.backends.quantized.supported_engines):
+        pytest.skip("needs the x86 and onednn engines")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(1, 16, 16, 16)
+    torch.backends.quantized.engine = "x86"
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (x,),
+                                  backend="x86")
+    prepared(x)
+    with engine_choice.options(force="onednn", min_kernel_ms=0.0):
+        quantized = fxquant.convert_fx(prepared)
+    packed = {n: getattr(m, "packed_engine", None) for n, m in quantized.named_modules()}
+    assert "onednn" in packed.values()
+    fxquant.save(quantized, tmp_path / "m.fxq")
+    with engine_choice.options(enabled=False):  # a load that would not choose onednn itself
+        loaded = fxquant.load(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                                            nn.ReLU(), nn.Conv2d(16, 8, 1)),
+                              tmp_path / "m.fxq", (x,))
+    assert {n: getattr(m, "packed_engine", None) for n, m in loaded.named_modules()} == packed
+    xs = torch.randn(3, 16, 16, 16)
+    assert torch.equal(loaded(xs), quantized(xs))

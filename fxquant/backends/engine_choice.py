@@ -55,6 +55,9 @@ class EngineChoiceOptions:
     repeats: int = 5
     min_kernel_ms: float = 0.2
     force: Optional[str] = None
+    # (module target, engine) pairs decided before: fxquant.load replays a saved model's
+    # choices instead of timing again (a timing may pick another engine: other outputs)
+    replay: Optional[tuple[tuple[str, str], ...]] = None
 
 
 _OPTIONS: list[EngineChoiceOptions] = [EngineChoiceOptions(
@@ -113,6 +116,8 @@ def choose(ctx: LowerCtx, own: nn.Module, build: Build) -> nn.Module:
     sets ``ctx.pack_engine`` when a candidate is taken."""
     opts = current_options()
     engine = str(torch.backends.quantized.engine)
+    if opts.replay is not None:
+        return _replay(ctx, own, build, dict(opts.replay), engine)
     if not _applies(ctx, own, opts, engine):
         return own
     from fxquant.backends import kernel_check
@@ -133,6 +138,43 @@ def choose(ctx: LowerCtx, own: nn.Module, build: Build) -> nn.Module:
         return own
     ctx.pack_engine = choice.engine
     return chosen
+
+
+def _replay(ctx: LowerCtx, own: nn.Module, build: Build, saved: dict[str, str],
+            engine: str) -> nn.Module:
+    """The engine recorded for this conv (by its module target) when the model was saved;
+    the current engine's own kernel where none was."""
+    from fxquant.meta import record
+
+    wanted = saved.get(str(ctx.node.target))
+    if wanted is None or wanted == engine:
+        return own
+    chosen = _try_build(build, wanted)
+    if chosen is None:
+        record(ctx.node, "lower_to_backend", "engine_choice",
+               f"the saved model packed these weights for {wanted}, which does not pack here: "
+               f"kept {engine}'s own kernel", engine=engine)
+        return own
+    record(ctx.node, "lower_to_backend", "engine_choice",
+           f"weights packed for {wanted}, as in the saved model (not measured again)",
+           engine=wanted)
+    ctx.pack_engine = wanted
+    return chosen
+
+
+def saved_choices(gms: Any) -> tuple[tuple[str, str], ...]:
+    """(module target, engine) of every conv whose weights an engine choice packed for
+    another engine, in converted graphs ``gms``; targets chosen differently in two graphs
+    are left out (cannot be told apart at replay)."""
+    from fxquant.meta import qinfo
+
+    seen: dict[str, set[str]] = {}
+    for gm in gms:
+        for n in gm.graph.nodes:
+            for d in qinfo(n).decisions:
+                if d.action == "engine_choice" and n.op == "call_module":
+                    seen.setdefault(str(n.target), set()).add(str(d.detail.get("engine")))
+    return tuple(sorted((t, next(iter(e))) for t, e in seen.items() if len(e) == 1))
 
 
 def _applies(ctx: LowerCtx, own: nn.Module, opts: EngineChoiceOptions, engine: str) -> bool:
