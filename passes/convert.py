@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.fx as fx
@@ -153,25 +153,15 @@ def _kernel_derived_qparams(node: fx.Node, scale: float, zp: int, dtype: torch.d
 
 def _downstream_of_derived(value: fx.Node) -> bool:
     """Is ``value`` reached from an add_scalar / mul_scalar through ops sharing qparams?"""
-    from fxquant.meta import SharedSpec
-    from fxquant.passes.insert_observers import DERIVED_QPARAMS_RULES
-    from fxquant.slots import get_input
+    from fxquant.passes.insert_observers import kernel_derived
 
-    for _ in range(len(value.graph.nodes)):
-        info = qinfo(value)
-        if info.rule in DERIVED_QPARAMS_RULES:
-            return True
-        spec = info.output_spec
-        if not isinstance(spec, SharedSpec) or spec.all_inputs:
-            return False
-        src = get_input(value, spec.input_index)
-        while isinstance(src, fx.Node) and qinfo(src).role in ("dequantize", "quantize",
-                                                               "observer"):
-            src = src.args[0] if src.args else None
-        if not isinstance(src, fx.Node):
-            return False
-        value = src
-    return False
+    def through(node: fx.Node) -> Any:
+        while isinstance(node, fx.Node) and qinfo(node).role in ("dequantize", "quantize",
+                                                                 "observer"):
+            node = node.args[0] if node.args else None
+        return node
+
+    return kernel_derived(value, through) is not None
 
 
 def _check_calibrated(obs: torch.nn.Module, node: fx.Node) -> None:

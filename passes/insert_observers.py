@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch.fx as fx
 
@@ -76,11 +76,16 @@ def can_share(a: QSpec, b: QSpec) -> bool:
     return a.fixed is None and b.fixed is None and a.dtype == b.dtype and a.qscheme == b.qscheme
 
 
-def kernel_derived(obs: fx.Node) -> Optional[fx.Node]:
+def kernel_derived(obs: fx.Node, through: Callable[[fx.Node], fx.Node] = observed_value
+                   ) -> Optional[fx.Node]:
     """The op, upstream of observer ``obs`` through ops that keep their input's qparams, whose
-    kernel derives its output qparams itself (None: the tensor has the observer's qparams)."""
-    value = observed_value(obs)
-    for _ in range(len(value.graph.nodes)):
+    kernel derives its output qparams itself (None: the tensor has the observer's qparams).
+    ``through`` steps from an edge to the value on it (past observers; convert also steps past
+    the quantize / dequantize pairs it has made)."""
+    value = through(obs)
+    for _ in range(len(obs.graph.nodes)):
+        if not isinstance(value, fx.Node):
+            return None
         info = qinfo(value)
         if info.rule in DERIVED_QPARAMS_RULES:
             return value
@@ -88,9 +93,7 @@ def kernel_derived(obs: fx.Node) -> Optional[fx.Node]:
         if not isinstance(spec, SharedSpec) or spec.all_inputs:
             return None
         src = get_input(value, spec.input_index)
-        if not isinstance(src, fx.Node):
-            return None
-        value = observed_value(src)
+        value = through(src) if isinstance(src, fx.Node) else None
     return None
 
 
