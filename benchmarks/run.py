@@ -22,9 +22,10 @@ interleaved rounds (each round times every path once, in turn, so the noise of a
 hits numerator and denominator alike) of wall time and of process CPU time per call; ratios are
 against fp32 eager measured in the same rounds. CPU time also shows an engine that used more
 than the one thread it was asked for. Each path's output is compared with fp32 (SQNR, dB) and
-with fxquant's native model ("vs native", dB: the engines should agree with it), and the float ops left in fxquant's converted graph are counted ("int8 end to end" = none).
+with fxquant's native model ("vs native", dB: the engines should agree with it), and the float
+ops left in fxquant's converted graph are counted ("int8 end to end" = none).
 
-    python benchmarks/run.py                  # every model, 224x224, ~15-20 min on 2 cores
+    python benchmarks/run.py                  # every model, 224x224: 20 min on 2 cores, more if shared
     python benchmarks/run.py --quick          # 3 models, 112x112, batch 1, 3 rounds
     python benchmarks/run.py --models mobilenet_v2 --paths fp32,fxq.native,ort.quantize
 
