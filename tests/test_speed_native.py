@@ -460,3 +460,21 @@ def test_engine_choice_forced_packs_for_onednn_under_x86():
     torch.backends.quantized.engine = "x86"
     with torch.no_grad():
         _within_one_step(forced(x), own(x), float(forced.get_submodule("pw2").scale))
+
+
+def test_engine_choice_never_packs_conv3d_for_qnnpack():
+    """qnnpack cannot unpack a Conv3d's weights: a choice of qnnpack (faster on a loaded
+    machine) broke state_dict and TorchScript save (test_serialization's conv3d case)."""
+    if not {"x86", "qnnpack"} <= set(supported_engines()):
+        pytest.skip("needs the x86 and qnnpack engines")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 4, 6, 6, 6)
+    torch.backends.quantized.engine = "x86"
+    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (x,),
+                                  backend="x86")
+    prepared(x)
+    with engine_choice.options(force="qnnpack", repeats=1, min_kernel_ms=0.0):
+        quantized = fxquant.convert_fx(prepared)
+    assert quantized.get_submodule("0").packed_engine != "qnnpack"
+    quantized.load_state_dict(quantized.state_dict())  # unpacks every weight

@@ -210,6 +210,8 @@ def _measure(ctx: LowerCtx, own: nn.Module, build: Build, specs: Any,
     want = _reference_ints(ctx, x)
     mods: dict[str, nn.Module] = {engine: own}
     for cand in opts.candidates:
+        if cand == "qnnpack" and x.dim() == 5:
+            continue  # a qnnpack-packed Conv3d cannot be unpacked: state_dict / save fail
         if cand != engine and cand in supported_engines():
             mod = _try_build(build, cand)
             if mod is not None:
