@@ -24,6 +24,7 @@ from fxquant.compile import compile, register_engine  # noqa: A004
 from fxquant.bias_correction import bias_correction
 from fxquant.budget import quantize_with_budget
 from fxquant.freeze import freeze
+from fxquant import extend  # public extension API (docs/extending.md)
 from fxquant.backends.onnx import export_onnx  # onnx itself is imported lazily
 import fxquant.backends.integer  # noqa: E402,F401 - registers the fxquant:: q/dq ops (torch.export.load)
 
@@ -49,4 +50,5 @@ __all__ += ["bias_correction", "quantize_with_budget"]
 __all__ += ["export_onnx"]
 # Frozen TorchScript of a converted model (no Python dispatch): fxquant.freeze(qmodel, example_inputs).
 __all__ += ["freeze"]
+__all__ += ["extend"]
 __version__ = "0.1.0"
