@@ -20,6 +20,7 @@ from fxquant.errors import FxQuantError
 from fxquant.fusion import GroupFusion, ModuleFusion, default_group_fusions, default_module_fusions
 from fxquant.patterns import Chain, Match, NoMatch, Op
 from fxquant.pipeline import Pass, PassContext, PassResult
+from fxquant.passes import convert_pipeline, prepare_pipeline
 
 __all__ = [
     "Backend", "Rule", "LowerCtx", "Op", "Chain", "Match", "NoMatch", "ModuleFusion",
@@ -27,7 +28,7 @@ __all__ = [
     "register_backend", "unregister_backend", "get_backend", "registered_backends",
     "compose_backend", "default_module_fusions", "default_group_fusions", "with_fusions",
     "insert_before", "insert_after", "keep_float", "explain_match", "MatchExplanation",
-    "Pass", "PassContext", "PassResult",
+    "Pass", "PassContext", "PassResult", "prepare_pipeline", "convert_pipeline",
 ]
 
 
