@@ -28,7 +28,7 @@ __all__ = [
     "register_backend", "unregister_backend", "get_backend", "registered_backends",
     "compose_backend", "default_module_fusions", "default_group_fusions", "with_fusions",
     "insert_before", "insert_after", "keep_float", "explain_match", "MatchExplanation",
-    "Pass", "PassContext", "PassResult", "prepare_pipeline", "convert_pipeline",
+    "input_qparams", "Pass", "PassContext", "PassResult", "prepare_pipeline", "convert_pipeline",
 ]
 
 
@@ -142,3 +142,16 @@ def _explain_one(node: fx.Node, pattern: Explainable, modules: Mapping[str, nn.M
         return MatchExplanation(node.name, True, "")
     reason = result.reason if isinstance(result, NoMatch) else "declined (no reason given)"
     return MatchExplanation(node.name, False, reason)
+
+
+def input_qparams(ctx: LowerCtx, key: Any = 0) -> Optional[tuple[float, int, Any]]:
+    """(scale, zero_point, dtype) of the quantized tensor feeding input ``key`` of a lowering,
+    or None when only a kernel knows them at run time (a lowering should then decline)."""
+    from fxquant.backends.reference_ops import is_quantize, quantize_qparams
+    from fxquant.meta import qinfo
+
+    node = ctx.qinputs[key]
+    if is_quantize(node):
+        return quantize_qparams(node)
+    known = qinfo(node).qparams
+    return (known["scale"], known["zero_point"], known["dtype"]) if known else None
