@@ -16,6 +16,8 @@ import torch.nn as nn
 from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY,
                                    WEIGHTED, Backend, LowerCtx, Rule, get_backend,
                                    register_backend, registered_backends, unregister_backend)
+from fxquant.backends.native import lower_same_op, lower_weighted
+from fxquant.backends.reference_ops import is_dequantize, is_quantize
 from fxquant.errors import FxQuantError
 from fxquant.fusion import GroupFusion, ModuleFusion, default_group_fusions, default_module_fusions
 from fxquant.patterns import Chain, Match, NoMatch, Op
@@ -28,7 +30,7 @@ __all__ = [
     "register_backend", "unregister_backend", "get_backend", "registered_backends",
     "compose_backend", "default_module_fusions", "default_group_fusions", "with_fusions",
     "insert_before", "insert_after", "keep_float", "explain_match", "MatchExplanation",
-    "input_qparams", "Pass", "PassContext", "PassResult", "prepare_pipeline", "convert_pipeline",
+    "input_qparams", "lower_weighted", "lower_same_op", "is_dequantize", "is_quantize", "Pass", "PassContext", "PassResult", "prepare_pipeline", "convert_pipeline",
 ]
 
 
