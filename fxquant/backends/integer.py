@@ -18,8 +18,8 @@ dequantize -> float op -> quantize) by respelling each piece without quantized d
   quantization has no plain-torch spelling that export and Inductor would keep fused.
 
 Why own ops rather than ``torch.ops.quantized_decomposed``: torch registers that namespace only
-when ``torch.ao.quantization.fx._decomposed`` (or Inductor) is imported, and library code may
-not import torch.ao. The ``fxquant::`` ops have the same schemas as ``quantized_decomposed``'s
+when the deprecated ao quantization package's ``fx._decomposed`` module (or Inductor) is
+imported, and library code may not import that package. The ``fxquant::`` ops have the same schemas as ``quantized_decomposed``'s
 ``.tensor`` overloads and torch's own quantize math (``round_half_even(x * (1/scale) +
 zero_point)``, clamped: bit-identical to ``torch.quantize_per_tensor``), with CompositeExplicitAutograd kernels in plain torch integer/float math and fake
 (meta) kernels, so they run eagerly on any torch build, trace, ``torch.export`` and compile;
