@@ -354,42 +354,25 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
-class EncoderLayer(nn.Module):
-    def __init__(self, d: int, heads: int, ff: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.out = nn.Linear(d, d)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.ff1, self.ff2 = nn.Linear(d, ff), nn.Linear(ff, d)
+def _example_encoder() -> type:
+    """The transformer encoder of examples/dynamic_transformer.py (embedding -> 4 post-norm
+    encoder layers, d=256, 4 heads, ff 1024 -> mean -> Linear): one definition for both."""
+    import importlib.util
+    import os
+    import sys
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        attn = F.scaled_dot_product_attention(self._split(self.q(x)), self._split(self.k(x)),
-                                              self._split(self.v(x)))
-        x = self.norm1(x + self.out(attn.transpose(1, 2).reshape(b, t, d)))
-        return self.norm2(x + self.ff2(F.relu(self.ff1(x))))
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
+                        "dynamic_transformer.py")
+    name = "fxquant_example_dynamic_transformer"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].Encoder
 
 
-class TransformerEncoder(nn.Module):
-    """Embedding → 4 post-norm encoder layers (d=256, 4 heads, ff 1024) → mean → Linear."""
-
-    def __init__(self, vocab: int = 1000, d: int = 256, heads: int = 4, ff: int = 1024,
-                 layers: int = 4, classes: int = 5) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(EncoderLayer(d, heads, ff) for _ in range(layers))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x.mean(1))
+TransformerEncoder = _example_encoder()
 
 
 # ------------------------------------------------------------------------------- the registry
