@@ -23,6 +23,7 @@ from torch import nn
 
 import fxquant
 from fxquant.attention import attention_float_nodes
+from fxquant.backends.cpu import full_range_activations_safe
 from fxquant.meta import qinfo
 from tests.util import op_counts
 
@@ -166,7 +167,11 @@ def test_default_beats_quantizing_the_mask_path(encoder, default_quantized) -> N
         ref = encoder(ids, mask)
         ours = cosine_on_tokens(ref, default_quantized(ids, mask), mask)
         theirs = cosine_on_tokens(ref, explicit(ids, mask), mask)
-    assert ours >= theirs + 0.05, (ours, theirs)
+    # the default has at most a quarter of the explicit mapping's error (1 - cosine) on every
+    # CPU; with 7-bit activations (CPUs without VNNI) the explicit one also loses >= 0.05 outright
+    assert 1 - ours <= (1 - theirs) / 4, (ours, theirs)
+    if not full_range_activations_safe("x86"):
+        assert ours >= theirs + 0.05, (ours, theirs)
 
 
 def test_module_name_rule_wins() -> None:

@@ -226,14 +226,22 @@ def test_export_carries_fxquant_qparams(cnn: tuple[nn.Module, torch.Tensor], tmp
                                       w.q_per_channel_scales().float().numpy())
 
 
-def test_relu6_is_a_clip_on_the_conv_output(cnn: tuple[nn.Module, torch.Tensor], tmp_path
-                                            ) -> None:
+@pytest.mark.parametrize("reduce_range", [True, False], ids=["7bit", "8bit"])
+def test_relu6_is_a_clip_on_the_conv_output(reduce_range: bool, tmp_path) -> None:
+    """ReLU6 after a conv, exported: with 7-bit activations (reduce_range headroom) the conv's
+    uint8 output is clipped by a Clip at [zp, zp + 6/scale]; with 8-bit ones the bound is in
+    the output qparams (the QuantizeLinear saturates at or below 6) and no bounded Clip is
+    needed. Both ranges are pinned, so both are checked on every CPU."""
     onnx = pytest.importorskip("onnx")
-    qmodel, example = cnn
-    # natively the int8 output of conv2 is clipped: a relu6 node on it, or the clamping conv
+    qmodel, example = _convert(SmallCNN(), (2, 3, 16, 16),
+                               fxquant.get_default_qconfig_mapping("x86", reduce_range=reduce_range))
+    # natively the int8 output of conv2 is clipped: a relu6 node on it, the clamping conv, or
+    # (8-bit) a fused ReLU whose output range ends at 6
     clamps = [n for n in qmodel.graph.nodes if n.op == "call_module" and n.target == "relu6"]
+    top = qmodel.conv2.scale * (255 - qmodel.conv2.zero_point)
     assert getattr(qmodel.conv2, "clamp_max", None) == 6.0 or (
-        clamps and clamps[0].args[0].target == "conv2"), qmodel.code
+        clamps and clamps[0].args[0].target == "conv2") or (
+        not reduce_range and top <= 6.0 + qmodel.conv2.scale / 2), qmodel.code
     model = fxquant.export_onnx(qmodel, tmp_path / "cnn.onnx", (example,))
     inits, producer = _graph_index(model)
     clips = [n for n in model.graph.node if n.op_type == "Clip"]
@@ -244,6 +252,9 @@ def test_relu6_is_a_clip_on_the_conv_output(cnn: tuple[nn.Module, torch.Tensor],
         assert q.op_type == "QuantizeLinear" and producer[q.input[0]].op_type == "Conv"
         assert int(inits[relu.input[1]]) == int(inits[q.input[2]]) > 0
     bounded = [n for n in clips if len(n.input) > 2 and n.input[2]]
+    if not reduce_range:
+        assert bounded == []
+        return
     assert len(bounded) == 1
     clip = bounded[0]
     q = producer[clip.input[0]]

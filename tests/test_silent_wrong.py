@@ -231,7 +231,11 @@ def test_read_before_the_write_keeps_the_old_values():
     x = calibration_batches(SHAPE, n=1, seed=7)[0]
     unwritten = model.conv2(model.conv(x))
     assert sqnr(unwritten, got[0]) > FLOOR_DB  # conv2 read z before the ReLU
-    assert float((got[1][:, :2] - 1).min()) >= 0  # z + 1 read it after
+    # z + 1 read it after: not below 1 by more than half the output's step (1.0 itself need
+    # not be on the output's integer grid)
+    grid = got[1].unique()
+    half_step = float((grid[1:] - grid[:-1]).min()) / 2
+    assert float((got[1][:, :2] - 1).min()) >= -half_step * 1.001
 
 
 def test_view_of_a_quantized_conv_runs_float_after_a_float_region():
