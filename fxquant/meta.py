@@ -8,25 +8,17 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.fx as fx
 
+from fxquant.records import Action, Decision, QKind, Role
+
+__all__ = ["META_KEY", "Decision", "QSpec", "SharedSpec", "OutputSpec", "ValueInfo", "QNodeInfo",
+           "qinfo", "qinfo_or_none", "record", "inherit", "source_line", "module_path_of"]
+
 META_KEY = "fxquant"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One thing a pass decided about a node, and why."""
-
-    pass_name: str
-    action: str  # e.g. "fuse", "assign_qconfig", "quantize", "keep_float", "share_qparams", "lower"
-    reason: str
-    detail: Mapping[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return f"[{self.pass_name}] {self.action}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -81,7 +73,7 @@ class QNodeInfo:
     """Everything fxquant knows and decided about one node."""
 
     module_path: str = ""
-    role: str = "op"  # "op" | "input" | "output" | "observer" | "quantize" | "dequantize" | "attr"
+    role: Role = Role.OP
     original: Any = None  # the op as the user wrote it: a module class, function or method name
     source: Optional[str] = None  # "model.py:42 in forward: x = self.conv(x)"
     debug_handle: Optional[int] = None
@@ -96,12 +88,17 @@ class QNodeInfo:
     weight_spec: Optional[QSpec] = None
     output_spec: OutputSpec = None
     rule: Optional[str] = None  # name of the backend rule that will lower this node
-    qkind: Optional[str] = None  # "static" | "dynamic" | "weight_only": how it is quantized
+    qkind: Optional[QKind] = None  # how it is quantized
     qparams: Optional[dict[str, Any]] = None  # filled by convert: scale, zero_point, dtype
     kernel: Optional[str] = None  # filled by lower_to_backend: the kernel that runs it
     decisions: list[Decision] = field(default_factory=list)
 
-    def last(self, action: Optional[str] = None) -> Optional[Decision]:
+    def __post_init__(self) -> None:
+        # records read back from a file (or built by hand) hold the words as plain text
+        self.role = Role.coerce(self.role)
+        self.qkind = QKind.coerce(self.qkind)
+
+    def last(self, action: Optional[Union[Action, str]] = None) -> Optional[Decision]:
         for d in reversed(self.decisions):
             if action is None or d.action == action:
                 return d
@@ -128,14 +125,15 @@ def qinfo(node: fx.Node) -> QNodeInfo:
     return info
 
 
-def record(node: fx.Node, pass_name: str, action: str, reason: str, **detail: Any) -> Decision:
+def record(node: fx.Node, pass_name: str, action: Union[Action, str], reason: str,
+           **detail: Any) -> Decision:
     """Append a decision to the node's record and return it."""
     d = Decision(pass_name, action, reason, dict(detail))
     qinfo(node).decisions.append(d)
     return d
 
 
-def inherit(new: fx.Node, old: fx.Node, pass_name: str = "", action: str = "",
+def inherit(new: fx.Node, old: fx.Node, pass_name: str = "", action: Union[Action, str] = "",
             reason: str = "") -> QNodeInfo:
     """Give ``new`` a copy of ``old``'s record (module path, source, decisions ...)."""
     info = qinfo(old).copy()

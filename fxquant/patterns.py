@@ -6,7 +6,8 @@ the next through its first argument and interior nodes have no other users:
 
     Chain(Op(nn.Conv2d), Op(nn.BatchNorm2d), Op(F.relu))
 
-A non-match is a falsy :class:`NoMatch` that says why, so a declined fusion is explainable.
+A non-match is a falsy :class:`NoMatch`: its ``kind`` (:class:`~fxquant.records.MatchFailure`)
+is what code decides on, its ``reason`` what a person reads, so a declined fusion is explainable.
 """
 from __future__ import annotations
 
@@ -16,10 +17,26 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch.fx as fx
 import torch.nn as nn
 
+from fxquant.records import MatchFailure
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class NoMatch:
+    """Why a pattern or rule did not match. ``NoMatch(kind, reason, node=...)``; a rule's check
+    or lowering may write ``NoMatch(reason)`` alone, which is :attr:`MatchFailure.DECLINED`.
+    ``node``: the name of the node where matching stopped ("" when not one node)."""
+
+    kind: MatchFailure
     reason: str
+    node: str = ""
+
+    def __init__(self, kind: Union[MatchFailure, str], reason: Optional[str] = None,
+                 node: str = "") -> None:
+        if reason is None:
+            kind, reason = MatchFailure.DECLINED, str(kind)
+        object.__setattr__(self, "kind", MatchFailure(kind))
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "node", node)
 
     def __bool__(self) -> bool:
         return False
@@ -61,9 +78,11 @@ class Op:
 
     def matches(self, node: fx.Node, modules: Mapping[str, nn.Module]) -> Union[bool, NoMatch]:
         if not op_is(node, self.targets, modules):
-            return NoMatch(f"{node.name} is not {self.describe()}")
+            return NoMatch(MatchFailure.NOT_THIS_OP, f"{node.name} is not {self.describe()}",
+                           node.name)
         if self.check is not None and not self.check(node, modules):
-            return NoMatch(f"{node.name} fails the check of {self.describe()}")
+            return NoMatch(MatchFailure.CHECK_FAILED,
+                           f"{node.name} fails the check of {self.describe()}", node.name)
         return True
 
     def describe(self) -> str:
@@ -119,13 +138,15 @@ class Chain:
         node: Any = root
         for i, op in enumerate(reversed(self.ops)):
             if not isinstance(node, fx.Node):
-                return NoMatch(f"input of {nodes[-1].name} is not a node")
+                return NoMatch(MatchFailure.NOT_A_NODE, f"input of {nodes[-1].name} is not a node",
+                               nodes[-1].name)
             ok = op.matches(node, modules)
             if not ok:
-                return ok if isinstance(ok, NoMatch) else NoMatch(f"{node.name} does not match")
+                return ok if isinstance(ok, NoMatch) else NoMatch(
+                    MatchFailure.CHECK_FAILED, f"{node.name} does not match", node.name)
             if i > 0 and len(node.users) != 1:
-                return NoMatch(f"{node.name} has {len(node.users)} users; fusing it would change "
-                               f"what they see")
+                return NoMatch(MatchFailure.MULTIPLE_USERS, f"{node.name} has {len(node.users)} "
+                               f"users; fusing it would change what they see", node.name)
             nodes.append(node)
             node = node.args[0] if node.args else None
         ordered = tuple(reversed(nodes))
@@ -150,7 +171,8 @@ def find_matches(graph: fx.Graph, patterns: Sequence[Chain], modules: Mapping[st
         for pat in ordered:
             m = pat.match(node, modules)
             if not m:
-                if declined is not None and isinstance(m, NoMatch) and " users;" in m.reason:
+                if declined is not None and isinstance(m, NoMatch) \
+                        and m.kind is MatchFailure.MULTIPLE_USERS:
                     declined(node, pat, m)
                 continue
             if set(m.nodes) & taken or (accept is not None and not accept(pat, m)):

@@ -174,14 +174,14 @@ def _check_calibrated(obs: torch.nn.Module, node: fx.Node) -> None:
 
 
 def _convert_weighted(gm: fx.GraphModule, node: fx.Node) -> str:
-    from fxquant.passes.fuse import _set_submodule
+    from fxquant.graph_edit import set_submodule
 
     info = qinfo(node)
     module = gm.get_submodule(str(node.target))
     if not has_reference(module):
         return "weight_not_quantized"
     ref, wq = to_reference(module, info.weight_spec.observer)
-    _set_submodule(gm, str(node.target), ref)
+    set_submodule(gm, str(node.target), ref)
     scheme = str(wq.qscheme).replace("torch.", "")
     record(node, Convert.name, "quantize_weight",
            f"weight {str(wq.dtype).replace('torch.', '')} {scheme} "

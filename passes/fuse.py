@@ -16,8 +16,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxquant.fusion import GroupFusion, ModuleFusion, default_group_fusions, default_module_fusions
+from fxquant.graph_edit import del_submodule, set_submodule
 from fxquant.meta import inherit, qinfo, record
-from fxquant.patterns import find_matches
+from fxquant.patterns import Chain, NoMatch, find_matches
+from fxquant.records import Action
 from fxquant.pipeline import PassContext, PassResult
 
 _group_ids = itertools.count(1)
@@ -33,7 +35,7 @@ class Fuse:
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats: Counter[str] = Counter()
-        training = bool(ctx.get("is_qat", gm.training))
+        training = gm.training if ctx.options.is_qat is None else ctx.options.is_qat
         modules = dict(gm.named_modules())
         by_pattern = {f.pattern: f for f in self.module_fusions}
         built: dict[int, nn.Module] = {}
@@ -64,16 +66,19 @@ def _module_call_count(graph: fx.Graph, target: str) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_module" and n.target == target)
 
 
-def _record_declined(root: fx.Node, pattern, no: "NoMatch") -> None:
-    """Record, on the first node of the would-be chain, why it was not fused."""
+def _record_declined(root: fx.Node, pattern: Chain, no: NoMatch) -> None:
+    """Record, on the first node of the would-be chain, why it was not fused (once per
+    pattern, kind of failure and node where it failed, however many roots lead there)."""
     node = root
     for _ in range(len(pattern.ops) - 1):
         if not (node.args and isinstance(node.args[0], fx.Node)):
             return
         node = node.args[0]
-    reason = f"not fused as {pattern.name}: {no.reason}"
-    if not any(d.reason == reason for d in qinfo(node).decisions):
-        record(node, Fuse.name, "not_fused", reason)
+    why = {"pattern": pattern.name, "failure": no.kind, "at": no.node}
+    if not any(d.action == Action.NOT_FUSED and all(d.detail.get(k) == v for k, v in why.items())
+               for d in qinfo(node).decisions):
+        record(node, Fuse.name, Action.NOT_FUSED, f"not fused as {pattern.name}: {no.reason}",
+               **why)
 
 
 def _build(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...],
@@ -83,8 +88,8 @@ def _build(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...],
     mods = [modules[n.target] for n in nodes if n.op == "call_module"]
     calls = [_module_call_count(gm.graph, n.target) for n in nodes if n.op == "call_module"]
     if any(c != 1 for c in calls):
-        record(first, Fuse.name, "not_fused", f"{fusion.description}: a module of the chain is "
-               f"called more than once, so it cannot be replaced by a fused module")
+        record(first, Fuse.name, Action.NOT_FUSED, f"{fusion.description}: a module of the "
+               f"chain is called more than once, so it cannot be replaced by a fused module")
         return None
     try:
         if fusion.clamp_root:
@@ -94,10 +99,10 @@ def _build(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...],
         else:
             fused = fusion.build(mods, training)
     except (ValueError, TypeError) as e:
-        record(first, Fuse.name, "not_fused", f"{fusion.description}: {e}")
+        record(first, Fuse.name, Action.NOT_FUSED, f"{fusion.description}: {e}")
         return None
     if fused is None:
-        record(first, Fuse.name, "not_fused", f"{fusion.description}: no fused module in "
+        record(first, Fuse.name, Action.NOT_FUSED, f"{fusion.description}: no fused module in "
                f"{'training' if training else 'eval'} mode")
     return fused
 
@@ -107,8 +112,8 @@ def _replace(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...
     first = nodes[0]
     for n in nodes[1:]:
         if n.op == "call_module":
-            _del_submodule(gm, str(n.target))  # lives on inside the fused module only
-    _set_submodule(gm, first.target, fused)
+            del_submodule(gm, str(n.target))  # lives on inside the fused module only
+    set_submodule(gm, first.target, fused)
     root = nodes[-1]
     with gm.graph.inserting_before(root):
         new = gm.graph.call_module(first.target, (first.args[0],) + tuple(first.args[1:]),
@@ -119,18 +124,11 @@ def _replace(gm: fx.GraphModule, fusion: ModuleFusion, nodes: tuple[fx.Node, ...
     folded = " (BatchNorm folded into the weights)" if (
         "BatchNorm" in fusion.description and not training
         and not fusion.description.startswith("BatchNorm")) else ""
-    record(new, Fuse.name, "fuse", f"{fusion.description} → {type(fused).__name__}{folded}",
+    record(new, Fuse.name, Action.FUSE, f"{fusion.description} → {type(fused).__name__}{folded}",
            pattern=fusion.pattern.name, members=info.fused_from)
     root.replace_all_uses_with(new)
     for n in reversed(nodes):
         gm.graph.erase_node(n)
-
-
-def _del_submodule(gm: fx.GraphModule, path: str) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    if hasattr(parent, attr):
-        delattr(parent, attr)
 
 
 def _describe(node: fx.Node) -> str:
@@ -140,20 +138,15 @@ def _describe(node: fx.Node) -> str:
     return f"{info.module_path + ':' if info.module_path else ''}{node.name}"
 
 
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = gm.get_submodule(parent_path) if parent_path else gm
-    setattr(parent, attr, module)
-
-
 def _mark_group(fusion: GroupFusion, nodes: tuple[fx.Node, ...]) -> None:
     gid = next(_group_ids)
     for i, n in enumerate(nodes):
         info = qinfo(n)
         info.group = gid
         info.group_root = i == len(nodes) - 1
-    record(nodes[-1], Fuse.name, "fuse", f"{fusion.description} run as one kernel ({fusion.kernel})",
+    record(nodes[-1], Fuse.name, Action.FUSE,
+           f"{fusion.description} run as one kernel ({fusion.kernel})",
            pattern=fusion.pattern.name, kernel=fusion.kernel)
     for n in nodes[:-1]:
-        record(n, Fuse.name, "fuse", f"part of {fusion.description}; its output stays inside the "
-               f"fused kernel and is not quantized", pattern=fusion.pattern.name)
+        record(n, Fuse.name, Action.FUSE, f"part of {fusion.description}; its output stays "
+               f"inside the fused kernel and is not quantized", pattern=fusion.pattern.name)

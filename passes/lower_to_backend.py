@@ -245,7 +245,7 @@ def _inserted(anchor: fx.Node, end: fx.Node) -> tuple[fx.Node, ...]:
 def _undo(gm: fx.GraphModule, lctx: LowerCtx, anchor: fx.Node, q_out: fx.Node,
           buffers: set[str]) -> None:
     """Take a refused kernel out again: its nodes, the modules it swapped in, its buffers."""
-    from fxquant.passes.fuse import _set_submodule
+    from fxquant.graph_edit import set_submodule
 
     inserted = _inserted(anchor, q_out)
     targets = {n.target for n in inserted if n.op == "call_module"}
@@ -256,7 +256,7 @@ def _undo(gm: fx.GraphModule, lctx: LowerCtx, anchor: fx.Node, q_out: fx.Node,
     for target in targets:
         old = lctx.modules.get(target)
         if old is not None and gm.get_submodule(target) is not old:
-            _set_submodule(gm, target, old)
+            set_submodule(gm, target, old)
     for name in set(gm._buffers) - buffers:
         del gm._buffers[name]
 

@@ -71,7 +71,7 @@ class SwapQATModules:
 
 
 def _swap(gm: fx.GraphModule, node: fx.Node, swapped: dict[str, str]) -> str:
-    from fxquant.passes.fuse import _set_submodule
+    from fxquant.graph_edit import set_submodule
 
     info = qinfo(node)
     target = str(node.target)
@@ -95,7 +95,7 @@ def _swap(gm: fx.GraphModule, node: fx.Node, swapped: dict[str, str]) -> str:
                f"quantization; the weight is quantized at convert as in PTQ")
         return "not_swapped"
     qat = qat_cls.from_float(module, info.qconfig)  # type: ignore[attr-defined]
-    _set_submodule(gm, target, qat)
+    set_submodule(gm, target, qat)
     swapped[target] = qat_cls.__name__
     fq = qat.weight_fake_quant
     folded = " with simulated BatchNorm folding" if hasattr(qat, "bn") else ""

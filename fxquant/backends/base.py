@@ -80,9 +80,9 @@ class LowerCtx:
         return node
 
     def set_module(self, new: nn.Module) -> None:
-        from fxquant.passes.fuse import _set_submodule
+        from fxquant.graph_edit import set_submodule
 
-        _set_submodule(self.gm, self.node.target, new)
+        set_submodule(self.gm, self.node.target, new)
 
 
 def _sample_quantized(node: fx.Node) -> Optional[torch.Tensor]:
