@@ -22,6 +22,7 @@ from fxquant.errors import FxQuantError
 from fxquant.fusion import GroupFusion, ModuleFusion, default_group_fusions, default_module_fusions
 from fxquant.patterns import Chain, Match, NoMatch, Op
 from fxquant.pipeline import Pass, PassContext, PassResult
+from fxquant.records import MatchFailure
 from fxquant.passes import convert_pipeline, prepare_pipeline
 
 __all__ = [
@@ -91,11 +92,13 @@ def keep_float(mapping: Any, *what: Union[str, type, Any]) -> Any:
 
 @dataclass(frozen=True)
 class MatchExplanation:
-    """Whether a pattern / rule matched one candidate node, and why not."""
+    """Whether a pattern / rule matched one candidate node, and why not (``kind``: the
+    :class:`~fxquant.records.MatchFailure`, None when it matched)."""
 
     node: str
     matched: bool
     reason: str
+    kind: Optional[MatchFailure] = None
 
     def __str__(self) -> str:
         return f"{self.node}: {'matches' if self.matched else 'no match: ' + self.reason}"
@@ -133,8 +136,13 @@ def _explain_one(node: fx.Node, pattern: Explainable, modules: Mapping[str, nn.M
         result = pattern.accepts(node, modules, qconfig)
     elif isinstance(pattern, Backend):
         rule, declined = pattern.rule_for(node, modules, qconfig)
-        result = True if rule is not None else NoMatch(
-            declined or f"no rule of {pattern.name} is for {node.name}")
+        if rule is not None:
+            result = True
+        elif declined:
+            result = NoMatch(MatchFailure.DECLINED, declined, node.name)
+        else:
+            result = NoMatch(MatchFailure.NO_RULE, f"no rule of {pattern.name} is for {node.name}",
+                             node.name)
     elif isinstance(pattern, Op):
         result = pattern.matches(node, modules)
     else:
@@ -142,8 +150,9 @@ def _explain_one(node: fx.Node, pattern: Explainable, modules: Mapping[str, nn.M
                            hint="pass an Op, Chain, Rule, ModuleFusion, GroupFusion or Backend")
     if result:
         return MatchExplanation(node.name, True, "")
-    reason = result.reason if isinstance(result, NoMatch) else "declined (no reason given)"
-    return MatchExplanation(node.name, False, reason)
+    if isinstance(result, NoMatch):
+        return MatchExplanation(node.name, False, result.reason, result.kind)
+    return MatchExplanation(node.name, False, "declined (no reason given)", MatchFailure.DECLINED)
 
 
 def input_qparams(ctx: LowerCtx, key: Any = 0) -> Optional[tuple[float, int, Any]]:

@@ -18,13 +18,15 @@ import torch.fx as fx
 
 from fxquant.meta import Decision, QNodeInfo, QSpec, SharedSpec, ValueInfo
 from fxquant.patterns import target_name
-from fxquant.report import graph_stage, info_of, op_label, status_of, tensor_out
+from fxquant.status import graph_stage, info_of, op_label, status_of, tensor_out
 
 
 def _plain(x: Any) -> Any:
-    """A JSON-able rendering of a value from a record."""
-    if x is None or isinstance(x, (bool, int, float, str)):
+    """A JSON-able rendering of a value from a record (enum words as plain str)."""
+    if x is None or isinstance(x, (bool, int, float)):
         return x
+    if isinstance(x, str):
+        return str(x)
     if isinstance(x, (torch.dtype, torch.qscheme)):
         return str(x).replace("torch.", "")
     if isinstance(x, torch.Tensor):
@@ -58,7 +60,7 @@ def _value(value: Optional[ValueInfo]) -> Optional[dict[str, Any]]:
 
 
 def _decision(d: Decision) -> dict[str, Any]:
-    return {"pass": d.pass_name, "action": d.action, "reason": d.reason,
+    return {"pass": d.pass_name, "action": str(d.action), "reason": d.reason,
             "detail": _plain(dict(d.detail))}
 
 
@@ -89,14 +91,14 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     :func:`record_dict`). Edge attributes: ``dtype``, ``scale``, ``zero_point`` (quantized
     edges) and ``slots`` (which arguments of the user read it). Graph attribute ``stage``."""
     stage = graph_stage(gm)
-    g = nx.DiGraph(name=type(gm).__name__, stage=stage)
+    g = nx.DiGraph(name=type(gm).__name__, stage=str(stage))
     for node in gm.graph.nodes:
         info = info_of(node)
         g.add_node(node.name, op=node.op, target=target_name(node.target)
                    if node.op == "call_function" else str(node.target),
                    label=op_label(gm, node),
-                   status=status_of(info, stage) if node.op.startswith("call_") else node.op,
-                   module_path=info.module_path, role=info.role,
+                   status=str(status_of(info, stage)) if node.op.startswith("call_") else node.op,
+                   module_path=info.module_path, role=str(info.role),
                    debug_handle=info.debug_handle, kernel=info.kernel,
                    record=record_dict(info))
     for node in gm.graph.nodes:

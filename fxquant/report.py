@@ -20,38 +20,27 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant.meta import QNodeInfo, qinfo_or_none
-from fxquant.patterns import target_name
+from fxquant.records import STATUS_COLORS, STATUS_DESCRIPTIONS, STATUSES, Role, Stage, Status
+from fxquant.status import (TensorOut, graph_stage, info_of, op_label, reason_of, status_of,
+                            tensor_out)
 
-# What a node ended up as, for the report and the visualizer.
-INT8 = "int8"
-DYNAMIC = "dynamic"
-WEIGHT_ONLY = "weight_only"
-FLOAT = "float"
-REFERENCE = "reference"
-OBSERVER = "observer"
-QUANTIZE = "quantize"
-DEQUANTIZE = "dequantize"
-PLANNED = "to_quantize"  # prepared model: annotated for quantization, not converted yet
+__all__ = ["Report", "ReportRow", "TensorOut", "build", "rows", "summary", "text_report",
+           "graph_stage", "status_of", "tensor_out", "info_of", "op_label", "reason_of",
+           "macs_of", "core_module", "inline_svg", "STATUSES", "STATUS_COLORS",
+           "STATUS_DESCRIPTIONS", "INT8", "DYNAMIC", "WEIGHT_ONLY", "PLANNED", "FLOAT",
+           "REFERENCE", "OBSERVER", "QUANTIZE", "DEQUANTIZE"]
 
-STATUSES = (INT8, DYNAMIC, WEIGHT_ONLY, PLANNED, REFERENCE, FLOAT, OBSERVER, QUANTIZE,
-            DEQUANTIZE)
-STATUS_COLORS = {
-    INT8: "#57bb8a", DYNAMIC: "#6fa8dc", WEIGHT_ONLY: "#b4a7d6", PLANNED: "#b6d7a8",
-    REFERENCE: "#a2c4c9", FLOAT: "#f6b26b", OBSERVER: "#cccccc", QUANTIZE: "#ffe599",
-    DEQUANTIZE: "#fff2cc",
-}
-STATUS_DESCRIPTIONS = {
-    INT8: "int8 kernel", DYNAMIC: "dynamic int8 (activations quantized at run time)",
-    WEIGHT_ONLY: "weight-only quantized", PLANNED: "to be quantized (prepared)",
-    REFERENCE: "reference op (float between dequantize/quantize)", FLOAT: "kept float",
-    OBSERVER: "observer / fake-quant", QUANTIZE: "quantize", DEQUANTIZE: "dequantize",
-}
+# What a node ended up as (:class:`fxquant.records.Status`), under the names this module has
+# always exported.
+INT8, DYNAMIC, WEIGHT_ONLY = Status.INT8, Status.DYNAMIC, Status.WEIGHT_ONLY
+PLANNED, FLOAT, REFERENCE = Status.PLANNED, Status.FLOAT, Status.REFERENCE
+OBSERVER, QUANTIZE, DEQUANTIZE = Status.OBSERVER, Status.QUANTIZE, Status.DEQUANTIZE
+
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _CONVT_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -77,120 +66,6 @@ class ReportRow:
     max_abs_err: Optional[float] = None
 
 
-@dataclass(frozen=True)
-class TensorOut:
-    """What flows out of a node: dtype name, and scale / zero_point when quantized."""
-
-    dtype: str
-    scale: Optional[float] = None
-    zero_point: Optional[int] = None
-    shape: Optional[tuple[int, ...]] = None
-
-    def label(self) -> str:
-        if self.scale is None:
-            return self.dtype
-        return f"{self.dtype} s={self.scale:.4g} zp={self.zero_point}"
-
-
-# ---------------------------------------------------------------------------------- reading
-def info_of(node: fx.Node) -> QNodeInfo:
-    """The node's record, or an empty one (never stored: the report only reads)."""
-    return qinfo_or_none(node) or QNodeInfo()
-
-
-def graph_stage(gm: fx.GraphModule) -> str:
-    """"prepared" (observers, or annotations only), "reference" (q/dq around float ops),
-    "converted" (backend kernels) or "float" (traced/fused, nothing to quantize)."""
-    roles, kernel, rule = set(), False, False
-    for node in gm.graph.nodes:
-        info = qinfo_or_none(node)
-        if info is None:
-            continue
-        roles.add(info.role)
-        kernel |= bool(info.kernel)
-        rule |= info.rule is not None
-    if "observer" in roles:
-        return "prepared"
-    if kernel:
-        return "converted"
-    if roles & {"quantize", "dequantize"}:
-        return "reference"
-    return "prepared" if rule else "float"
-
-
-def op_label(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        try:
-            return type(gm.get_submodule(str(node.target))).__name__
-        except AttributeError:
-            return str(node.target)
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "call_function":
-        return target_name(node.target)
-    return node.op
-
-
-def _kind(info: QNodeInfo, actions: set[str]) -> Optional[str]:
-    kind = getattr(info, "qkind", None)
-    if kind in (DYNAMIC, WEIGHT_ONLY):
-        return kind
-    for k in (DYNAMIC, WEIGHT_ONLY):
-        if k in actions:
-            return k
-    return None
-
-
-def status_of(info: QNodeInfo, stage: Optional[str] = None) -> str:
-    """Classify a node from its record. ``stage`` (:func:`graph_stage`) tells a reference op
-    of a converted graph from an op a prepared graph will quantize; without it the last
-    decision decides."""
-    if info.role in ("observer", "quantize", "dequantize"):
-        return {"observer": OBSERVER, "quantize": QUANTIZE, "dequantize": DEQUANTIZE}[info.role]
-    actions = {d.action for d in info.decisions}
-    kind = _kind(info, actions)
-    if info.kernel:
-        return kind or INT8
-    if "keep_float" in actions:
-        return FLOAT
-    if "keep_reference" in actions:
-        return REFERENCE
-    if kind is not None:
-        return kind
-    if info.rule is not None:
-        if stage is not None:
-            return PLANNED if stage == "prepared" else REFERENCE
-        last = info.last()
-        return PLANNED if last is None or last.pass_name != "convert" else REFERENCE
-    return FLOAT
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "") if dtype is not None else "?"
-
-
-def tensor_out(node: fx.Node, stage: Optional[str] = None) -> TensorOut:
-    """The dtype (and qparams when quantized) of what ``node`` produces, from its record."""
-    info = info_of(node)
-    value = info.value
-    shape = value.shape if value is not None else None
-    qp = info.qparams or {}
-    quantized_out = info.role == "quantize" or (
-        info.kernel and status_of(info, stage) == INT8 and "scale" in qp)
-    if quantized_out and "scale" in qp:
-        return TensorOut(_dtype_name(qp.get("dtype")), float(qp["scale"]),
-                         int(qp["zero_point"]), shape)
-    if info.role == "dequantize":
-        return TensorOut("float32", shape=shape)
-    if value is None:
-        return TensorOut("?")
-    if value.kind == "tensor":
-        return TensorOut(_dtype_name(value.dtype), shape=shape)
-    if value.kind == "tensors":
-        return TensorOut(f"{value.python_type}[{_dtype_name(value.dtype)}]")
-    return TensorOut(value.python_type or "?")
-
-
 def _first_input(node: fx.Node) -> Optional[fx.Node]:
     for a in list(node.args) + list(node.kwargs.values()):
         if isinstance(a, fx.Node):
@@ -203,12 +78,12 @@ def _first_input(node: fx.Node) -> Optional[fx.Node]:
 
 
 # ------------------------------------------------------------------------------------ MACs
-def _core(module: nn.Module) -> nn.Module:
+def core_module(module: nn.Module) -> nn.Module:
     """The conv/linear inside a fused container (or the module itself)."""
     if hasattr(module, "in_channels") or hasattr(module, "in_features"):
         return module
     if isinstance(module, nn.Sequential) and len(module):
-        return _core(module[0])
+        return core_module(module[0])
     return module
 
 
@@ -234,7 +109,7 @@ def _prod(xs: Any) -> int:
 
 
 def _module_macs(module: nn.Module, in_shape: Optional[tuple], out_shape: tuple) -> Optional[int]:
-    m = _core(module)
+    m = core_module(module)
     if hasattr(m, "in_features"):
         return _prod(out_shape) * int(m.in_features)
     if not hasattr(m, "in_channels"):
@@ -253,7 +128,7 @@ def macs_of(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
     tracer recorded); None for other ops or when shapes are unknown."""
     info = info_of(node)
     out_shape = _value_shape(node)
-    if info.role != "op" or out_shape is None or not _is_conv_or_linear(info):
+    if info.role != Role.OP or out_shape is None or not _is_conv_or_linear(info):
         return None
     in_shape = _value_shape(_first_input(node))
     if node.op == "call_module":
@@ -278,22 +153,11 @@ def _qparams_text(info: QNodeInfo) -> str:
     return f"{dtype} s={qp['scale']:.4g} zp={qp['zero_point']}"
 
 
-def _reason(info: QNodeInfo) -> str:
-    for action in ("keep_float", "keep_reference", "lower", "quantize", "share_qparams",
-                   "fixed_qparams", "dynamic", "weight_only", "observe", "share_observer",
-                   "quantize_inputs", "dequantize"):
-        d = info.last(action)
-        if d is not None:
-            return d.reason
-    last = info.last()
-    return last.reason if last else ""
-
-
 def _row(gm: fx.GraphModule, node: fx.Node, info: QNodeInfo, stage: str) -> ReportRow:
     src = _first_input(node)
     return ReportRow(
         node=node.name, module_path=info.module_path, op=op_label(gm, node),
-        status=status_of(info, stage), reason=_reason(info),
+        status=status_of(info, stage), reason=reason_of(info),
         qconfig_rule=info.qconfig_reason or "", kernel=info.kernel or "",
         qparams=_qparams_text(info), source=info.source or "", debug_handle=info.debug_handle,
         decisions=[str(d) for d in info.decisions],
@@ -559,7 +423,7 @@ def build(gm: fx.GraphModule, float_model: Optional[nn.Module] = None, inputs: A
         comparison = compare(float_model, gm, inputs)
         _attach_numerics(all_rows, comparison)
     stage = graph_stage(gm)
-    size_model = model_size_bytes(gm) if stage in ("converted", "reference") else None
+    size_model = model_size_bytes(gm) if stage in (Stage.CONVERTED, Stage.REFERENCE) else None
     size_float = model_size_bytes(float_model) if float_model is not None else None
     from fxquant.range_check import findings_of
 

@@ -4,7 +4,7 @@
     fxquant.visualize(big_model, "model.svg", collapse_depth=2)  # one box per module path prefix
 
 One box per op, filled by what it became (int8, dynamic, weight-only, kept float, reference,
-observer, quantize / dequantize: :data:`fxquant.report.STATUS_COLORS`), edges labeled with the
+observer, quantize / dequantize: :data:`fxquant.records.STATUS_COLORS`), edges labeled with the
 dtype that flows and, once converted, its scale / zero_point; fused groups are dashed clusters;
 every box's tooltip holds its decisions, the qconfig rule, the kernel and the source line. The
 drawing only reads the records (``node.meta["fxquant"]``). Rendering uses Graphviz's ``dot``.
@@ -21,15 +21,14 @@ import graphviz
 import torch.fx as fx
 
 from fxquant.patterns import target_name
-from fxquant.report import (DEQUANTIZE, FLOAT, OBSERVER, PLANNED, QUANTIZE, REFERENCE,
-                            STATUS_COLORS,
-                            STATUS_DESCRIPTIONS, STATUSES, graph_stage, info_of, op_label,
-                            status_of, tensor_out)
+from fxquant.records import STATUS_COLORS, STATUS_DESCRIPTIONS, STATUSES, Role, Status
+from fxquant.status import graph_stage, info_of, op_label, reason_of, status_of, tensor_out
 
 FORMATS = ("svg", "png", "dot")
 IO_COLOR = "#ffffff"
 _LABEL_WIDTH = 38
-_ROLE_SHAPES = {OBSERVER: "ellipse", QUANTIZE: "cds", DEQUANTIZE: "cds"}
+_ROLE_SHAPES = {Status.OBSERVER: "ellipse", Status.QUANTIZE: "cds", Status.DEQUANTIZE: "cds"}
+_NOT_OPS = (Status.OBSERVER, Status.QUANTIZE, Status.DEQUANTIZE)  # drawn as role shapes
 
 
 def _q(text: str) -> graphviz.quoting.NoHtml:
@@ -59,19 +58,13 @@ def _node_label(gm: fx.GraphModule, node: fx.Node, stage: str) -> graphviz.quoti
     if status is None:
         what = {"placeholder": "input", "output": "output", "get_attr": "attr"}[node.op]
         return _lines(f"{what}: {node.name}")
-    if status in (OBSERVER, QUANTIZE, DEQUANTIZE):
-        what = op_label(gm, node) if status == OBSERVER else tensor_out(node, stage).label()
-        return _lines(status, _short(what) if status != DEQUANTIZE else "")
-    detail = info.kernel or (info.rule if status in (PLANNED, REFERENCE) else None) \
-        or _first_reason(info)
+    if status in _NOT_OPS:
+        what = op_label(gm, node) if status == Status.OBSERVER else tensor_out(node, stage).label()
+        return _lines(status, _short(what) if status != Status.DEQUANTIZE else "")
+    detail = info.kernel or (info.rule if status in (Status.PLANNED, Status.REFERENCE) else None) \
+        or reason_of(info)
     return _lines(_short(info.module_path or node.name), _short(op_label(gm, node)),
                   _short(f"{status}: {detail}" if detail else status))
-
-
-def _first_reason(info: Any) -> str:
-    from fxquant.report import _reason
-
-    return _reason(info)
 
 
 def tooltip(gm: fx.GraphModule, node: fx.Node, stage: str) -> str:
@@ -117,9 +110,9 @@ def _view(gm: fx.GraphModule, collapse_depth: Optional[int], show_observers: boo
                          f"got {collapse_depth}")
     view = _View(gm, graph_stage(gm))
     nodes = [n for n in gm.graph.nodes
-             if show_observers or _status(n, view.stage) != OBSERVER]
+             if show_observers or _status(n, view.stage) != Status.OBSERVER]
     keys = {n: _collapse_key(n, collapse_depth) for n in nodes}
-    sizes = Counter(k for n, k in keys.items() if k is not None and info_of(n).role == "op")
+    sizes = Counter(k for n, k in keys.items() if k is not None and info_of(n).role == Role.OP)
     for node in nodes:
         key = keys[node]
         box = f"[{key}]" if key is not None and sizes[key] > 1 else node.name
@@ -170,7 +163,7 @@ def _op_attrs(gm: fx.GraphModule, node: fx.Node, stage: str) -> dict[str, Any]:
         attrs.update(shape="oval", fillcolor=IO_COLOR)
     else:
         attrs.update(fillcolor=STATUS_COLORS[status], shape=_ROLE_SHAPES.get(status, "box"))
-    if status in (OBSERVER, QUANTIZE, DEQUANTIZE):
+    if status in _NOT_OPS:
         attrs.update(fontsize="8", height="0.3")
     return attrs
 
@@ -178,19 +171,19 @@ def _op_attrs(gm: fx.GraphModule, node: fx.Node, stage: str) -> dict[str, Any]:
 def _collapsed_attrs(gm: fx.GraphModule, box: str, nodes: list[fx.Node], stage: str
                      ) -> dict[str, Any]:
     statuses = Counter(_status(n, stage) for n in nodes)
-    ops = {s: c for s, c in statuses.items() if s not in (None, OBSERVER, QUANTIZE, DEQUANTIZE)}
+    ops = {s: c for s, c in statuses.items() if s is not None and s not in _NOT_OPS}
     shown = ops or {s: c for s, c in statuses.items() if s is not None}
     total = sum(shown.values()) or 1
     ranked = sorted(shown.items(), key=lambda kv: (-kv[1], STATUSES.index(kv[0])))
     counts = ", ".join(f"{c} {s}" for s, c in ranked)
-    fill = STATUS_COLORS[ranked[0][0]] if ranked else STATUS_COLORS[FLOAT]
+    fill = STATUS_COLORS[ranked[0][0]] if ranked else STATUS_COLORS[Status.FLOAT]
     style = "filled,bold"
     if len(ranked) > 1:  # stripes in proportion to the ops of each status
         fill = ":".join(f"{STATUS_COLORS[s]};{c / total:.3f}" for s, c in ranked)
         style = "striped,bold"
     tip = [f"module {box[1:-1]}: {len(nodes)} nodes ({counts})"]
     tip += [f"  {n.name}: {op_label(gm, n)} [{_status(n, stage)}] "
-            f"{info_of(n).kernel or _first_reason(info_of(n))}" for n in nodes]
+            f"{info_of(n).kernel or reason_of(info_of(n))}" for n in nodes]
     n_ops = sum(ops.values())
     return {"label": _lines(box[1:-1], f"{n_ops} op{'s' if n_ops != 1 else ''}", _short(counts)),
             "fillcolor": fill, "style": style, "shape": "box3d" if len(ranked) <= 1 else "box",
@@ -199,7 +192,7 @@ def _collapsed_attrs(gm: fx.GraphModule, box: str, nodes: list[fx.Node], stage: 
 
 def _fusion_key(node: fx.Node) -> Optional[tuple[str, str]]:
     info = info_of(node)
-    if info.role != "op":
+    if info.role != Role.OP:
         return None
     if info.group is not None:
         return ("group", str(info.group))

@@ -18,6 +18,7 @@ from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIG
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
 from fxquant.patterns import target_name
 from fxquant.pipeline import PassContext, PassResult
+from fxquant.records import TUPLE_ITEM_RULE, Action, QKind
 from fxquant.slots import node_inputs
 
 from fxquant.backends.reference_ops import FIXED_QPARAMS_DTYPE, STATIC_ACTIVATION_DTYPES
@@ -66,13 +67,13 @@ def _warn_saturation(gm: fx.GraphModule, backend: Backend) -> int:
     risky: list[tuple[fx.Node, str]] = []
     for node in gm.graph.nodes:
         info = qinfo(node)
-        if info.qkind != "static" or info.rule is None or not info.input_specs \
+        if info.qkind != QKind.STATIC or info.rule is None or not info.input_specs \
                 or backend.rule_named(info.rule).qparams != WEIGHTED:
             continue
         obs = next(iter(info.input_specs.values())).observer()
         why = saturation_risk(backend.name, getattr(obs, "quant_min", 0), getattr(obs, "quant_max", 0))
         if why is not None:
-            record(node, Annotate.name, "saturation_risk", why)
+            record(node, Annotate.name, Action.SATURATION_RISK, why)
             risky.append((node, why))
     if risky:
         where = "; ".join(f"{n.name} (module {node_location(n)[0] or '<root>'}"
@@ -126,7 +127,8 @@ def _is_reuse_input(qconfig: Any) -> bool:
 
 def _producer_quantized(arg: fx.Node) -> bool:
     src = qinfo(arg)
-    return src.qkind == "static" and (src.output_spec is not None or src.rule == "tuple_item")
+    return src.qkind == QKind.STATIC and (src.output_spec is not None
+                                          or src.rule == TUPLE_ITEM_RULE)
 
 
 def _apply_reuse_input(node: fx.Node, info: QNodeInfo, rule: Rule, inputs: list,
@@ -140,10 +142,10 @@ def _apply_reuse_input(node: fx.Node, info: QNodeInfo, rule: Rule, inputs: list,
         return _keep_float(node, f"reuse-input qconfig ({info.qconfig_reason}) and {why}: "
                                  f"nothing to reuse")
     info.input_specs = {}
-    info.rule, info.qkind = rule.name, "static"
+    info.rule, info.qkind = rule.name, QKind.STATIC
     info.output_spec = SharedSpec(key)
-    record(node, Annotate.name, "share_qparams", "reuse-input qconfig: runs on the quantized "
-                                                 "input as is and reuses its observer",
+    record(node, Annotate.name, Action.SHARE_QPARAMS,
+           "reuse-input qconfig: runs on the quantized input as is and reuses its observer",
            rule=rule.name, kernel=rule.kernel)
     return "quantized"
 
@@ -162,7 +164,7 @@ def spec_of(factory: Any) -> QSpec:
 
 
 def _keep_float(node: fx.Node, reason: str) -> str:
-    record(node, Annotate.name, "keep_float", reason)
+    record(node, Annotate.name, Action.KEEP_FLOAT, reason)
     return "kept_float"
 
 
@@ -226,22 +228,22 @@ def _annotate_node(node: fx.Node, backend: Backend, modules: dict,
     return _apply_rule(node, info, rule, act, qconfig, groups, fallback)
 
 
-def qconfig_kind(qconfig: Any, act: QSpec) -> Optional[str]:
+def qconfig_kind(qconfig: Any, act: QSpec) -> Optional[QKind]:
     """"static" (int8 activations observed ahead), "dynamic" (activations quantized at run
     time), "weight_only" (float activations, quantized weights: embeddings) or None."""
     if act.is_dynamic:
-        return DYNAMIC
+        return QKind.DYNAMIC
     if act.dtype in _STATIC_ACT:
-        return "static"
+        return QKind.STATIC
     if qconfig.weight is not None and act.dtype == torch.float32:
         weight = spec_of(qconfig.weight)
         if weight.qscheme == torch.per_channel_affine_float_qparams:
-            return WEIGHT_ONLY
+            return QKind.WEIGHT_ONLY
     return None
 
 
 def _annotate_weights_only(node: fx.Node, info: QNodeInfo, backend: Backend, modules: dict,
-                           kind: str) -> str:
+                           kind: QKind) -> str:
     """Dynamic and weight-only ops: only the weight is quantized ahead of time; no activation
     observers."""
     rule, declined = backend.rule_for(node, modules, info.qconfig, kind=kind)
@@ -255,9 +257,10 @@ def _annotate_weights_only(node: fx.Node, info: QNodeInfo, backend: Backend, mod
     scheme = f" {str(w.qscheme).replace('torch.', '')}" if w.qscheme is not None else ""
     runtime = ("activations quantized at run time" if kind == DYNAMIC
                else "activations stay float")
-    record(node, Annotate.name, kind, f"{rule.kernel}: weight {str(w.dtype).replace('torch.', '')}"
-                                      f"{scheme}, {runtime}", rule=rule.name, kernel=rule.kernel)
-    return kind
+    dtype = str(w.dtype).replace('torch.', '')
+    record(node, Annotate.name, Action(kind.value),
+           f"{rule.kernel}: weight {dtype}{scheme}, {runtime}", rule=rule.name, kernel=rule.kernel)
+    return str(kind)
 
 
 def _is_item_of_quantized_tuple(node: fx.Node) -> bool:
@@ -272,10 +275,10 @@ def _is_item_of_quantized_tuple(node: fx.Node) -> bool:
 
 
 def _annotate_tuple_item(node: fx.Node, info: QNodeInfo) -> str:
-    info.rule, info.qkind = "tuple_item", "static"
+    info.rule, info.qkind = TUPLE_ITEM_RULE, QKind.STATIC
     info.output_spec = SharedSpec(0)
-    record(node, Annotate.name, "share_qparams", "item of a quantized tuple: shares the qparams "
-                                                 "of the tuple's input")
+    record(node, Annotate.name, Action.SHARE_QPARAMS, "item of a quantized tuple: shares the "
+                                                      "qparams of the tuple's input")
     return "quantized"
 
 
@@ -285,10 +288,10 @@ def _mark_group(info: QNodeInfo, groups: dict[int, Optional[str]], rule: Optiona
 
 
 def _annotate_group_root(node: fx.Node, info: QNodeInfo, act: QSpec, rule_name: str) -> str:
-    info.rule, info.qkind = rule_name, "static"
+    info.rule, info.qkind = rule_name, QKind.STATIC
     info.output_spec = act
-    record(node, Annotate.name, "quantize", f"output of the fused {rule_name} group: own qparams "
-                                            f"({str(act.dtype).replace('torch.', '')})")
+    record(node, Annotate.name, Action.QUANTIZE, f"output of the fused {rule_name} group: own "
+           f"qparams ({str(act.dtype).replace('torch.', '')})")
     return "quantized"
 
 
@@ -320,7 +323,7 @@ def _apply_rule(node: fx.Node, info: QNodeInfo, rule: Rule, act: QSpec, qconfig:
     if _is_reuse_input(qconfig):
         return _apply_reuse_input(node, info, rule, inputs, groups)
     info.input_specs = {key: in_spec for key, _ in inputs}
-    info.rule, info.qkind = rule.name, "static"
+    info.rule, info.qkind = rule.name, QKind.STATIC
     interior = info.group is not None and not info.group_root
     info.output_spec = None if interior or rule.multi_output else _output_spec(rule, act)
     if rule.qparams == SHARED_ALL:
@@ -343,11 +346,11 @@ def _output_spec(rule: Rule, act: QSpec) -> Any:
     return act
 
 
-def _action(rule: Rule, interior: bool) -> str:
+def _action(rule: Rule, interior: bool) -> Action:
     if interior:
-        return "quantize_inputs"
-    return {SHARED: "share_qparams", SHARED_ALL: "share_qparams",
-            FIXED: "fixed_qparams"}.get(rule.qparams, "quantize")
+        return Action.QUANTIZE_INPUTS
+    return {SHARED: Action.SHARE_QPARAMS, SHARED_ALL: Action.SHARE_QPARAMS,
+            FIXED: Action.FIXED_QPARAMS}.get(rule.qparams, Action.QUANTIZE)
 
 
 def _reason(rule: Rule, info: QNodeInfo, interior: bool) -> str:

@@ -12,8 +12,9 @@ from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_
 from fxquant.aliasing import is_written
 from fxquant.meta import inherit, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
+from fxquant.records import Action, Role
 
-_REMOVABLE_ROLES = ("quantize", "dequantize", "observer")
+_REMOVABLE_ROLES = (Role.QUANTIZE, Role.DEQUANTIZE, Role.OBSERVER)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def _contiguous_for_views(gm: fx.GraphModule, dq: fx.Node) -> bool:
     with gm.graph.inserting_after(dq):
         new = gm.graph.call_method("contiguous", (dq,))
     inherit(new, dq)
-    record(new, Cleanup.name, "contiguous", "a view reads this dequantized tensor: made "
-                                            "contiguous, the layout float had")
+    record(new, Cleanup.name, Action.CONTIGUOUS, "a view reads this dequantized tensor: made "
+                                                 "contiguous, the layout float had")
     dq.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     return True
 

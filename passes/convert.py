@@ -26,6 +26,7 @@ from fxquant.backends.reference_ops import (activation_qparams, has_reference, i
 from fxquant.errors import FxQuantError
 from fxquant.meta import QNodeInfo, inherit, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
+from fxquant.records import Action, QKind, Role
 
 from fxquant.backends.reference_ops import INTEGER_DTYPES as _INT_DTYPES
 
@@ -53,10 +54,10 @@ class Convert:
         stats.update({"range_findings": len(findings)} if findings else {})
         for node in list(gm.graph.nodes):
             info = qinfo(node)
-            if info.role == "observer":
+            if info.role == Role.OBSERVER:
                 stats[_convert_observer(gm, node)] += 1
-            elif info.qkind in ("dynamic", "weight_only"):
-                record(node, self.name, "defer", "weights are quantized when lowered "
+            elif info.qkind in (QKind.DYNAMIC, QKind.WEIGHT_ONLY):
+                record(node, self.name, Action.DEFER, "weights are quantized when lowered "
                        "(convert_fx); the reference graph keeps this op float")
                 stats["deferred"] += 1
             elif info.weight_spec is not None and node.op == "call_module":
@@ -85,7 +86,7 @@ def _unshare_weighted_modules(gm: fx.GraphModule) -> int:
             i += 1
         gm.add_submodule(f"{name}{i}", _copy.deepcopy(gm.get_submodule(target)))
         node.target = f"{name}{i}"
-        record(node, Convert.name, "unshare", f"module '{target}' is called more than once: "
+        record(node, Convert.name, Action.UNSHARE, f"module '{target}' is called more than once: "
                f"this call gets its own copy '{name}{i}' (its own output qparams)")
         copies += 1
     return copies
@@ -106,14 +107,15 @@ def _convert_observer(gm: fx.GraphModule, node: fx.Node) -> str:
                                            f"{x.name}_qparams")
         dq = insert_dequantize(gm.graph, q)
     qparams = {"scale": scale, "zero_point": zp, "dtype": dtype}
-    for new, role in ((s, "quantize"), (z, "quantize"), (q, "quantize"), (dq, "dequantize")):
+    for new, role in ((s, Role.QUANTIZE), (z, Role.QUANTIZE), (q, Role.QUANTIZE),
+                      (dq, Role.DEQUANTIZE)):
         info = inherit(new, node)
         info.role, info.qparams = role, qparams
         info.decisions = []
-    record(q, Convert.name, "quantize", f"{node.target}: scale={scale:.6g} zero_point={zp} "
-                                        f"{str(dtype).replace('torch.', '')}", **qparams)
-    record(dq, Convert.name, "dequantize", "back to float for the reference op after it")
-    if isinstance(x, fx.Node) and qinfo(x).role == "op":
+    record(q, Convert.name, Action.QUANTIZE, f"{node.target}: scale={scale:.6g} zero_point={zp} "
+                                               f"{str(dtype).replace('torch.', '')}", **qparams)
+    record(dq, Convert.name, Action.DEQUANTIZE, "back to float for the reference op after it")
+    if isinstance(x, fx.Node) and qinfo(x).role == Role.OP:
         qinfo(x).qparams = qparams
     node.replace_all_uses_with(dq)
     gm.graph.erase_node(node)
@@ -156,8 +158,8 @@ def _downstream_of_derived(value: fx.Node) -> bool:
     from fxquant.passes.insert_observers import kernel_derived
 
     def through(node: fx.Node) -> Any:
-        while isinstance(node, fx.Node) and qinfo(node).role in ("dequantize", "quantize",
-                                                                 "observer"):
+        while isinstance(node, fx.Node) and qinfo(node).role in (Role.DEQUANTIZE, Role.QUANTIZE,
+                                                                 Role.OBSERVER):
             node = node.args[0] if node.args else None
         return node
 
@@ -183,7 +185,7 @@ def _convert_weighted(gm: fx.GraphModule, node: fx.Node) -> str:
     ref, wq = to_reference(module, info.weight_spec.observer)
     set_submodule(gm, str(node.target), ref)
     scheme = str(wq.qscheme).replace("torch.", "")
-    record(node, Convert.name, "quantize_weight",
+    record(node, Convert.name, Action.QUANTIZE_WEIGHT,
            f"weight {str(wq.dtype).replace('torch.', '')} {scheme} "
            f"({wq.scale.numel()} scale{'s' if wq.scale.numel() > 1 else ''}); reference module "
            f"{type(ref).__name__}")

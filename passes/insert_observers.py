@@ -25,6 +25,7 @@ from fxquant.aliasing import AliasInfo
 from fxquant.errors import FxQuantError
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
+from fxquant.records import Action, Role
 from fxquant.slots import get_input, set_input
 
 OBSERVER_PREFIX = "activation_post_process_"
@@ -40,7 +41,7 @@ class InsertObservers:
         ins = _Inserter(gm, ctx.get("observer_factory_wrapper"), AliasInfo.of(gm))
         for node in list(gm.graph.nodes):
             info = qinfo(node)
-            if info.role != "op" or not node.op.startswith("call_"):
+            if info.role != Role.OP or not node.op.startswith("call_"):
                 continue
             for key, spec in info.input_specs.items():
                 ins.observe_input(node, key, spec)
@@ -55,7 +56,8 @@ class InsertObservers:
 
 
 def is_observer_node(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_module" and qinfo(node).role == "observer"
+    return isinstance(node, fx.Node) and node.op == "call_module" \
+        and qinfo(node).role == Role.OBSERVER
 
 
 def observed_value(node: fx.Node) -> fx.Node:
@@ -144,7 +146,7 @@ class _SharedGroups:
             node.target = root
             dropped.add(name)
             ops = ", ".join(self.why.get(root, []))
-            record(node, InsertObservers.name, "share_observer",
+            record(node, InsertObservers.name, Action.SHARE_OBSERVER,
                    f"uses {root} instead of {name}: {ops} need one scale/zero_point for every "
                    f"input and output", observer=root)
             stats["aliased"] += 1
@@ -191,11 +193,12 @@ class _Inserter:
         # output of the op that produced it: no debug handle, so compare skips it
         own = before is None and not is_observer_node(value)
         handle = src.debug_handle if own else None
-        obs.meta["fxquant"] = QNodeInfo(module_path=src.module_path, role="observer",
+        obs.meta["fxquant"] = QNodeInfo(module_path=src.module_path, role=Role.OBSERVER,
                                         source=src.source, debug_handle=handle, value=src.value,
                                         output_spec=spec)
         module = self.gm.get_submodule(target)
-        record(obs, InsertObservers.name, "share_observer" if shared_target else "observe",
+        record(obs, InsertObservers.name,
+               Action.SHARE_OBSERVER if shared_target else Action.OBSERVE,
                f"{why}: {type(module).__name__}({str(spec.dtype).replace('torch.', '')})",
                observer=target)
         self.stats["shared" if shared_target else "observers"] += 1

@@ -18,6 +18,7 @@ from fxquant.backends.kernel_check import CheckResult
 from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
 from fxquant.meta import SharedSpec, inherit, qinfo, record
 from fxquant.patterns import NoMatch
+from fxquant.records import TUPLE_ITEM_RULE, Action, QKind, Role
 from fxquant.pipeline import PassContext, PassResult
 from fxquant.slots import get_input
 
@@ -35,11 +36,11 @@ class LowerToBackend:
         with engine(backend.engine):
             for node in list(gm.graph.nodes):
                 info = qinfo(node)
-                if node.graph is None or info.rule is None or info.role != "op":
+                if node.graph is None or info.rule is None or info.role != Role.OP:
                     continue
                 if info.group is not None and not info.group_root:
                     continue  # lowered with its group's root
-                if info.rule == "tuple_item":
+                if info.rule == TUPLE_ITEM_RULE:
                     continue  # lowered with its tuple op
                 stats[_lower_one(gm, backend, node, self.check_kernels)] += 1
         gm.recompile()
@@ -65,11 +66,11 @@ def _lower_in_place(gm: fx.GraphModule, backend: Backend, node: fx.Node) -> str:
     with gm.graph.inserting_before(node):
         new = rule.lower(lctx) if rule.lower else NoMatch("the rule has no lowering")
     if isinstance(new, NoMatch):
-        record(node, LowerToBackend.name, "keep_float", f"stays float: {new.reason}")
+        record(node, LowerToBackend.name, Action.KEEP_FLOAT, f"stays float: {new.reason}")
         return "kept_float"
     info = inherit(new, node)
     info.kernel = lctx.kernel or rule.kernel
-    record(new, LowerToBackend.name, "lower", f"runs on {info.kernel}")
+    record(new, LowerToBackend.name, Action.LOWER, f"runs on {info.kernel}")
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return "lowered"
@@ -86,12 +87,12 @@ def _lower_tuple(gm: fx.GraphModule, node: fx.Node) -> str:
     quantizes = []
     for item in items:
         users = list(item.users)
-        if qinfo(item).rule != "tuple_item" or len(users) != 1 or not is_quantize(users[0]):
+        if qinfo(item).rule != TUPLE_ITEM_RULE or len(users) != 1 or not is_quantize(users[0]):
             return _decline(node, f"item {item.name} is not requantized with shared qparams")
         quantizes.append(users[0])
     node.args = (qin, *node.args[1:])
-    record(node, LowerToBackend.name, "lower", "runs on the quantized tensor; items keep its "
-                                               "scale/zero_point")
+    record(node, LowerToBackend.name, Action.LOWER, "runs on the quantized tensor; items keep "
+                                                    "its scale/zero_point")
     qinfo(node).kernel = f"{node.target if isinstance(node.target, str) else node.target.__name__}"\
                          f" on the quantized tensor"
     for item, q in zip(items, quantizes):
@@ -102,7 +103,7 @@ def _lower_tuple(gm: fx.GraphModule, node: fx.Node) -> str:
                                                    else _qparams_dict(q))  # before erase_node
         q.replace_all_uses_with(item)                                      # clears q's args
         gm.graph.erase_node(q)
-        record(item, LowerToBackend.name, "lower", "item of the quantized tuple")
+        record(item, LowerToBackend.name, Action.LOWER, "item of the quantized tuple")
     return "lowered"
 
 
@@ -118,7 +119,7 @@ def _qparams_dict(q: fx.Node) -> dict:
 
 
 def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node, check: bool) -> str:
-    if qinfo(root).qkind in ("dynamic", "weight_only"):
+    if qinfo(root).qkind in (QKind.DYNAMIC, QKind.WEIGHT_ONLY):
         return _lower_in_place(gm, backend, root)
     if backend.rule_named(qinfo(root).rule).multi_output:
         return _lower_tuple(gm, root)
@@ -263,7 +264,7 @@ def _undo(gm: fx.GraphModule, lctx: LowerCtx, anchor: fx.Node, q_out: fx.Node,
 
 def _refuse(root: fx.Node, rule: Rule, refused: _Refused) -> str:
     tried = "; ".join(f"{kernel}: {result.summary()}" for kernel, result in refused.results)
-    record(root, LowerToBackend.name, "keep_float",
+    record(root, LowerToBackend.name, Action.KEEP_FLOAT,
            f"runs in float between dequantize/quantize: the kernel is wrong here, off the "
            f"reference computation by more than {kernel_check.STEP_TOLERANCE} step on random "
            f"inputs ({tried})",
@@ -282,7 +283,8 @@ def _finish(gm: fx.GraphModule, root: fx.Node, group: tuple[fx.Node, ...], q_out
     reason = f"runs on {kernel}"
     if refused:
         reason += f" (instead of the backend's kernel, which is wrong here: {'; '.join(refused)})"
-    record(new, LowerToBackend.name, "lower", reason, scale=qparams[0], zero_point=qparams[1],
+    record(new, LowerToBackend.name, Action.LOWER, reason, scale=qparams[0],
+           zero_point=qparams[1],
            **({"check": checks[-1][1].summary()} if checks else {}))
     q_out.replace_all_uses_with(new)
     gm.graph.erase_node(q_out)
@@ -292,6 +294,6 @@ def _finish(gm: fx.GraphModule, root: fx.Node, group: tuple[fx.Node, ...], q_out
 
 
 def _decline(node: fx.Node, reason: str) -> str:
-    record(node, LowerToBackend.name, "keep_reference",
+    record(node, LowerToBackend.name, Action.KEEP_REFERENCE,
            f"not lowered, runs in float between dequantize/quantize: {reason}")
     return "kept_reference"

@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from fxquant.meta import qinfo, record
 from fxquant.pipeline import PassContext, PassResult
+from fxquant.records import Action
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class PropagateQConfig:
             described = describe_qconfig(qconfig)
             text = reason if qconfig is None and reason.rstrip().endswith("None") \
                 else f"{reason} → {described}{_range_note(mapping, qconfig)}"
-            record(node, self.name, "assign_qconfig", text)
+            record(node, self.name, Action.ASSIGN_QCONFIG, text)
             stats["float" if qconfig is None else "quantizable"] += 1
         stats.update(_attention_defaults(gm, mapping, modules, ctx))
         return PassResult(gm, False, dict(stats))

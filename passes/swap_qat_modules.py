@@ -21,8 +21,9 @@ from fxquant.nn import fused
 from fxquant.patterns import Op
 from fxquant.nn.qat import QAT_MODULE_MAPPINGS, is_qat_module
 from fxquant.pipeline import PassContext, PassResult
+from fxquant.records import Action, QKind
 
-_WEIGHTS_ONLY_KINDS = ("dynamic", "weight_only")
+_WEIGHTS_ONLY_KINDS = (QKind.DYNAMIC, QKind.WEIGHT_ONLY)
 
 # Training-mode fused modules (BatchNorm not folded yet) and the backend rule of what they
 # become after convert folds the BatchNorm.
@@ -76,21 +77,22 @@ def _swap(gm: fx.GraphModule, node: fx.Node, swapped: dict[str, str]) -> str:
     info = qinfo(node)
     target = str(node.target)
     if target in swapped:
-        record(node, SwapQATModules.name, "swap_qat", f"{target} is already {swapped[target]} "
+        record(node, SwapQATModules.name, Action.SWAP_QAT, f"{target} is already {swapped[target]} "
                f"(module called more than once)")
         return "already_swapped"
     if getattr(info, "qkind", None) in _WEIGHTS_ONLY_KINDS:
-        record(node, SwapQATModules.name, "keep_module", f"{info.qkind} quantization: the weight "
-               f"is quantized at convert, there is no QAT module for it")
+        record(node, SwapQATModules.name, Action.KEEP_MODULE, f"{info.qkind} quantization: the "
+               f"weight is quantized at convert, there is no QAT module for it")
         return "not_swapped"
     module = gm.get_submodule(target)
     if is_qat_module(module):
         swapped[target] = type(module).__name__
-        record(node, SwapQATModules.name, "swap_qat", f"already a QAT module ({type(module).__name__})")
+        record(node, SwapQATModules.name, Action.SWAP_QAT,
+               f"already a QAT module ({type(module).__name__})")
         return "already_swapped"
     qat_cls = QAT_MODULE_MAPPINGS.get(type(module))
     if qat_cls is None:
-        record(node, SwapQATModules.name, "keep_module",
+        record(node, SwapQATModules.name, Action.KEEP_MODULE,
                f"no QAT module for {type(module).__name__}: training does not see its weight "
                f"quantization; the weight is quantized at convert as in PTQ")
         return "not_swapped"
@@ -99,7 +101,7 @@ def _swap(gm: fx.GraphModule, node: fx.Node, swapped: dict[str, str]) -> str:
     swapped[target] = qat_cls.__name__
     fq = qat.weight_fake_quant
     folded = " with simulated BatchNorm folding" if hasattr(qat, "bn") else ""
-    record(node, SwapQATModules.name, "swap_qat",
+    record(node, SwapQATModules.name, Action.SWAP_QAT,
            f"{type(module).__name__} → qat.{qat_cls.__name__}{folded}; weight fake quant "
            f"{type(fq).__name__}({str(fq.dtype).replace('torch.', '')} "
            f"{str(getattr(fq, 'qscheme', '')).replace('torch.', '')})",
