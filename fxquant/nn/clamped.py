@@ -14,6 +14,7 @@ MobileNetV2's int8 time (issue 10), mostly its Python dispatch.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,8 +28,38 @@ _OPS = torch.ops.quantized
 
 
 class _ClampMixin:
+def _clamped_forward(op: Any, relu_op: Any) -> Callable[..., torch.Tensor]:
+    """The forward of a clamped class over kernel ``op`` (``relu_op`` when the lower bound is
+    0): a closure, so that TorchScript sees static ops and each class names them once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._prepare_input(x)
+        if self.fuse_relu:
+            out = relu_op(x, self._packed_params, self.scale, self.zero_point)
+        else:
+            out = op(x, self._packed_params, self.scale, self.zero_point)
+        if self.contiguous_clamp:
+            out = out.contiguous()
+        return F.hardtanh_(out, self.clamp_min, self.clamp_max)
+
+    return forward
+
+
     """``clamp_min`` / ``clamp_max``: the bound, in float (the output qparams map it exactly
-    or within half a step); ``fuse_relu``: the kernel also applies ReLU (lower bound 0)."""
+    or within half a step); ``fuse_relu``: the kernel also applies ReLU (lower bound 0).
+
+    ``class ConvClamp2d(_ClampMixin, q.Conv2d, clamps="conv2d")`` names the kernel: the forward
+    calls ``conv2d`` / ``conv2d_relu``."""
+
+    def __init_subclass__(cls, clamps: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if clamps:
+            cls._NAME = "Quantized" + cls.__name__
+            cls.forward = _clamped_forward(getattr(_OPS, clamps), getattr(_OPS, clamps + "_relu"))
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_clamp()
 
     def _init_clamp(self) -> None:
         self.clamp_min: float = 0.0
@@ -53,97 +84,25 @@ class _ClampMixin:
         qmod.contiguous_clamp = torch.backends.quantized.engine == "qnnpack"
         return qmod
 
-    def _clamp_repr(self) -> str:
-        return f", clamp=({self.clamp_min}, {self.clamp_max}) in place on the int8 output"
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", clamp=({self.clamp_min}, {self.clamp_max}) in place "
+                                       "on the int8 output")
 
 
-class ConvClamp1d(_ClampMixin, q.Conv1d):
+class ConvClamp1d(_ClampMixin, q.Conv1d, clamps="conv1d"):
     """Quantized conv1d (+ReLU) whose int8 output is clipped in place to the clamp bound."""
 
-    _NAME = "QuantizedConvClamp1d"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_clamp()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._clamp_repr()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._prepare_input(x)
-        if self.fuse_relu:
-            out = _OPS.conv1d_relu(x, self._packed_params, self.scale, self.zero_point)
-        else:
-            out = _OPS.conv1d(x, self._packed_params, self.scale, self.zero_point)
-        if self.contiguous_clamp:
-            out = out.contiguous()
-        return F.hardtanh_(out, self.clamp_min, self.clamp_max)
-
-
-class ConvClamp2d(_ClampMixin, q.Conv2d):
+class ConvClamp2d(_ClampMixin, q.Conv2d, clamps="conv2d"):
     __doc__ = ConvClamp1d.__doc__
-    _NAME = "QuantizedConvClamp2d"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_clamp()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._clamp_repr()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._prepare_input(x)
-        if self.fuse_relu:
-            out = _OPS.conv2d_relu(x, self._packed_params, self.scale, self.zero_point)
-        else:
-            out = _OPS.conv2d(x, self._packed_params, self.scale, self.zero_point)
-        if self.contiguous_clamp:
-            out = out.contiguous()
-        return F.hardtanh_(out, self.clamp_min, self.clamp_max)
 
 
-class ConvClamp3d(_ClampMixin, q.Conv3d):
+class ConvClamp3d(_ClampMixin, q.Conv3d, clamps="conv3d"):
     __doc__ = ConvClamp1d.__doc__
-    _NAME = "QuantizedConvClamp3d"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_clamp()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._clamp_repr()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._prepare_input(x)
-        if self.fuse_relu:
-            out = _OPS.conv3d_relu(x, self._packed_params, self.scale, self.zero_point)
-        else:
-            out = _OPS.conv3d(x, self._packed_params, self.scale, self.zero_point)
-        if self.contiguous_clamp:
-            out = out.contiguous()
-        return F.hardtanh_(out, self.clamp_min, self.clamp_max)
 
 
-class LinearClamp(_ClampMixin, q.Linear):
+class LinearClamp(_ClampMixin, q.Linear, clamps="linear"):
     """Quantized linear (+ReLU) whose int8 output is clipped in place to the clamp bound."""
-
-    _NAME = "QuantizedLinearClamp"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_clamp()
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._clamp_repr()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fuse_relu:
-            out = _OPS.linear_relu(x, self._packed_params, self.scale, self.zero_point)
-        else:
-            out = _OPS.linear(x, self._packed_params, self.scale, self.zero_point)
-        if self.contiguous_clamp:
-            out = out.contiguous()
-        return F.hardtanh_(out, self.clamp_min, self.clamp_max)
 
 
 # the plain quantized class of a conv / linear -> its clamped form

@@ -28,6 +28,7 @@ float / int attributes, which is what makes the modules scriptable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,6 +94,37 @@ class _DequantizedWeight(torch.Tensor):
 
 @torch.jit.unused
 def _callable_weight(quantized: torch.Tensor) -> torch.Tensor:
+def _packed_forward(op: Any) -> Callable[..., torch.Tensor]:
+    """The forward of a packed-weight class whose kernel is ``op``. A closure, not a lookup
+    by name at run time: TorchScript resolves ``op`` from the closure to a static call, and
+    ``_packed_params`` has a different packed type per kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return op(self._prepare_input(x), self._packed_params, self.scale, self.zero_point)
+
+    return forward
+
+
+def _unpacker(op: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """``_unpack`` calling ``op`` (scripted too: the ``weight`` property reads it)."""
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return op(self._packed_params)
+
+    return _unpack
+
+
+def _batch_norm_forward(op: Any) -> Callable[..., torch.Tensor]:
+    """The forward of a quantized BatchNorm class whose kernel is ``op`` (as _packed_forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return op(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                  self.scale, self.zero_point)
+
+    return forward
+
+
     return _DequantizedWeight.of(quantized)
 
 
@@ -104,6 +136,19 @@ class _QuantizedBase(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.scale: float = 1.0
+    def __init_subclass__(cls, kernel: str = "", dims: int = 0, **kwargs: Any) -> None:
+        """``class Conv2d(_ConvNd, kernel="conv2d", dims=2)``: the class line names the
+        torch.ops.quantized kernel (``_bind`` sets the forward calling it and the float /
+        reference / fused classes of the same name) and the class is ``Quantized<Name>``."""
+        super().__init_subclass__(**kwargs)
+        if kernel:
+            cls._NAME = "Quantized" + cls.__name__
+            cls._bind(kernel, dims)
+
+    @classmethod
+    def _bind(cls, kernel: str, dims: int) -> None:
+        raise NotImplementedError(f"{cls.__name__} cannot bind a kernel")
+
         self.zero_point: int = 0
         self._qname: str = self._NAME  # instance copy: scripted forward can read it
 
@@ -136,6 +181,7 @@ class _PackedWeighted(_QuantizedBase):
 
     # class attributes stay unannotated: torch.jit.script reads class annotations as
     # attribute types
+    _PREPACK = None  # torch.ops.quantized.<kernel>_prepack (see _bind)
     _FLOAT = nn.Module
     _FUSED = None  # the fused float class, set on the ReLU kinds
     _REFERENCE = nn.Module
@@ -147,12 +193,32 @@ class _PackedWeighted(_QuantizedBase):
         self.pack_engine = None  # an engine to pack with, whatever the current one (str)
         self._unpacked_copy = None  # (weight, bias) where the engine cannot unpack
         w = torch._empty_affine_quantized(weight_shape, scale=1.0, zero_point=0,
+    @classmethod
+    def _bind(cls, kernel: str, dims: int) -> None:
+        """``kernel`` ("conv2d") gives the forward and ``<kernel>_prepack`` / ``_unpack``;
+        a ``*_relu`` kernel is the fused kind of its base class (it keeps the base's packing)."""
+        cls.forward = _packed_forward(getattr(_OPS, kernel))
+        if kernel.endswith("_relu"):
+            cls._FUSED = getattr(fused, cls.__name__)
+            return
+        cls._FLOAT, cls._REFERENCE = getattr(nn, cls.__name__), getattr(reference, cls.__name__)
+        cls._PREPACK = getattr(_OPS, kernel + "_prepack")
+        cls._unpack = _unpacker(getattr(_OPS, kernel + "_unpack"))
+        cls._SPATIAL_DIMS = dims
+
                                           dtype=torch.qint8)
         self.set_weight_bias(w, torch.zeros(self._out_channels()) if bias else None)
 
     # -- subclass hooks
     def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        raise NotImplementedError
+        return self._PREPACK(w, b, *self._pack_args())
+
+    def _pack_args(self) -> tuple[Any, ...]:
+        """The prepack arguments after weight and bias."""
+        return ()
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -329,12 +395,8 @@ class _PackedWeighted(_QuantizedBase):
         return s if self._has_bias else s + ", bias=False"
 
 
-class Linear(_PackedWeighted):
+class Linear(_PackedWeighted, kernel="linear"):
     """Quantized linear: quint8 (*, in_features) -> quint8 (*, out_features)."""
-
-    _NAME = "QuantizedLinear"
-    _FLOAT = nn.Linear
-    _REFERENCE = reference.Linear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
@@ -348,12 +410,6 @@ class Linear(_PackedWeighted):
     def _out_channels(self) -> int:
         return self.out_features
 
-    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return _OPS.linear_prepack(w, b)
-
-    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _OPS.linear_unpack(self._packed_params)
-
     @classmethod
     def _empty_like(cls, mod: nn.Module) -> Linear:
         return cls(mod.in_features, mod.out_features, mod.bias is not None)
@@ -362,18 +418,9 @@ class Linear(_PackedWeighted):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self._weight_repr()}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.linear(x, self._packed_params, self.scale, self.zero_point)
 
-
-class LinearReLU(Linear):
+class LinearReLU(Linear, kernel="linear_relu"):
     """Quantized linear followed by ReLU, one kernel (quantized::linear_relu)."""
-
-    _NAME = "QuantizedLinearReLU"
-    _FUSED = fused.LinearReLU
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.linear_relu(x, self._packed_params, self.scale, self.zero_point)
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +506,9 @@ class _ConvNd(_PackedWeighted):
         return [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
 
     def _out_channels(self) -> int:
+    def _pack_args(self) -> tuple[Any, ...]:
+        return list(self.stride), self._kernel_padding(), list(self.dilation), self.groups
+
         return self.out_channels
 
     def _kernel_padding(self) -> list[int]:
@@ -489,97 +539,28 @@ class _ConvNd(_PackedWeighted):
                            for k, v, default in extras if v != default)
 
 
-class Conv1d(_ConvNd):
+class Conv1d(_ConvNd, kernel="conv1d", dims=1):
     """Quantized Conv1d (padding modes: zeros, reflect, replicate, circular)."""
 
-    _NAME = "QuantizedConv1d"
-    _FLOAT = nn.Conv1d
-    _REFERENCE = reference.Conv1d
-    _SPATIAL_DIMS = 1
 
-    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return _OPS.conv1d_prepack(w, b, list(self.stride), self._kernel_padding(),
-                                   list(self.dilation), self.groups)
-
-    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _OPS.conv1d_unpack(self._packed_params)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv1d(self._prepare_input(x), self._packed_params, self.scale,
-                           self.zero_point)
-
-
-class Conv2d(_ConvNd):
+class Conv2d(_ConvNd, kernel="conv2d", dims=2):
     """Quantized Conv2d (padding modes: zeros, reflect, replicate, circular)."""
 
-    _NAME = "QuantizedConv2d"
-    _FLOAT = nn.Conv2d
-    _REFERENCE = reference.Conv2d
-    _SPATIAL_DIMS = 2
 
-    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return _OPS.conv2d_prepack(w, b, list(self.stride), self._kernel_padding(),
-                                   list(self.dilation), self.groups)
-
-    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _OPS.conv2d_unpack(self._packed_params)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv2d(self._prepare_input(x), self._packed_params, self.scale,
-                           self.zero_point)
-
-
-class Conv3d(_ConvNd):
+class Conv3d(_ConvNd, kernel="conv3d", dims=3):
     """Quantized Conv3d (padding modes: zeros, reflect, replicate, circular)."""
 
-    _NAME = "QuantizedConv3d"
-    _FLOAT = nn.Conv3d
-    _REFERENCE = reference.Conv3d
-    _SPATIAL_DIMS = 3
 
-    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return _OPS.conv3d_prepack(w, b, list(self.stride), self._kernel_padding(),
-                                   list(self.dilation), self.groups)
-
-    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _OPS.conv3d_unpack(self._packed_params)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv3d(self._prepare_input(x), self._packed_params, self.scale,
-                           self.zero_point)
-
-
-class ConvReLU1d(Conv1d):
+class ConvReLU1d(Conv1d, kernel="conv1d_relu"):
     """Quantized Conv1d followed by ReLU, one kernel (quantized::conv1d_relu)."""
 
-    _NAME = "QuantizedConvReLU1d"
-    _FUSED = fused.ConvReLU1d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv1d_relu(self._prepare_input(x), self._packed_params, self.scale,
-                                self.zero_point)
-
-
-class ConvReLU2d(Conv2d):
+class ConvReLU2d(Conv2d, kernel="conv2d_relu"):
     """Quantized Conv2d followed by ReLU, one kernel (quantized::conv2d_relu)."""
 
-    _NAME = "QuantizedConvReLU2d"
-    _FUSED = fused.ConvReLU2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv2d_relu(self._prepare_input(x), self._packed_params, self.scale,
-                                self.zero_point)
-
-
-class ConvReLU3d(Conv3d):
+class ConvReLU3d(Conv3d, kernel="conv3d_relu"):
     """Quantized Conv3d followed by ReLU, one kernel (quantized::conv3d_relu)."""
-
-    _NAME = "QuantizedConvReLU3d"
-    _FUSED = fused.ConvReLU3d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv3d_relu(self._prepare_input(x), self._packed_params, self.scale,
-                                self.zero_point)
 
 
 class _ConvTransposeNd(_ConvNd):
@@ -634,9 +615,9 @@ class _ConvTransposeNd(_ConvNd):
                 "ConvTranspose"
             )
 
-    def _pack_args(self) -> tuple[list[int], ...]:
+    def _pack_args(self) -> tuple[Any, ...]:
         return (list(self.stride), list(self.padding), list(self.output_padding),
-                list(self.dilation))
+                list(self.dilation), self.groups)
 
     @classmethod
     def _empty_like(cls, mod: nn.Module) -> _ConvTransposeNd:
@@ -645,51 +626,16 @@ class _ConvTransposeNd(_ConvNd):
                    mod.padding_mode)
 
 
-class ConvTranspose1d(_ConvTransposeNd):
+class ConvTranspose1d(_ConvTransposeNd, kernel="conv_transpose1d", dims=1):
     """Quantized ConvTranspose1d (quantized::conv_transpose1d)."""
 
-    _NAME = "QuantizedConvTranspose1d"
-    _FLOAT = nn.ConvTranspose1d
-    _REFERENCE = reference.ConvTranspose1d
-    _SPATIAL_DIMS = 1
 
-    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return _OPS.conv_transpose1d_prepack(w, b, *self._pack_args(), self.groups)
-
-    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _OPS.conv_transpose1d_unpack(self._packed_params)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv_transpose1d(self._prepare_input(x), self._packed_params, self.scale,
-                                     self.zero_point)
-
-
-class ConvTranspose2d(_ConvTransposeNd):
+class ConvTranspose2d(_ConvTransposeNd, kernel="conv_transpose2d", dims=2):
     """Quantized ConvTranspose2d (quantized::conv_transpose2d)."""
 
-    _NAME = "QuantizedConvTranspose2d"
-    _FLOAT = nn.ConvTranspose2d
-    _REFERENCE = reference.ConvTranspose2d
-    _SPATIAL_DIMS = 2
 
-    def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        return _OPS.conv_transpose2d_prepack(w, b, *self._pack_args(), self.groups)
-
-    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _OPS.conv_transpose2d_unpack(self._packed_params)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv_transpose2d(self._prepare_input(x), self._packed_params, self.scale,
-                                     self.zero_point)
-
-
-class ConvTranspose3d(_ConvTransposeNd):
+class ConvTranspose3d(_ConvTransposeNd, kernel="conv_transpose3d", dims=3):
     """Quantized ConvTranspose3d (quantized::conv_transpose3d)."""
-
-    _NAME = "QuantizedConvTranspose3d"
-    _FLOAT = nn.ConvTranspose3d
-    _REFERENCE = reference.ConvTranspose3d
-    _SPATIAL_DIMS = 3
 
     def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
         if current_engine() == "qnnpack":
@@ -699,14 +645,7 @@ class ConvTranspose3d(_ConvTransposeNd):
                 f"{torch.__version__}); lower ConvTranspose3d with fbgemm, x86 or onednn, or "
                 "keep it in float"
             )
-        return _OPS.conv_transpose3d_prepack(w, b, *self._pack_args(), self.groups)
-
-    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _OPS.conv_transpose3d_unpack(self._packed_params)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _OPS.conv_transpose3d(self._prepare_input(x), self._packed_params, self.scale,
-                                     self.zero_point)
+        return super()._pack(w, b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,6 +664,15 @@ class _BatchNormNd(_QuantizedBase):
         self.num_features = int(num_features)
         self.eps = float(eps)
         self._input_dims: int = self._DIMS
+    @classmethod
+    def _bind(cls, kernel: str, dims: int) -> None:
+        """As _PackedWeighted._bind; ``dims`` spatial dims (the input has two more)."""
+        cls.forward = _batch_norm_forward(getattr(_OPS, kernel))
+        if kernel.endswith("_relu"):
+            cls._FUSED = getattr(fused, cls.__name__)
+            return
+        cls._FLOAT, cls._DIMS = getattr(nn, cls.__name__), dims + 2
+
         for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
                            ("running_var", 1.0)):
             self.register_buffer(name, torch.full((self.num_features,), fill))
@@ -779,53 +727,20 @@ class _BatchNormNd(_QuantizedBase):
         return cls.from_float(ref_mod, None, output_scale, output_zero_point)
 
 
-class BatchNorm2d(_BatchNormNd):
+class BatchNorm2d(_BatchNormNd, kernel="batch_norm2d", dims=2):
     """Quantized BatchNorm2d (quantized::batch_norm2d)."""
 
-    _NAME = "QuantizedBatchNorm2d"
-    _FLOAT = nn.BatchNorm2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return _OPS.batch_norm2d(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                 self.eps, self.scale, self.zero_point)
-
-
-class BatchNorm3d(_BatchNormNd):
+class BatchNorm3d(_BatchNormNd, kernel="batch_norm3d", dims=3):
     """Quantized BatchNorm3d (quantized::batch_norm3d)."""
 
-    _NAME = "QuantizedBatchNorm3d"
-    _FLOAT = nn.BatchNorm3d
-    _DIMS = 5
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return _OPS.batch_norm3d(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                 self.eps, self.scale, self.zero_point)
-
-
-class BNReLU2d(BatchNorm2d):
+class BNReLU2d(BatchNorm2d, kernel="batch_norm2d_relu"):
     """Quantized BatchNorm2d followed by ReLU (quantized::batch_norm2d_relu)."""
 
-    _NAME = "QuantizedBNReLU2d"
-    _FUSED = fused.BNReLU2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return _OPS.batch_norm2d_relu(x, self.weight, self.bias, self.running_mean,
-                                      self.running_var, self.eps, self.scale, self.zero_point)
-
-
-class BNReLU3d(BatchNorm3d):
+class BNReLU3d(BatchNorm3d, kernel="batch_norm3d_relu"):
     """Quantized BatchNorm3d followed by ReLU (quantized::batch_norm3d_relu)."""
-
-    _NAME = "QuantizedBNReLU3d"
-    _FUSED = fused.BNReLU3d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return _OPS.batch_norm3d_relu(x, self.weight, self.bias, self.running_mean,
-                                      self.running_var, self.eps, self.scale, self.zero_point)
 
 
 QUANTIZED_MODULES: tuple[type[nn.Module], ...] = (
