@@ -27,7 +27,6 @@ __all__ = ["ConvClamp1d", "ConvClamp2d", "ConvClamp3d", "LinearClamp", "CLAMPED_
 _OPS = torch.ops.quantized
 
 
-class _ClampMixin:
 def _clamped_forward(op: Any, relu_op: Any) -> Callable[..., torch.Tensor]:
     """The forward of a clamped class over kernel ``op`` (``relu_op`` when the lower bound is
     0): a closure, so that TorchScript sees static ops and each class names them once."""
@@ -45,6 +44,7 @@ def _clamped_forward(op: Any, relu_op: Any) -> Callable[..., torch.Tensor]:
     return forward
 
 
+class _ClampMixin:
     """``clamp_min`` / ``clamp_max``: the bound, in float (the output qparams map it exactly
     or within half a step); ``fuse_relu``: the kernel also applies ReLU (lower bound 0).
 

@@ -94,6 +94,9 @@ class _DequantizedWeight(torch.Tensor):
 
 @torch.jit.unused
 def _callable_weight(quantized: torch.Tensor) -> torch.Tensor:
+    return _DequantizedWeight.of(quantized)
+
+
 def _packed_forward(op: Any) -> Callable[..., torch.Tensor]:
     """The forward of a packed-weight class whose kernel is ``op``. A closure, not a lookup
     by name at run time: TorchScript resolves ``op`` from the closure to a static call, and
@@ -125,9 +128,6 @@ def _batch_norm_forward(op: Any) -> Callable[..., torch.Tensor]:
     return forward
 
 
-    return _DequantizedWeight.of(quantized)
-
-
 class _QuantizedBase(nn.Module):
     """Output qparams and their state-dict entries, shared by all quantized modules."""
 
@@ -136,6 +136,9 @@ class _QuantizedBase(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.scale: float = 1.0
+        self.zero_point: int = 0
+        self._qname: str = self._NAME  # instance copy: scripted forward can read it
+
     def __init_subclass__(cls, kernel: str = "", dims: int = 0, **kwargs: Any) -> None:
         """``class Conv2d(_ConvNd, kernel="conv2d", dims=2)``: the class line names the
         torch.ops.quantized kernel (``_bind`` sets the forward calling it and the float /
@@ -148,9 +151,6 @@ class _QuantizedBase(nn.Module):
     @classmethod
     def _bind(cls, kernel: str, dims: int) -> None:
         raise NotImplementedError(f"{cls.__name__} cannot bind a kernel")
-
-        self.zero_point: int = 0
-        self._qname: str = self._NAME  # instance copy: scripted forward can read it
 
     def _get_name(self) -> str:
         return self._NAME
@@ -181,10 +181,10 @@ class _PackedWeighted(_QuantizedBase):
 
     # class attributes stay unannotated: torch.jit.script reads class annotations as
     # attribute types
-    _PREPACK = None  # torch.ops.quantized.<kernel>_prepack (see _bind)
     _FLOAT = nn.Module
     _FUSED = None  # the fused float class, set on the ReLU kinds
     _REFERENCE = nn.Module
+    _PREPACK = None  # torch.ops.quantized.<kernel>_prepack (see _bind)
     _SPATIAL_DIMS = 0
     _WEIGHT_CH_AXIS = 0
 
@@ -193,6 +193,9 @@ class _PackedWeighted(_QuantizedBase):
         self.pack_engine = None  # an engine to pack with, whatever the current one (str)
         self._unpacked_copy = None  # (weight, bias) where the engine cannot unpack
         w = torch._empty_affine_quantized(weight_shape, scale=1.0, zero_point=0,
+                                          dtype=torch.qint8)
+        self.set_weight_bias(w, torch.zeros(self._out_channels()) if bias else None)
+
     @classmethod
     def _bind(cls, kernel: str, dims: int) -> None:
         """``kernel`` ("conv2d") gives the forward and ``<kernel>_prepack`` / ``_unpack``;
@@ -205,9 +208,6 @@ class _PackedWeighted(_QuantizedBase):
         cls._PREPACK = getattr(_OPS, kernel + "_prepack")
         cls._unpack = _unpacker(getattr(_OPS, kernel + "_unpack"))
         cls._SPATIAL_DIMS = dims
-
-                                          dtype=torch.qint8)
-        self.set_weight_bias(w, torch.zeros(self._out_channels()) if bias else None)
 
     # -- subclass hooks
     def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
@@ -506,10 +506,10 @@ class _ConvNd(_PackedWeighted):
         return [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
 
     def _out_channels(self) -> int:
+        return self.out_channels
+
     def _pack_args(self) -> tuple[Any, ...]:
         return list(self.stride), self._kernel_padding(), list(self.dilation), self.groups
-
-        return self.out_channels
 
     def _kernel_padding(self) -> list[int]:
         """Padding given to the kernel: zero when we pad the input ourselves."""
@@ -664,6 +664,10 @@ class _BatchNormNd(_QuantizedBase):
         self.num_features = int(num_features)
         self.eps = float(eps)
         self._input_dims: int = self._DIMS
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                           ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((self.num_features,), fill))
+
     @classmethod
     def _bind(cls, kernel: str, dims: int) -> None:
         """As _PackedWeighted._bind; ``dims`` spatial dims (the input has two more)."""
@@ -672,10 +676,6 @@ class _BatchNormNd(_QuantizedBase):
             cls._FUSED = getattr(fused, cls.__name__)
             return
         cls._FLOAT, cls._DIMS = getattr(nn, cls.__name__), dims + 2
-
-        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
-                           ("running_var", 1.0)):
-            self.register_buffer(name, torch.full((self.num_features,), fill))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, scale={self.scale}, "
