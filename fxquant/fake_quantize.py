@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fxquant import qmath
+from fxquant.backends.names import AUTO, DEFAULT_BACKEND
 from fxquant.observers import (
     ObserverSite,
     check_finite,
@@ -58,7 +59,6 @@ from fxquant.qconfig import (
     QConfigMapping,
     default_quint8_weight_qconfig,
     default_reuse_input_qconfig,
-    resolve_backend,
 )
 
 __all__ = [
@@ -527,7 +527,7 @@ def _act_fake_quant(fused: bool, reduce_range: bool | None) -> ObserverFactory:
     return cls.with_args(**kwargs)
 
 
-def get_default_qat_qconfig(backend: str = "x86", version: int = 1, *,
+def get_default_qat_qconfig(backend: str = DEFAULT_BACKEND, version: int = 1, *,
                             reduce_range: bool | None = None) -> QConfig:
     """The default QAT qconfig of a backend, as torch.ao's ``get_default_qat_qconfig`` except
     for the activation range, which follows the CPU as the PTQ default does
@@ -539,21 +539,22 @@ def get_default_qat_qconfig(backend: str = "x86", version: int = 1, *,
       kernels would saturate full-range input on this CPU (fbgemm / x86 / onednn without VNNI),
       without it elsewhere (qnnpack; VNNI / AMX CPUs). ``reduce_range=`` pins the choice;
     * weights qint8 per-channel symmetric (fbgemm, x86, onednn), per-tensor symmetric
-      -128..127 on qnnpack.
+      -128..127 on qnnpack (``Backend.per_channel_weights``).
 
     All observe with moving-average min/max (averaging constant 0.01).
     """
-    from fxquant.qconfig import activation_range
+    from fxquant.backends.base import get_backend
+    from fxquant.qconfig import activation_range, resolve_backend
 
-    backend = resolve_backend(backend)
+    policy = get_backend(resolve_backend(backend))
     if version not in (0, 1):
         raise ValueError(f"get_default_qat_qconfig: version must be 0 or 1, got {version!r}")
     fused = version == 1
-    reduce_range = activation_range(backend, reduce_range).reduce_range
-    if backend == "qnnpack":
-        weight = default_fused_wt_fake_quant if fused else default_weight_fake_quant
-    else:
+    reduce_range = activation_range(policy.name, reduce_range).reduce_range
+    if policy.per_channel_weights:
         weight = default_fused_per_channel_wt_fake_quant if fused else default_per_channel_weight_fake_quant
+    else:
+        weight = default_fused_wt_fake_quant if fused else default_weight_fake_quant
     return QConfig(activation=_act_fake_quant(fused, reduce_range), weight=weight)
 
 
@@ -564,7 +565,7 @@ _CONV_TRANSPOSE_TYPES: tuple[Any, ...] = (
 )
 
 
-def get_default_qat_qconfig_mapping(backend: str = "auto", version: int = 1, *,
+def get_default_qat_qconfig_mapping(backend: str = AUTO, version: int = 1, *,
                                     reduce_range: bool | None = None) -> QConfigMapping:
     """The default QAT QConfigMapping of a backend, as torch.ao builds it: global
     ``get_default_qat_qconfig(backend, version, reduce_range=reduce_range)`` (activation range
@@ -573,11 +574,13 @@ def get_default_qat_qconfig_mapping(backend: str = "auto", version: int = 1, *,
     a float weight, PReLU with :data:`~fxquant.qconfig.default_quint8_weight_qconfig` (as torch),
     and FixedQParamsFakeQuantize for sigmoid / hardsigmoid / softmax / tanh.
     ``mapping.backend`` records the resolved backend."""
-    from fxquant.qconfig import activation_range
+    from fxquant.backends.base import get_backend
+    from fxquant.qconfig import activation_range, resolve_backend
 
-    backend = resolve_backend(backend)
+    policy = get_backend(resolve_backend(backend))
+    backend = policy.name
     qconfig = get_default_qat_qconfig(backend, version, reduce_range=reduce_range)
-    transpose = QConfig(qconfig.activation, default_weight_fake_quant) if backend in ("fbgemm", "x86") else qconfig
+    transpose = QConfig(qconfig.activation, default_weight_fake_quant) if policy.per_tensor_conv_transpose else qconfig
     layernorm = QConfig(qconfig.activation, default_placeholder_observer)
     mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
     for op in _CONV_TRANSPOSE_TYPES:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fxquant.backends.names import AUTO, BUILTIN_BACKENDS, DEFAULT_BACKEND, resolve_backend_name
 from fxquant.errors import ConfigError, ConfigTypeError, did_you_mean
 from fxquant.observers import (
     FixedQParamsObserver,
@@ -79,7 +80,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
+BACKENDS: tuple[str, ...] = BUILTIN_BACKENDS  # the built-in backend names
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,27 +182,18 @@ default_quint8_weight_qconfig = QConfig(activation=HistogramObserver.with_args()
 # Backends and default qconfigs
 # ----------------------------------------------------------------------------------------
 
-_X86_MACHINES = ("x86_64", "amd64", "x86", "i386", "i686")
-_ARM_MACHINES = ("arm64", "aarch64", "armv8l", "armv8b")
+def resolve_backend(backend: str = AUTO) -> str:
+    """A concrete backend name. ``"auto"`` picks by this machine's CPU: x86 on x86_64/AMD64,
+    qnnpack on arm64/aarch64. Other names are checked against :data:`BACKENDS` (and any
+    registered backend) and returned as given (:mod:`fxquant.backends.names`)."""
+    return resolve_backend_name(backend, machine=platform.machine())
 
 
-def resolve_backend(backend: str = "auto") -> str:
-    """A concrete backend name. ``"auto"`` picks by CPU: x86 on x86_64/AMD64, qnnpack on
-    arm64/aarch64. Other names are checked against :data:`BACKENDS` and returned as given."""
-    if backend == "auto":
-        machine = platform.machine().lower()
-        if machine in _X86_MACHINES:
-            return "x86"
-        if machine in _ARM_MACHINES:
-            return "qnnpack"
-        raise ConfigError(
-            f"cannot pick a quantization backend automatically for machine {platform.machine()!r}; "
-            f"pass backend= one of {list(BACKENDS)}"
-        )
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown quantization backend {backend!r}{did_you_mean(str(backend), BACKENDS)}; "
-                          f"use one of {list(BACKENDS)} or 'auto'")
-    return backend
+def _backend(name: str) -> Any:
+    """The :class:`~fxquant.backends.base.Backend` whose policy a default qconfig follows."""
+    from fxquant.backends.base import get_backend
+
+    return get_backend(resolve_backend(name))
 
 
 def activation_range(backend: str, reduce_range: bool | None = None) -> Any:
@@ -221,7 +213,7 @@ def activation_range(backend: str, reduce_range: bool | None = None) -> Any:
                           f"default would be {chosen.reason}")
 
 
-def get_default_qconfig(backend: str = "x86", *, reduce_range: bool | None = None,
+def get_default_qconfig(backend: str = DEFAULT_BACKEND, *, reduce_range: bool | None = None,
                         calibration: str = "histogram") -> QConfig:
     """The default post-training qconfig of a backend (histogram activations, int8 weights):
 
@@ -231,14 +223,15 @@ def get_default_qconfig(backend: str = "x86", *, reduce_range: bool | None = Non
       int16 sums on full-range input (:func:`activation_range`; README "CPU requirements").
       torch.ao fixes this by backend (reduce_range on fbgemm/x86, full range on onednn) and is
       wrong on one kind of CPU or the other. ``reduce_range=`` pins the choice;
-    * weights: per-channel symmetric qint8, per-tensor symmetric on qnnpack.
+    * weights: per-channel symmetric qint8, per-tensor symmetric on qnnpack
+      (``Backend.per_channel_weights``).
 
     ``calibration`` picks the activation observer (docs/calibration.md): "histogram"
     (default), "minmax", "moving_average", "percentile" (99.99%), "mse" or "entropy" (KL).
     """
-    backend = resolve_backend(backend)
-    act = activation_range(backend, reduce_range)
-    weight = default_weight_observer if backend == "qnnpack" else default_per_channel_weight_observer
+    policy = _backend(backend)
+    act = activation_range(policy.name, reduce_range)
+    weight = default_per_channel_weight_observer if policy.per_channel_weights else default_weight_observer
     observer = calibration_observer(calibration)
     return QConfig(activation=observer.with_args(reduce_range=act.reduce_range), weight=weight)
 
@@ -284,7 +277,7 @@ _CONV_TRANSPOSE_TYPES: tuple[Callable, ...] = (
 )
 
 
-def get_default_qconfig_mapping(backend: str = "auto", *, reduce_range: bool | None = None,
+def get_default_qconfig_mapping(backend: str = AUTO, *, reduce_range: bool | None = None,
                                 calibration: str = "histogram") -> QConfigMapping:
     """The default post-training QConfigMapping of a backend, as torch.ao builds it:
 
@@ -294,15 +287,17 @@ def get_default_qconfig_mapping(backend: str = "auto", *, reduce_range: bool | N
     "mse", "entropy"), plus
       * ``"reshape"``: :data:`default_reuse_input_qconfig`;
       * ConvTranspose1/2/3d and F.conv_transpose1/2/3d: per-tensor weights on fbgemm/x86
-        (no per-channel transposed conv kernels there), else the global qconfig;
+        (no per-channel transposed conv kernels there: ``Backend.per_tensor_conv_transpose``),
+        else the global qconfig;
       * F.layer_norm / nn.LayerNorm: the global activation, float (placeholder) weight;
       * nn.PReLU: :data:`default_quint8_weight_qconfig`;
       * sigmoid / hardsigmoid / softmax / tanh: fixed qparams (see FIXED_QPARAMS_OP_TO_OBSERVER).
     ``mapping.backend`` records the resolved backend.
     """
-    backend = resolve_backend(backend)
+    policy = _backend(backend)
+    backend = policy.name
     qconfig = get_default_qconfig(backend, reduce_range=reduce_range, calibration=calibration)
-    transpose = QConfig(qconfig.activation, default_weight_observer) if backend in ("fbgemm", "x86") else qconfig
+    transpose = QConfig(qconfig.activation, default_weight_observer) if policy.per_tensor_conv_transpose else qconfig
     layernorm = QConfig(qconfig.activation, default_placeholder_observer)
     mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
     for op in _CONV_TRANSPOSE_TYPES:

@@ -69,12 +69,14 @@ def _attention_defaults(gm: fx.GraphModule, mapping: Any, modules: dict, ctx: Pa
 
 
 def _default_mapping(mapping: Any, is_qat: bool) -> Any:
-    """The default (QAT) mapping of ``mapping.backend`` (x86 for hand-made mappings)."""
+    """The default (QAT) mapping of ``mapping.backend`` (the default backend's for hand-made
+    mappings)."""
+    from fxquant.backends.names import DEFAULT_BACKEND, known_backends
     from fxquant.fake_quantize import get_default_qat_qconfig_mapping
-    from fxquant.qconfig import BACKENDS, get_default_qconfig_mapping
+    from fxquant.qconfig import get_default_qconfig_mapping
 
     backend = getattr(mapping, "backend", None)
-    backend = backend if backend in BACKENDS else "x86"
+    backend = backend if backend in known_backends() else DEFAULT_BACKEND
     try:
         make = get_default_qat_qconfig_mapping if is_qat else get_default_qconfig_mapping
         return make(backend)

@@ -6,7 +6,9 @@
    ``torch.quantize_per_channel``, ``.int_repr()`` ...) appear only under fxquant/backends/ and
    fxquant/nn/;
 3. passes/ never name quantized dtypes (``torch.quint8`` / ``qint8`` / ``qint32`` ...): they ask
-   the backend layer / the spec instead.
+   the backend layer / the spec instead;
+4. backend / engine names ("x86", "fbgemm", "qnnpack", "onednn") appear in code only under
+   fxquant/backends/ (docstrings and messages may name them): the rest asks the Backend.
 
 Each offender is reported as ``file:line: what``.
 """
@@ -254,3 +256,56 @@ def test_no_new_layering_offenders():
     new_ops = {_file_and_name(o) for o in quantized_op_offenders()} - known_ops
     new_dtypes = {_file_and_name(o) for o in passes_dtype_offenders()} - known_dtypes
     assert not new_ops and not new_dtypes, (sorted(new_ops), sorted(new_dtypes))
+
+
+# ------------------------------------------------------------ backend names stay in backends/
+
+# The built-in backend / engine names, spelled here too so that emptying a constant in the
+# library cannot silence the check.
+BACKEND_NAMES = frozenset({"fbgemm", "x86", "qnnpack", "onednn"})
+BACKEND_LAYER = "fxquant/backends/"
+
+
+def _all_backend_names() -> frozenset[str]:
+    from fxquant.backends.engine import KNOWN_ENGINES
+    from fxquant.backends.names import BUILTIN_BACKENDS
+
+    return BACKEND_NAMES | frozenset(BUILTIN_BACKENDS) | frozenset(KNOWN_ENGINES)
+
+
+def backend_name_strings(source: str, filename: str, names: frozenset[str]) -> list[str]:
+    """Where the code (not a docstring) holds a string constant equal to one of ``names``:
+    a comparison, an ``in`` test, a default argument, a tuple or a call argument alike."""
+    tree = ast.parse(source, filename)
+    docstrings = _docstring_nodes(tree)
+    return sorted({f"{filename}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                   and node.value in names and id(node) not in docstrings})
+
+
+def test_scanner_finds_backend_names_in_code_not_docstrings():
+    src = '''
+"""Module docstring naming "x86" and qnnpack is fine."""
+def f(backend: str = "x86") -> bool:
+    """So is a function docstring: 'fbgemm'."""
+    if backend == "qnnpack":
+        return backend in ("fbgemm", "onednn")
+    msg = f"use the {backend!r} engine, e.g. 'x86'"  # part of a message: not a name
+    return get(backend, "onednn")
+'''
+    found = backend_name_strings(src, "x.py", BACKEND_NAMES)
+    assert sorted(found) == sorted(["x.py:3: 'x86'", "x.py:5: 'qnnpack'", "x.py:6: 'fbgemm'",
+                                    "x.py:6: 'onednn'", "x.py:8: 'onednn'"])
+
+
+def test_no_backend_names_outside_backends():
+    """Backend policy belongs to the Backend (fxquant/backends/): the rest of the library
+    asks it (``get_backend(name)``, ``fxquant.backends.engine``), never compares names."""
+    names = _all_backend_names()
+    offenders = []
+    for path in library_files():
+        name = rel(path)
+        if not name.startswith(BACKEND_LAYER):
+            offenders += backend_name_strings(path.read_text(), name, names)
+    assert not offenders, ("backend / engine names outside fxquant/backends/ (ask the Backend "
+                           "or fxquant.backends.engine instead):\n" + "\n".join(offenders))

@@ -85,6 +85,11 @@ PAD = _present(F.pad, torch.constant_pad_nd, nn.ZeroPad1d, nn.ZeroPad2d, nn.Zero
                getattr(nn, "CircularPad3d", None))
 CLAMP = _present(torch.clamp, torch.clip, torch.clamp_, torch.clip_, F.hardtanh_,
                  "clamp", "clip", "clamp_", "clip_")
+# the clamp spellings the native table's "clamp_family" rule runs as the same op on the
+# quantized tensor; the "clamp" rule here takes the rest of CLAMP (both clamp rules read
+# their spellings from here)
+CLAMP_FAMILY = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, "clamp",
+                torch.clip, "clip")
 
 
 # ---------------------------------------------------------------- reading a node's arguments
@@ -640,9 +645,11 @@ def lower_clamp(contiguous: bool) -> Callable[[LowerCtx], Lowered]:
 
 
 # ---------------------------------------------------------------- the table
-def activation_rules(backend: str) -> list[Rule]:
-    """The rules for ``backend`` ("fbgemm", "x86", "qnnpack", "onednn")."""
-    return _activations() + _fixed_qparams() + _norms() + _resampling(backend)
+def activation_rules(clamp_needs_contiguous: bool = False) -> list[Rule]:
+    """The rules of the native backends. ``clamp_needs_contiguous``: the engine's clamp kernel
+    is wrong on channels-last input (qnnpack), so clamp's input is made contiguous first."""
+    return (_activations() + _fixed_qparams() + _norms()
+            + _resampling(clamp_needs_contiguous))
 
 
 def _activations() -> list[Rule]:
@@ -707,9 +714,7 @@ def _norms() -> list[Rule]:
     ]
 
 
-def _resampling(backend: str) -> list[Rule]:
-    from fxquant.backends.native import CLAMP_FAMILY
-
+def _resampling(clamp_needs_contiguous: bool) -> list[Rule]:
     clamp = tuple(t for t in CLAMP if t not in CLAMP_FAMILY)  # the rest: the native table's
     return [
         Rule("interpolate", Op(*INTERPOLATE), SHARED, "aten::upsample_* (QuantizedCPU)",
@@ -719,6 +724,6 @@ def _resampling(backend: str) -> list[Rule]:
              lower_pad, notes="constant (any value: the shared observer sees it) and reflect "
                               "1d/2d run quantized; replicate / circular / reflect 3d stay float"),
         Rule("clamp", Op(*clamp), SHARED, "aten::clamp / hardtanh (QuantizedCPU)",
-             lower_clamp(backend == "qnnpack"), check=_checks(check_inplace, _clamp_bounds),
+             lower_clamp(clamp_needs_contiguous), check=_checks(check_inplace, _clamp_bounds),
              notes="number bounds only; qnnpack: input made contiguous, min-and-max only"),
     ]

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxquant.backends.names import AUTO, machine_backend
 from fxquant.errors import FxQuantError
 from fxquant.patterns import NoMatch, Op
 
@@ -159,10 +160,22 @@ class Rule:
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend: its name, the torch engine that runs it, its rule table, and the policy the
+    default qconfigs follow on it. The library asks these fields and never compares backend
+    names (a backend composed from another keeps its policy).
+
+    ``per_channel_weights``: default weights are per-channel (False: per-tensor, for kernels
+    without per-channel weights). ``per_tensor_conv_transpose``: the default mappings give
+    transposed convs per-tensor weights (as torch.ao does where the engine's transposed conv
+    has no per-channel form).
+    """
+
     name: str
     engine: str
     rules: tuple[Rule, ...]
     description: str = ""
+    per_channel_weights: bool = True
+    per_tensor_conv_transpose: bool = False
 
     def rule_for(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any,
                  kind: str = "static") -> tuple[Optional[Rule], Optional[str]]:
@@ -206,10 +219,8 @@ def get_backend(name: Union[str, Backend]) -> Backend:
     if isinstance(name, Backend):
         return name
     _load_builtin()
-    if name == "auto":
-        from fxquant.qconfig import resolve_backend
-
-        name = resolve_backend("auto")
+    if name == AUTO:
+        name = machine_backend()
     if name not in _REGISTRY:
         raise FxQuantError(f"unknown backend '{name}'",
                            hint=f"use one of {sorted(_REGISTRY)} or register_backend(...) your own")

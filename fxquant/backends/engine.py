@@ -12,9 +12,21 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["KNOWN_ENGINES", "current_engine", "engine", "supported_engines"]
+__all__ = ["KNOWN_ENGINES", "clamp_needs_contiguous", "conv_unpack_unavailable",
+           "current_engine", "deconv_packing_engine", "engine", "fp16_packing_available",
+           "has_per_channel_deconv", "is_deconv3d_wrong", "supported_engines"]
 
 KNOWN_ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
+
+# What torch 2.13's engines get wrong or lack, asked by fxquant.nn's quantized modules
+# (which never compare engine names themselves; tests/test_layering.py).
+_CONTIGUOUS_CLAMP = frozenset({"qnnpack"})  # clamp kernels wrong on channels-last input
+_NO_FP16_PACKING = frozenset({"qnnpack"})  # no linear_prepack_fp16
+_NO_CONV_UNPACK = frozenset({("qnnpack", 3)})  # (engine, spatial dims): packed, not unpackable
+_WRONG_DECONV = frozenset({"x86", "onednn"})  # onednn's deconvolution: off by up to 255 steps
+_DECONV_FALLBACK = "fbgemm"  # ... so their transposed convs are packed with this engine
+_PER_CHANNEL_DECONV = frozenset({"qnnpack"})  # per-channel transposed-conv weights
+_WRONG_DECONV3D = frozenset({"qnnpack"})  # conv_transpose3d nondeterministic, wrong
 
 
 def supported_engines() -> tuple[str, ...]:
@@ -53,3 +65,44 @@ def engine(name: str) -> Iterator[str]:
         yield name
     finally:
         torch.backends.quantized.engine = previous
+
+
+def _named(name: str | None) -> str:
+    return current_engine() if name is None else name
+
+
+def clamp_needs_contiguous(name: str | None = None) -> bool:
+    """Whether engine ``name`` (default: the current one) clamps channels-last input wrongly,
+    so an in-place clamp must first make its input contiguous."""
+    return _named(name) in _CONTIGUOUS_CLAMP
+
+
+def fp16_packing_available(name: str | None = None) -> bool:
+    """Whether engine ``name`` (default: the current one) packs float16 linear weights."""
+    return _named(name) not in _NO_FP16_PACKING
+
+
+def conv_unpack_unavailable(name: str, spatial_dims: int) -> bool:
+    """Whether conv weights packed by ``name`` for this many spatial dims run but cannot be
+    unpacked again (the module must keep an unpacked copy for state_dict and pickling)."""
+    return (name, spatial_dims) in _NO_CONV_UNPACK
+
+
+def deconv_packing_engine(name: str | None = None) -> str | None:
+    """The engine to pack a transposed conv with when ``name`` (default: the current one) is
+    asked for: ``name`` itself, or fbgemm where ``name``'s deconvolution is wrong; None when it
+    is wrong and this build has no fbgemm."""
+    requested = _named(name)
+    if requested not in _WRONG_DECONV:
+        return requested
+    return _DECONV_FALLBACK if _DECONV_FALLBACK in supported_engines() else None
+
+
+def has_per_channel_deconv(name: str) -> bool:
+    """Whether weights packed by ``name`` may be per-channel for a transposed conv."""
+    return name in _PER_CHANNEL_DECONV
+
+
+def is_deconv3d_wrong(name: str | None = None) -> bool:
+    """Whether engine ``name``'s (default: the current one) 3-d transposed conv is wrong."""
+    return _named(name) in _WRONG_DECONV3D

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend, register_backend
+from fxquant.backends.names import FBGEMM
 from fxquant.backends.native import native_rules
 
 BACKEND = register_backend(Backend(
-    name="fbgemm",
-    engine="fbgemm",
-    rules=native_rules(backend="fbgemm"),
+    name=FBGEMM,
+    engine=FBGEMM,
+    rules=native_rules(),
     description="Facebook GEneral Matrix Multiplication: the classic x86 server backend",
+    per_tensor_conv_transpose=True,  # no per-channel transposed-conv kernel
 ))

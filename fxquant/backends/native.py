@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxquant.backends.activations import CLAMP_FAMILY, activation_rules
 from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY,
                                    WEIGHTED, LowerCtx, Lowered, Rule)
 from fxquant.backends.reference_ops import weighted_core
@@ -21,7 +22,7 @@ from fxquant.nn import dynamic as dyn
 from fxquant.nn import embedding as emb
 from fxquant.nn import fused
 from fxquant.nn import quantized as q
-from fxquant.patterns import NoMatch, Op
+from fxquant.patterns import NoMatch, Op, target_name
 
 _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
 
@@ -233,8 +234,6 @@ def _callable_of(ctx: LowerCtx) -> Any:
 
 
 def _op_label(ctx: LowerCtx) -> str:
-    from fxquant.patterns import target_name
-
     node = ctx.node
     if node.op == "call_module":
         return type(ctx.module).__name__
@@ -246,7 +245,10 @@ def lower_binary(kernel: Any, kernel_relu: Any):
         if set(ctx.qinputs) != {0, 1}:
             return NoMatch("one operand is not a quantized tensor (tensor-scalar form has no "
                            "kernel here yet)")
-        target = kernel_relu if len(ctx.group) > 1 else kernel
+        relu = _ends_in_relu(ctx)
+        if isinstance(relu, NoMatch):
+            return relu
+        target = kernel_relu if relu else kernel
         order = _broadcast_order(ctx)
         err = ctx.probe(lambda a, b: target(a, b, ctx.out_scale, ctx.out_zero_point),
                         keys=order)
@@ -257,6 +259,21 @@ def lower_binary(kernel: Any, kernel_relu: Any):
             target, (ctx.qinputs[order[0]], ctx.qinputs[order[1]], ctx.out_scale,
                      ctx.out_zero_point))
     return lower
+
+
+def _ends_in_relu(ctx: LowerCtx) -> Union[bool, NoMatch]:
+    """Whether the op's fused group is op + ReLU, the one activation quantized::add_relu /
+    mul_relu fuse (False for the op alone); any other group (a user's add + sigmoid) is a
+    NoMatch naming it, so it stays float rather than lowering as *_relu."""
+    from fxquant.fusion import RELU
+
+    if not ctx.group:
+        return False
+    if len(ctx.group) == 2 and RELU.matches(ctx.group[-1], ctx.modules):
+        return True
+    names = " + ".join(type(ctx.modules[n.target]).__name__ if n.op == "call_module"
+                       else target_name(n.target) for n in ctx.group)
+    return NoMatch(f"fused group {names}: no fused kernel here (only add / mul + relu)")
 
 
 def _broadcast_order(ctx: LowerCtx) -> tuple[int, int]:
@@ -395,8 +412,6 @@ SHARED_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.Avg
 SHARED_FUNCTIONS = (F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten)
-CLAMP_FAMILY = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, "clamp",
-                torch.clip, "clip")
 # Ops that move or pick values without changing them: they run on the quantized tensor and
 # keep its scale/zero_point.
 RESHAPE_FAMILY = ("reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
@@ -412,10 +427,9 @@ TUPLE_FAMILY = ("chunk", "split", "unbind", "tensor_split", torch.chunk, torch.s
 MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
 
 
-def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> tuple[Rule, ...]:
-    """``clamp_needs_contiguous``: the engine's clamp kernels mishandle channels-last input."""
-    from fxquant.backends.activations import activation_rules
-
+def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
+    """``clamp_needs_contiguous``: the engine's clamp kernels mishandle channels-last input
+    (both clamp rules, this table's and activations', then make their input contiguous)."""
     rules = [
         Rule("linear", Op(nn.Linear), WEIGHTED, "quantized::linear", lower_weighted),
         Rule("linear_relu", Op(fused.LinearReLU), WEIGHTED, "quantized::linear_relu",
@@ -484,7 +498,7 @@ def native_rules(clamp_needs_contiguous: bool = False, backend: str = "x86") -> 
              lower_same_op_contiguous if clamp_needs_contiguous else lower_same_op),
     ]
     rules = [_qnnpack_fallback(r) for r in rules]
-    rules += activation_rules(backend)
+    rules += activation_rules(clamp_needs_contiguous)
     rules += dynamic_rules()
     return tuple(rules)
 
@@ -495,9 +509,9 @@ def _qnnpack_fallback(rule: Rule) -> Rule:
     int16 pair sums on full-range activations without VNNI, and fbgemm's transposed conv with
     kernel 2, stride 2 is wrong on any CPU (torch 2.13). Not 3-d convs: qnnpack's
     ConvTranspose3d is wrong, and a qnnpack-packed Conv3d cannot be unpacked (state_dict,
-    TorchScript save fail: "QNNPACK only supports conv2d_unpack")."""
-    if rule.lower is not lower_weighted or "3d" in rule.name \
-            or rule.alt_engines or "qnnpack" not in torch.backends.quantized.supported_engines:
+    TorchScript save fail: "QNNPACK only supports conv2d_unpack"). Lowering tries an
+    alternative engine only where this torch build has it."""
+    if rule.lower is not lower_weighted or "3d" in rule.name or rule.alt_engines:
         return rule
     return replace(rule, alt_engines=("qnnpack",))
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend, register_backend
+from fxquant.backends.names import ONEDNN
 from fxquant.backends.native import native_rules
 
 BACKEND = register_backend(Backend(
-    name="onednn",
-    engine="onednn",
-    rules=native_rules(backend="onednn"),
+    name=ONEDNN,
+    engine=ONEDNN,
+    rules=native_rules(),
     description="oneDNN (formerly MKL-DNN) kernels on x86",
 ))

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend, register_backend
+from fxquant.backends.engine import clamp_needs_contiguous
+from fxquant.backends.names import QNNPACK
 from fxquant.backends.native import native_rules
 
 BACKEND = register_backend(Backend(
-    name="qnnpack",
-    engine="qnnpack",
-    rules=native_rules(clamp_needs_contiguous=True, backend="qnnpack"),
+    name=QNNPACK,
+    engine=QNNPACK,
+    rules=native_rules(clamp_needs_contiguous=clamp_needs_contiguous(QNNPACK)),
     description="Quantized Neural Networks PACKage: the ARM / mobile backend",
+    per_channel_weights=False,  # as torch.ao's default qnnpack qconfig
 ))

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend, register_backend
+from fxquant.backends.names import X86
 from fxquant.backends.native import native_rules
 
 BACKEND = register_backend(Backend(
-    name="x86",
-    engine="x86",
-    rules=native_rules(backend="x86"),
+    name=X86,
+    engine=X86,
+    rules=native_rules(),
     description="torch's x86 engine: fbgemm and onednn kernels chosen per op (the default on x86 CPUs)",
+    per_tensor_conv_transpose=True,  # packs transposed convs with fbgemm: per-tensor only
 ))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fxquant.backends.engine import clamp_needs_contiguous
 from fxquant.nn import quantized as q
 
 __all__ = ["ConvClamp1d", "ConvClamp2d", "ConvClamp3d", "LinearClamp", "CLAMPED_OF"]
@@ -81,7 +82,7 @@ class _ClampMixin:
                                ) -> Any:
         qmod = cls.from_reference(ref_mod, output_scale, output_zero_point, pack_engine)
         qmod.set_clamp(*bounds)
-        qmod.contiguous_clamp = torch.backends.quantized.engine == "qnnpack"
+        qmod.contiguous_clamp = clamp_needs_contiguous()
         return qmod
 
     def extra_repr(self) -> str:

@@ -34,6 +34,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from fxquant.backends.engine import fp16_packing_available
+
 __all__ = ["Linear", "LinearReLU", "LSTM", "GRU", "LSTMCell", "GRUCell", "RNNCell"]
 
 ObserverFactory = Callable[[], Any]
@@ -149,7 +151,7 @@ def _pack_linear(weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> 
     """torch's packed linear weight for the current engine."""
     b = None if bias is None else bias.detach().float()
     if dtype == torch.float16:
-        if torch.backends.quantized.engine == "qnnpack":
+        if not fp16_packing_available():
             raise RuntimeError("float16 dynamic weights need the fbgemm/x86 engine; set "
                                "torch.backends.quantized.engine = 'x86' or use dtype=torch.qint8")
         return torch.ops.quantized.linear_prepack_fp16(weight, b)

@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxquant.backends.engine import current_engine, supported_engines
+from fxquant.backends.engine import (conv_unpack_unavailable, current_engine,
+                                     deconv_packing_engine, has_per_channel_deconv,
+                                     is_deconv3d_wrong, supported_engines)
 from fxquant.backends.engine import engine as use_engine
 from fxquant.nn import fused, reference
 from fxquant.nn.common import WeightQParams
@@ -50,11 +52,6 @@ __all__ = [
 ]
 
 _OPS = torch.ops.quantized
-# (engine, spatial dims) whose packed conv weights run but cannot be unpacked (qnnpack
-# Conv3d); modules keep an unpacked copy there so weight(), state_dict and pickling work.
-_NO_UNPACK = {("qnnpack", 3)}
-# engines whose quantized transposed conv is onednn's deconvolution (see _ConvTransposeNd)
-_ONEDNN_DECONV_ENGINES = ("x86", "onednn")
 
 
 def _check_output_qparams(owner: str, scale: float, zero_point: int) -> tuple[float, int]:
@@ -253,7 +250,8 @@ class _PackedWeighted(_QuantizedBase):
         self._has_bias: bool = b is not None
         self.weight_dtype: torch.dtype = w.dtype
         self.weight_qscheme: str = str(w.qscheme())
-        keep = (packing, self._SPATIAL_DIMS) in _NO_UNPACK
+        # qnnpack's Conv3d runs but cannot be unpacked: keep a copy for weight(), state_dict
+        keep = conv_unpack_unavailable(packing, self._SPATIAL_DIMS)
         self._unpacked_copy = (w, b) if keep else None
 
     def _check_weight(self, w: torch.Tensor) -> None:
@@ -586,15 +584,13 @@ class _ConvTransposeNd(_ConvNd):
     def packing_engine(self) -> str:
         if getattr(self, "pack_engine", None):
             return self.pack_engine
-        requested = current_engine()
-        if requested not in _ONEDNN_DECONV_ENGINES:
-            return requested
-        if "fbgemm" not in supported_engines():
+        packing = deconv_packing_engine()
+        if packing is None:
             raise NotImplementedError(
-                f"{self._NAME}: the {requested!r} engine's transposed conv gives wrong results "
-                "and this torch build has no fbgemm to pack with instead; keep it in float"
+                f"{self._NAME}: the {current_engine()!r} engine's transposed conv gives wrong "
+                "results and this torch build has no fbgemm to pack with instead; keep it in float"
             )
-        return "fbgemm"
+        return packing
 
     def _check_padding_mode(self, mode: str) -> str:
         if mode != "zeros":
@@ -607,7 +603,7 @@ class _ConvTransposeNd(_ConvNd):
     def _check_weight(self, w: torch.Tensor) -> None:
         super()._check_weight(w)
         packing = self.packing_engine()
-        if w.qscheme() != torch.per_tensor_affine and packing != "qnnpack":
+        if w.qscheme() != torch.per_tensor_affine and not has_per_channel_deconv(packing):
             raise NotImplementedError(
                 f"{self._NAME}: per-channel weights are not supported for transposed conv on "
                 f"the {current_engine()!r} engine (it packs with {packing}; only qnnpack has a "
@@ -638,7 +634,7 @@ class ConvTranspose3d(_ConvTransposeNd, kernel="conv_transpose3d", dims=3):
     """Quantized ConvTranspose3d (quantized::conv_transpose3d)."""
 
     def _pack(self, w: torch.Tensor, b: torch.Tensor | None) -> Any:
-        if current_engine() == "qnnpack":
+        if is_deconv3d_wrong():
             raise NotImplementedError(
                 "QuantizedConvTranspose3d is not supported on the 'qnnpack' engine: its "
                 "conv_transpose3d kernel returns nondeterministic, wrong values (torch "
