@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import fxquant
 from fxquant.measure import interleaved_latency, model_size_bytes, sqnr_db
+from fxquant.options import options_of
 
 
 class BasicBlock(nn.Module):
@@ -77,7 +78,7 @@ def main() -> None:
     example = (torch.randn(1, 3, 64, 64),)
     mapping = fxquant.get_default_qconfig_mapping(args.backend)
     prepared = fxquant.prepare_fx(model, mapping, example, backend=args.backend, dump_dir=args.dump)
-    backend = prepared.meta["fxquant_options"]["backend"]
+    backend = options_of(prepared).backend.name
     torch.backends.quantized.engine = backend
     with torch.no_grad():
         for i in range(args.calib_batches):

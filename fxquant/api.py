@@ -2,19 +2,52 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Sequence, Union
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, TypedDict, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from fxquant.errors import FxQuantError
+from fxquant.options import OPTIONS_KEY, QuantOptions, options_of
 from fxquant.pipeline import Instrument, Pass, PassContext, PassManager
 from fxquant.serialize import keep_meta_when_pickled, restore_pickled_meta
 from fxquant.trace import TraceConfig, record_values, trace
 from fxquant.validate import eval_modes, label_observers, validate_calibrated, validate_prepare
 
-OPTIONS_KEY = "fxquant_options"
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from fxquant.backends.base import Backend
+
+
+class PrepareOptions(TypedDict, total=False):
+    """The keyword options of :func:`prepare_fx` and :func:`prepare_qat_fx` (see prepare_fx)."""
+
+    leaf_modules: Sequence[type]
+    leaf_names: Sequence[str]
+    concrete_args: Optional[dict[str, Any]]
+    passes: Optional[Sequence[Pass]]
+    dump_dir: Optional[str]
+    instruments: Iterable[Instrument]
+    verify: bool
+    fallback: bool
+
+
+@dataclass(frozen=True)
+class _RunSettings:
+    """How a pipeline runs (not what it computes): dumps, instruments, verification."""
+
+    dump_dir: Optional[str] = None
+    instruments: tuple[Instrument, ...] = ()
+    verify: bool = True
+
+    def under(self, path: str) -> _RunSettings:
+        """The same, dumping into ``path`` below the dump directory (a fallback piece's)."""
+        if not self.dump_dir or not path:
+            return self
+        return replace(self, dump_dir=os.path.join(self.dump_dir, path))
 
 
 def _example_tuple(example_inputs: Any) -> Optional[tuple[Any, ...]]:
@@ -23,25 +56,24 @@ def _example_tuple(example_inputs: Any) -> Optional[tuple[Any, ...]]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _resolve_backend(backend: str, qconfig_mapping: Any) -> str:
+def _resolve_backend(backend: Union[str, Backend], qconfig_mapping: Any) -> Backend:
+    """The one place a backend name is resolved: "auto" is the mapping's backend if it names
+    one, else this CPU's default."""
     from fxquant.backends.base import get_backend
-    from fxquant.qconfig import resolve_backend
 
     if backend == "auto" and getattr(qconfig_mapping, "backend", None):
         backend = qconfig_mapping.backend
-    name = resolve_backend(backend) if backend == "auto" else backend
-    return get_backend(name).name
+    return get_backend(backend)
 
 
-def _run(gm: fx.GraphModule, passes: Sequence[Pass], options: dict[str, Any], *,
-         dump_dir: Optional[str], instruments: Iterable[Instrument], verify: bool,
+def _run(gm: fx.GraphModule, passes: Sequence[Pass], options: QuantOptions, run: _RunSettings,
          facts: Iterable[str]) -> fx.GraphModule:
-    ctx = PassContext(options=dict(options))
-    pm = PassManager(passes, verify=verify, instruments=instruments, dump_dir=dump_dir,
-                     initial_facts=facts)
+    ctx = PassContext(options=options)
+    pm = PassManager(passes, verify=run.verify, instruments=run.instruments,
+                     dump_dir=run.dump_dir, initial_facts=facts)
     result = pm.run(gm, ctx)
     label_observers(result.gm)  # so that NaN calibration data names the node it ran into
-    result.gm.meta[OPTIONS_KEY] = dict(options)
+    result.gm.meta[OPTIONS_KEY] = options
     keep_meta_when_pickled(result.gm)  # torch.save drops node.meta / gm.meta otherwise
     # every pass that ever ran on this model: prepare's, then convert's
     result.gm.meta["fxquant_timings"] = {**gm.meta.get("fxquant_timings", {}), **ctx.timings}
@@ -64,42 +96,66 @@ def _check_module(model: Any) -> None:
         raise FxQuantError(f"expected a torch.nn.Module, got {type(model).__name__}")
 
 
-def _prepare(model: nn.Module, example_inputs: Any, config: TraceConfig, options: dict[str, Any],
-             passes: Sequence[Pass], fallback: bool, run: dict[str, Any]) -> nn.Module:
-    """Trace (with fallback, see :mod:`fxquant.fallback`) and run ``passes`` on each piece.
-    ``run``: dump_dir, instruments, verify; ``options["stored_backend"]``, when present, is the
-    backend written into the prepared model's options (QAT prepares with its own)."""
+def _prepare(model: nn.Module, example_inputs: Any, config: TraceConfig, options: QuantOptions,
+             passes: Sequence[Pass], fallback: bool, run: _RunSettings) -> nn.Module:
+    """Trace (with fallback, see :mod:`fxquant.fallback`) and run ``passes`` on each piece."""
     from fxquant.fallback import Flow, prepare_model
 
     _check_module(model)
-    stored = options.pop("stored_backend", None)
 
     def prepare_unit(gm: fx.GraphModule, values: Optional[tuple[Any, ...]], unit_config: TraceConfig,
                      path: str) -> fx.GraphModule:
         record_values(gm, values)
-        unit_options = {**options, "trace_config": unit_config}
-        dump_dir = run["dump_dir"] and (os.path.join(run["dump_dir"], path) if path else run["dump_dir"])
-        out = _run(gm, passes, unit_options, dump_dir=dump_dir, instruments=run["instruments"],
-                   verify=run["verify"], facts={"traced"})
-        if stored is not None:
-            out.meta[OPTIONS_KEY]["backend"] = stored
-        return out
+        return _run(gm, passes, replace(options, trace_config=unit_config), run.under(path),
+                    facts={"traced"})
 
-    flow = Flow(config, prepare_unit, options.get("qconfig_mapping"), fallback)
+    flow = Flow(config, prepare_unit, options.qconfig_mapping, fallback)
     return prepare_model(model, _example_tuple(example_inputs), flow)
 
 
+def _check_keywords(entry: str, kwargs: Mapping[str, Any]) -> None:
+    unknown = sorted(set(kwargs) - set(PrepareOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"{entry}() got an unexpected keyword argument {unknown[0]!r}")
+
+
+def _prepare_entry(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
+                   backend: Union[str, Backend], qat: bool, kw: PrepareOptions) -> nn.Module:
+    """What :func:`prepare_fx` (``qat`` False) and :func:`prepare_qat_fx` (True) do: check the
+    arguments, build the options once (backend resolved here), then trace and prepare."""
+    from fxquant.fake_quantize import qat_observer_wrapper
+    from fxquant.passes import prepare_pipeline, prepare_qat_pipeline
+    from fxquant.qconfig import QConfigMapping
+
+    _check_keywords("prepare_qat_fx" if qat else "prepare_fx", kw)
+    leaves, names = tuple(kw.get("leaf_modules", ())), tuple(kw.get("leaf_names", ()))
+    concrete_args = kw.get("concrete_args")
+    validate_prepare(model, qconfig_mapping, example_inputs, qat=qat, leaf_modules=leaves,
+                     leaf_names=names, concrete_args=concrete_args)
+    if isinstance(qconfig_mapping, dict):
+        qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
+    options = QuantOptions.build(_resolve_backend(backend, qconfig_mapping),
+                                 qconfig_mapping=qconfig_mapping, is_qat=qat,
+                                 observer_factory_wrapper=qat_observer_wrapper if qat else None)
+    passes = kw.get("passes") or (prepare_qat_pipeline() if qat else prepare_pipeline())
+    run = _RunSettings(kw.get("dump_dir"), tuple(kw.get("instruments", ())), kw.get("verify", True))
+    return _prepare(model, example_inputs, TraceConfig(leaves, names, concrete_args), options,
+                    passes, kw.get("fallback", True), run)
+
+
 def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
-               backend: str = "auto", *, leaf_modules: Sequence[type] = (),
-               leaf_names: Sequence[str] = (), concrete_args: Optional[dict[str, Any]] = None,
-               passes: Optional[Sequence[Pass]] = None, dump_dir: Optional[str] = None,
-               instruments: Iterable[Instrument] = (), verify: bool = True,
-               fallback: bool = True) -> nn.Module:
+               backend: Union[str, Backend] = "auto", **kwargs: Unpack[PrepareOptions]
+               ) -> nn.Module:
     """Trace a copy of ``model``, fuse, assign qconfigs, and insert observers.
 
     Run the returned model on calibration data, then call :func:`convert_fx`. The user's
     ``model`` is not modified. ``backend``: "x86", "fbgemm", "qnnpack", "onednn" or "auto"
     (the mapping's backend if it has one, else x86 on x86 CPUs and qnnpack on ARM).
+
+    Keyword options (:class:`PrepareOptions`): ``leaf_modules`` / ``leaf_names`` (traced as
+    one call), ``concrete_args`` (as for ``torch.fx.symbolic_trace``), ``passes`` (the
+    pipeline, default :func:`fxquant.passes.prepare_pipeline`), ``dump_dir`` (the graph after
+    each pass), ``instruments``, ``verify`` (check the graph after each pass, default True).
 
     ``fallback`` (default True): when torch.fx cannot trace the model, retry with the failing
     submodules as leaves and quantize their traceable submodules on their own; when the root's
@@ -108,27 +164,12 @@ def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     ``fxquant.fallback.fallback_records(prepared)``. ``fallback=False`` raises a
     :class:`fxquant.trace.TraceFailed` naming the submodule, source line, cause and fix.
     """
-    from fxquant.passes import prepare_pipeline
-    from fxquant.qconfig import QConfigMapping
-
-    validate_prepare(model, qconfig_mapping, example_inputs, qat=False, leaf_modules=leaf_modules,
-                     leaf_names=leaf_names, concrete_args=concrete_args)
-    if isinstance(qconfig_mapping, dict):
-        qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
-    name = _resolve_backend(backend, qconfig_mapping)
-    config = TraceConfig(tuple(leaf_modules), tuple(leaf_names), concrete_args)
-    options = {"qconfig_mapping": qconfig_mapping, "backend": name,
-               "is_qat": False, "example_inputs": None}
-    return _prepare(model, example_inputs, config, options, passes or prepare_pipeline(), fallback,
-                    {"dump_dir": dump_dir, "instruments": tuple(instruments), "verify": verify})
+    return _prepare_entry(model, qconfig_mapping, example_inputs, backend, False, kwargs)
 
 
 def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
-                   backend: str = "auto", *, leaf_modules: Sequence[type] = (),
-                   leaf_names: Sequence[str] = (), concrete_args: Optional[dict[str, Any]] = None,
-                   passes: Optional[Sequence[Pass]] = None, dump_dir: Optional[str] = None,
-                   instruments: Iterable[Instrument] = (), verify: bool = True,
-                   fallback: bool = True) -> nn.Module:
+                   backend: Union[str, Backend] = "auto", **kwargs: Unpack[PrepareOptions]
+                   ) -> nn.Module:
     """Quantization-aware training: trace a copy of ``model`` (in training mode), fuse
     (conv-bn kept for simulated folding), assign qconfigs, insert fake-quant modules on the
     activations and swap the weighted modules for QAT modules (:mod:`fxquant.nn.qat`).
@@ -136,37 +177,22 @@ def prepare_qat_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     ``qconfig_mapping`` holds fake-quant factories, e.g.
     ``fxquant.get_default_qat_qconfig_mapping("x86")``. Train the returned GraphModule, then
     call :func:`convert_fx` (BatchNorm is folded there). The user's ``model`` is not modified.
-    ``fallback``: as for :func:`prepare_fx`.
+    ``backend`` and the keyword options: as for :func:`prepare_fx` (the default pipeline is
+    :func:`fxquant.passes.prepare_qat_pipeline`).
     """
-    from fxquant.fake_quantize import qat_observer_wrapper
-    from fxquant.passes import prepare_qat_pipeline
-    from fxquant.passes.swap_qat_modules import qat_backend
-    from fxquant.qconfig import QConfigMapping
-
-    validate_prepare(model, qconfig_mapping, example_inputs, qat=True, leaf_modules=leaf_modules,
-                     leaf_names=leaf_names, concrete_args=concrete_args)
-    if isinstance(qconfig_mapping, dict):
-        qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
-    name = _resolve_backend(backend, qconfig_mapping)
-    config = TraceConfig(tuple(leaf_modules), tuple(leaf_names), concrete_args)
-    options = {"qconfig_mapping": qconfig_mapping, "backend": qat_backend(name), "is_qat": True,
-               "example_inputs": None, "observer_factory_wrapper": qat_observer_wrapper,
-               "stored_backend": name}  # convert lowers with the plain backend
-    return _prepare(model, example_inputs, config, options, passes or prepare_qat_pipeline(),
-                    fallback, {"dump_dir": dump_dir, "instruments": tuple(instruments),
-                               "verify": verify})
+    return _prepare_entry(model, qconfig_mapping, example_inputs, backend, True, kwargs)
 
 
-def _options_of(prepared: fx.GraphModule) -> dict[str, Any]:
-    opts = getattr(prepared, "meta", {}).get(OPTIONS_KEY)
+def _options_of(prepared: fx.GraphModule) -> QuantOptions:
+    opts = options_of(prepared)
     if opts is None:
         raise FxQuantError(f"{type(prepared).__name__} was not prepared by fxquant",
                            hint="call fxquant.prepare_fx (or prepare_qat_fx) first")
     return opts
 
 
-def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str],
-             instruments: Iterable[Instrument], verify: bool, range_check: str = "fix") -> nn.Module:
+def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
+             range_check: str = "fix") -> nn.Module:
     """Convert a copy of ``prepared``: the GraphModule itself, or each prepared piece of a
     model that fallback prepared piece by piece."""
     from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
@@ -182,9 +208,8 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], dump_dir: Optional[str
     def convert_unit(gm: fx.GraphModule) -> fx.GraphModule:
         path = gm.meta.get(PATH_KEY, "")
         gm.eval()
-        options = {**_options_of(gm), "range_check": range_check}  # fxquant.range_check
-        return _run(gm, passes, options, instruments=instruments, verify=verify,
-                    dump_dir=dump_dir and (os.path.join(dump_dir, path) if path else dump_dir),
+        options = replace(_options_of(gm), range_check=range_check)  # fxquant.range_check
+        return _run(gm, passes, options, run.under(path),
                     facts={"traced", "normalized", "fused", "qconfig", "annotated", "observed"})
 
     return convert_tree(copy_model(prepared), convert_unit)
@@ -220,8 +245,8 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
         from fxquant.passes.lower_to_int import LowerToInt
 
         passes = (Convert(), Cleanup(), LowerToInt())
-    return _convert(prepared, passes or convert_pipeline(), dump_dir, instruments, verify,
-                    range_check)
+    return _convert(prepared, passes or convert_pipeline(),
+                    _RunSettings(dump_dir, tuple(instruments), verify), range_check)
 
 
 def convert_to_reference_fx(prepared: nn.Module, *, dump_dir: Optional[str] = None,
@@ -232,7 +257,8 @@ def convert_to_reference_fx(prepared: nn.Module, *, dump_dir: Optional[str] = No
     ``range_check``: as for :func:`convert_fx`."""
     from fxquant.passes import reference_pipeline
 
-    return _convert(prepared, reference_pipeline(), dump_dir, instruments, verify, range_check)
+    run = _RunSettings(dump_dir, tuple(instruments), verify)
+    return _convert(prepared, reference_pipeline(), run, range_check)
 
 
 def fuse_fx(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequence[type] = (),
@@ -241,9 +267,8 @@ def fuse_fx(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Seque
     from fxquant.passes import fuse_pipeline
 
     gm = _traced(model, example_inputs, leaf_modules, leaf_names, None)
-    options = {"is_qat": model.training, "backend": None}
-    return _run(gm, fuse_pipeline(), options, dump_dir=None, instruments=(), verify=verify,
-                facts={"traced"})
+    return _run(gm, fuse_pipeline(), QuantOptions(is_qat=model.training),
+                _RunSettings(verify=verify), facts={"traced"})
 
 
 _DYNAMIC_DEFAULT_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.RNNCell,
@@ -269,7 +294,7 @@ def dynamic_qconfig_mapping(qconfig_spec: Any = None, dtype: torch.dtype = torch
                            hint="use torch.qint8 or torch.float16")
     note = None
     if dtype == torch.qint8 and not isinstance(qconfig_spec, dict):
-        weights = dynamic_weights_per_channel(_resolve_backend(backend, None))
+        weights = dynamic_weights_per_channel(_resolve_backend(backend, None).name)
         default[dtype] = per_channel_dynamic_qconfig if weights.per_channel else default[dtype]
         note = weights.reason
     if qconfig_spec is None:

@@ -47,6 +47,7 @@ import torch.nn as nn
 from fxquant.compare import _engine_of, batches_of
 from fxquant.errors import FxQuantError
 from fxquant.meta import record
+from fxquant.options import options_of
 from fxquant.nn.bias import float_core, pre_activation, quantized_core, set_bias, weight_and_bias
 from fxquant.report import graph_stage
 
@@ -159,7 +160,7 @@ def _models(model: nn.Module, reference: Optional[nn.Module]) -> tuple[fx.GraphM
                                 "correct each prepared piece")
     stage = graph_stage(model)
     if stage == "prepared":
-        if model.meta.get("fxquant_options", {}).get("is_qat"):
+        if getattr(options_of(model), "is_qat", False):
             raise FxQuantError("bias_correction: a QAT model has no float reference to "
                                "measure against", hint="QAT learns its own biases")
         reference = reference if reference is not None else model
@@ -173,7 +174,7 @@ def _models(model: nn.Module, reference: Optional[nn.Module]) -> tuple[fx.GraphM
     if isinstance(reference, fx.GraphModule) and graph_stage(reference) == "prepared":
         ref = copy.deepcopy(reference)
     else:
-        trace_config = model.meta.get("fxquant_options", {}).get("trace_config")
+        trace_config = getattr(options_of(model), "trace_config", None)
         kw = {}
         if trace_config is not None:
             kw = {"leaf_modules": trace_config.leaf_classes, "leaf_names": trace_config.leaf_names}

@@ -30,6 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxquant.meta import qinfo_or_none
+from fxquant.options import options_of
 from fxquant.report import FLOAT, graph_stage, info_of, op_label, status_of
 
 Key = tuple[str, int]
@@ -239,13 +240,12 @@ def run_and_record(gm: fx.GraphModule, args: tuple[Any, ...]
 
 
 def _engine_of(gm: fx.GraphModule) -> Any:
-    name = (getattr(gm, "meta", {}).get("fxquant_options") or {}).get("backend")
-    if not name:
+    options = options_of(gm)
+    if options is None or not options.backend_name:
         return contextlib.nullcontext()
-    from fxquant.backends.base import get_backend
     from fxquant.backends.engine import engine
 
-    return engine(get_backend(name).engine)
+    return engine(options.backend.engine)
 
 
 def quantized_of(model: fx.GraphModule) -> fx.GraphModule:
@@ -370,7 +370,7 @@ def compare(float_model: nn.Module, model: fx.GraphModule, inputs: Any, *,
     when it used leaf modules (the float model must be traced the same way for the debug
     handles to match)."""
     if trace_config is None:  # the leaf-module rules the model was prepared with
-        trace_config = getattr(model, "meta", {}).get("fxquant_options", {}).get("trace_config")
+        trace_config = getattr(options_of(model), "trace_config", None)
     gm = quantized_of(model)
     fgm = _float_graph(float_model, trace_config)
     stats: dict[Key, _Stat] = {}

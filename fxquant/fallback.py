@@ -37,12 +37,12 @@ import torch.nn as nn
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import META_KEY, QNodeInfo, qinfo, record
+from fxquant.options import OPTIONS_KEY  # marks a prepared unit
 from fxquant.trace import (FailureSite, TraceConfig, TraceFailed, annotate_trace_meta,
                            is_leaf_type, join_path, trace)
 
 RECORDS_KEY = "fxquant_fallback"  # gm.meta key; attribute of an eager root
 PATH_KEY = "fxquant_path"  # gm.meta key: the unit's place in the user's model
-OPTIONS_KEY = "fxquant_options"  # as fxquant.api.OPTIONS_KEY: marks a prepared unit
 _CONSTANT = (type(None), bool, int, float, str)
 
 

@@ -41,11 +41,11 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from fxquant.errors import ExampleInputsError, FxQuantError, FxQuantWarning, ModelModeError
+from fxquant.options import options_of
 
 __all__ = ["freeze", "FreezeError", "FreezeWarning"]
 
 _METHODS = ("auto", "script", "trace")
-_OPTIONS_KEY = "fxquant_options"  # as fxquant.api.OPTIONS_KEY
 
 
 class FreezeError(FxQuantError):
@@ -135,7 +135,7 @@ def _model_engine(qmodel: nn.Module) -> Iterator[None]:
     from fxquant.backends.engine import engine, supported_engines
     from fxquant.fallback import units
 
-    names = {u.meta.get(_OPTIONS_KEY, {}).get("backend") for _, u in units(qmodel)}
+    names = {getattr(options_of(u), "backend_name", None) for _, u in units(qmodel)}
     names = {n for n in names if n in supported_engines()}
     if len(names) != 1:
         yield

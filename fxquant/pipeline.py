@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Iterable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch.fx as fx
 
 from fxquant.errors import FxQuantError, PassFailed
+from fxquant.options import QuantOptions
 
 
 @dataclass(frozen=True)
@@ -22,24 +23,23 @@ class PassResult:
 class PassContext:
     """State shared by the passes of one pipeline run.
 
-    ``options`` carries what the API was called with (qconfig mapping, backend, is_qat ...);
-    ``facts`` is what earlier passes provided; ``store`` is a scratch space keyed by pass name.
+    ``options`` is what the API was called with (:class:`~fxquant.options.QuantOptions`:
+    qconfig mapping, backend, is_qat ...; an options dict is read as
+    ``QuantOptions.from_dict``); ``facts`` is what earlier passes provided.
     """
 
-    options: dict[str, Any] = field(default_factory=dict)
+    options: QuantOptions = field(default_factory=QuantOptions)
     facts: set[str] = field(default_factory=set)
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Mapping[str, int]] = field(default_factory=dict)
-    store: dict[str, Any] = field(default_factory=dict)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.options.get(key, default)
-
-    def require(self, key: str, pass_name: str) -> Any:
-        if key not in self.options:
-            raise FxQuantError(f"option '{key}' is needed by pass '{pass_name}' but was not given",
-                               hint=f"pass {key}=... in PassContext(options=...)")
-        return self.options[key]
+    def __post_init__(self) -> None:
+        if isinstance(self.options, Mapping):  # user code written for the options dict
+            self.options = QuantOptions.from_dict(self.options)
+        elif not isinstance(self.options, QuantOptions):
+            raise FxQuantError(f"PassContext options must be QuantOptions, got "
+                               f"{type(self.options).__name__}",
+                               hint="PassContext(options=QuantOptions.build(backend=..., ...))")
 
 
 @runtime_checkable

@@ -47,10 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant.errors import FxQuantError
+from fxquant.options import OPTIONS_KEY, QuantOptions, options_of
 
 FORMAT = "fxquant/1"
 PREPARED_STATE_KEY = "fxquant_prepared_state"
-OPTIONS_KEY = "fxquant_options"  # as fxquant.api.OPTIONS_KEY
 PICKLE_ATTR = "_fxquant_pickled_meta"
 _SAVE_HINT = "write it with fxquant.save(quantized, path) or `fxquant quantize ... --out path`"
 
@@ -436,11 +436,12 @@ def _prepared_state(model: nn.Module, units: list[tuple[str, fx.GraphModule]]
 def _options_json(units: list[tuple[str, fx.GraphModule]], model: nn.Module) -> dict[str, Any]:
     from fxquant.fallback import fallback_records
 
-    opts = units[0][1].meta[OPTIONS_KEY]
-    config = opts.get("trace_config")
+    opts = options_of(units[0][1])
+    assert opts is not None  # a unit has options
+    config = opts.trace_config
     auto_leaves = {r.module_path for r in fallback_records(model) if r.action == "leaf"}
     out: dict[str, Any] = {
-        "backend": opts.get("backend"), "is_qat": bool(opts.get("is_qat")),
+        "backend": opts.backend_name, "is_qat": bool(opts.is_qat),
         "kind": "converted" if "lower_to_backend" in units[0][1].meta.get("fxquant_timings", {})
         else "reference",
         "leaf_classes": [_qualname(c) for c in getattr(config, "leaf_classes", ())],
@@ -451,7 +452,7 @@ def _options_json(units: list[tuple[str, fx.GraphModule]], model: nn.Module) -> 
     try:
         if units[0][0] == "" and getattr(config, "concrete_args", None) is not None:
             out["concrete_args"] = _enc(config.concrete_args, names, strict=True)
-        out["qconfig_mapping"] = encode_mapping(opts["qconfig_mapping"], names)
+        out["qconfig_mapping"] = encode_mapping(opts.qconfig_mapping, names)
     except _Unsaveable as e:
         out["qconfig_mapping_unsaved"] = f"it holds {e}, which has no safe (JSON) form"
     return out
@@ -818,11 +819,12 @@ def _build_recorded(art: Artifact) -> nn.Module:
         if path:
             _attach(root, path, _stub(art.doc["modules"][path], cache))
     units = sorted(art.doc["units"].items(), key=lambda kv: -kv[0].count(".") if kv[0] else 1)
+    options = QuantOptions(backend_name=art.doc["options"].get("backend"))
     for path, nodes in units:
         host = root.get_submodule(path) if path else root
         recorded = type(str(art.doc["class_name"]) if not path else type(host).__name__,
                         (RecordedModel,), {"__module__": __name__})(_graph(nodes, names), {
-                            OPTIONS_KEY: {"backend": art.doc["options"].get("backend")}})
+                            OPTIONS_KEY: options})
         for name, child in list(host.named_children()):
             recorded.add_module(name, child)
         if not path:

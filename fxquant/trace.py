@@ -16,7 +16,7 @@ import os
 import sysconfig
 import traceback
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -40,7 +40,6 @@ class TraceConfig:
     leaf_classes: tuple[type, ...] = ()
     leaf_names: tuple[str, ...] = ()
     concrete_args: Optional[dict[str, Any]] = None
-    extra: dict[str, Any] = field(default_factory=dict)
     prefix: str = ""
 
 

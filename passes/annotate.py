@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from fxquant.aliasing import AliasInfo
 from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY, WEIGHTED,
-                                   Backend, Rule, get_backend)
+                                   Backend, Rule)
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
 from fxquant.patterns import target_name
 from fxquant.pipeline import PassContext, PassResult
@@ -33,11 +33,11 @@ class Annotate:
     provides: ClassVar[frozenset[str]] = frozenset({"annotated"})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        backend = get_backend(ctx.get("backend", "auto"))
+        backend = ctx.options.backend
         modules = dict(gm.named_modules())
         stats: Counter[str] = Counter()
         groups: dict[int, Optional[str]] = {}  # group id -> rule of its interior, None if float
-        fallback = _input_fallback(ctx.get("qconfig_mapping"), bool(ctx.get("is_qat")))
+        fallback = _input_fallback(ctx.options.qconfig_mapping, bool(ctx.options.is_qat))
         aliases = AliasInfo.of(gm)
         for node in gm.graph.nodes:
             if not node.op.startswith("call_"):

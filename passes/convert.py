@@ -50,7 +50,7 @@ class Convert:
         stats["modules_unshared"] = _unshare_weighted_modules(gm)
         if not stats["modules_unshared"]:
             del stats["modules_unshared"]
-        findings = check_ranges(gm, self.range_check or ctx.get("range_check", "fix"), pass_name=self.name)
+        findings = check_ranges(gm, self.range_check or ctx.options.range_check, pass_name=self.name)
         stats.update({"range_findings": len(findings)} if findings else {})
         for node in list(gm.graph.nodes):
             info = qinfo(node)

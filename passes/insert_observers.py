@@ -38,7 +38,7 @@ class InsertObservers:
     provides: ClassVar[frozenset[str]] = frozenset({"observed"})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ins = _Inserter(gm, ctx.get("observer_factory_wrapper"), AliasInfo.of(gm))
+        ins = _Inserter(gm, ctx.options.observer_factory_wrapper, AliasInfo.of(gm))
         for node in list(gm.graph.nodes):
             info = qinfo(node)
             if info.role != Role.OP or not node.op.startswith("call_"):

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional
 import torch.fx as fx
 
 from fxquant.backends import kernel_check
-from fxquant.backends.base import SHARED, SHARED_ALL, Backend, LowerCtx, Rule, get_backend
+from fxquant.backends.base import SHARED, SHARED_ALL, Backend, LowerCtx, Rule
 from fxquant.backends.engine import current_engine, engine, supported_engines
 from fxquant.backends.kernel_check import CheckResult
 from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
@@ -31,7 +31,7 @@ class LowerToBackend:
     check_kernels: bool = True  # run each kernel against the reference on random data
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        backend = get_backend(ctx.get("backend", "auto"))
+        backend = ctx.options.backend
         stats: Counter[str] = Counter()
         with engine(backend.engine):
             for node in list(gm.graph.nodes):

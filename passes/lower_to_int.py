@@ -22,5 +22,5 @@ class LowerToInt:
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from fxquant.backends.integer import lower_graph
 
-        stats = lower_graph(gm, str(ctx.options.get("backend") or ""))
+        stats = lower_graph(gm, ctx.options.backend_name or "")
         return PassResult(gm, bool(stats), stats)

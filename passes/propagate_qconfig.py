@@ -20,7 +20,7 @@ class PropagateQConfig:
     provides: ClassVar[frozenset[str]] = frozenset({"qconfig"})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        mapping = ctx.require("qconfig_mapping", self.name)
+        mapping = ctx.options.require_mapping(self.name)
         modules = dict(gm.named_modules())
         order: Counter[tuple[str, Any]] = Counter()
         stats: Counter[str] = Counter()
@@ -52,7 +52,7 @@ def _attention_defaults(gm: fx.GraphModule, mapping: Any, modules: dict, ctx: Pa
     node's rule is the one the backend's default mapping would pick too."""
     from fxquant.attention import apply_attention_defaults
 
-    reference = _default_mapping(mapping, bool(ctx.get("is_qat")))
+    reference = _default_mapping(mapping, bool(ctx.options.is_qat))
 
     def is_default(node: fx.Node) -> bool:
         info = qinfo(node)

@@ -5,55 +5,24 @@ Conv-bn(-relu) / linear-bn containers become modules that simulate the folded Ba
 
 It runs after ``insert_observers`` (which, in QAT, inserted fake-quant modules on the
 activations), so the backend rules in ``annotate`` still saw the float and fused float module
-types they are written for. The QAT modules share the float modules' parameters.
+types they are written for (each backend's table lists the training-mode fused modules,
+ConvBn* / ConvBnReLU* / LinearBn1d, beside the float ones). The QAT modules share the float
+modules' parameters.
 """
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.fx as fx
 
-from fxquant.backends.base import Backend, get_backend
 from fxquant.meta import qinfo, record
-from fxquant.nn import fused
-from fxquant.patterns import Op
 from fxquant.nn.qat import QAT_MODULE_MAPPINGS, is_qat_module
 from fxquant.pipeline import PassContext, PassResult
 from fxquant.records import Action, QKind
 
 _WEIGHTS_ONLY_KINDS = (QKind.DYNAMIC, QKind.WEIGHT_ONLY)
-
-# Training-mode fused modules (BatchNorm not folded yet) and the backend rule of what they
-# become after convert folds the BatchNorm.
-TRAINING_FUSED_RULES: dict[type, str] = {
-    fused.ConvBn1d: "conv1d", fused.ConvBn2d: "conv2d", fused.ConvBn3d: "conv3d",
-    fused.ConvBnReLU1d: "conv1d_relu", fused.ConvBnReLU2d: "conv2d_relu",
-    fused.ConvBnReLU3d: "conv3d_relu", fused.LinearBn1d: "linear",
-}
-
-
-def qat_backend(backend: Any) -> Backend:
-    """``backend`` with its conv / linear rules extended to the training-mode fused modules
-    (ConvBn*, ConvBnReLU*, LinearBn1d), for annotate in QAT.
-
-    The extra rules keep the names of the rules they copy (``conv2d``, ``conv2d_relu``,
-    ``linear``), so after convert has folded the BatchNorm the plain backend lowers these
-    nodes with its own rule. (Workaround until the backend tables list these module types.)
-    """
-    base = get_backend(backend)
-    known = {t for rule in base.rules for t in rule.op.targets}
-    extra = []
-    for cls, rule_name in TRAINING_FUSED_RULES.items():
-        if cls in known:
-            continue  # the backend lists it already
-        try:
-            rule = base.rule_named(rule_name)
-        except KeyError:
-            continue
-        extra.append(replace(rule, op=Op(cls)))
-    return base.extended(*extra) if extra else base
 
 
 @dataclass(frozen=True)

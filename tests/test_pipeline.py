@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.errors import FxQuantError, PassFailed
 from fxquant.meta import qinfo, record
+from fxquant.options import QuantOptions, options_of
 from fxquant.passes import (Annotate, Fuse, InsertObservers, Normalize, PropagateQConfig,
                             prepare_pipeline)
 from fxquant.pipeline import (Pass, PassContext, PassManager, PassResult, PrintInstrument,
@@ -37,7 +38,7 @@ class Small(nn.Module):
 
 
 X = torch.randn(2, 3, 6, 6)
-OPTS = {"qconfig_mapping": get_default_qconfig_mapping("x86"), "backend": "x86"}
+OPTS = QuantOptions.build(backend="x86", qconfig_mapping=get_default_qconfig_mapping("x86"))
 
 
 def gm_of(model=None):
@@ -57,9 +58,10 @@ class Tag:
     requires: ClassVar[frozenset[str]] = frozenset({"fused"})
     provides: ClassVar[frozenset[str]] = frozenset({"tagged"})
     label: str = "x"
+    order: list = field(default_factory=list, compare=False)  # where the run reached it
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        ctx.store.setdefault("order", []).append(self.name)
+        self.order.append(self.name)
         n = 0
         for node in gm.graph.nodes:
             if node.op.startswith("call_"):
@@ -70,14 +72,15 @@ class Tag:
 
 @dataclass(frozen=True)
 class Spy:
-    """Appends the name of the pass before which it was placed to ctx.store['order']."""
+    """Appends its name to ``order`` when it runs (a list it may share with a Tag)."""
 
     name: ClassVar[str] = "spy"
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
+    order: list = field(default_factory=list, compare=False)
 
     def __call__(self, gm, ctx):
-        ctx.store.setdefault("order", []).append(self.name)
+        self.order.append(self.name)
         return PassResult(gm, False)
 
 
@@ -89,10 +92,11 @@ class Breaks:
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     how: str = "target"
+    broken: list = field(default_factory=list, compare=False)  # the name of the node it broke
 
     def __call__(self, gm, ctx):
         conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv")
-        ctx.store["broken"] = conv.name
+        self.broken.append(conv.name)
         if self.how == "target":
             conv.target = "no_such_module"
         elif self.how == "meta":
@@ -141,14 +145,14 @@ def test_requires_checked_before_anything_runs():
 
 
 def test_provides_accumulate_into_facts_and_initial_facts_count():
-    ctx = PassContext(options=dict(OPTS))
+    ctx = PassContext(options=OPTS)
     pm = PassManager([PropagateQConfig(), Annotate()], initial_facts={"fused"})
     pm.run(gm_of(), ctx)
     assert ctx.facts == {"fused", "qconfig", "annotated"}
 
 
 def test_timings_per_pass():
-    ctx = PassContext(options=dict(OPTS))
+    ctx = PassContext(options=OPTS)
     passes = prepare_pipeline()
     PassManager(passes, initial_facts={"traced"}).run(gm_of(), ctx)
     assert list(ctx.timings) == [p.name for p in passes]
@@ -158,16 +162,16 @@ def test_timings_per_pass():
 
 
 def test_run_result_aggregates_stats_and_modified():
-    ctx = PassContext(options=dict(OPTS))
+    ctx = PassContext(options=OPTS)
     r = PassManager(prepare_pipeline(), initial_facts={"traced"}).run(gm_of(), ctx)
     assert r.modified is True
     assert r.stats == {name: sum(s.values()) for name, s in ctx.stats.items()}
 
 
 def _broken(how):
-    pm = PassManager([Normalize(), Fuse(), Breaks(how), PropagateQConfig()],
-                     initial_facts={"traced"})
-    ctx = PassContext(options=dict(OPTS))
+    breaks = Breaks(how)
+    pm = PassManager([Normalize(), Fuse(), breaks, PropagateQConfig()], initial_facts={"traced"})
+    ctx = PassContext(options=OPTS)
     with pytest.raises(PassFailed) as e:
         pm.run(gm_of(), ctx)
     err = e.value
@@ -176,7 +180,7 @@ def _broken(how):
     msg = str(err)
     assert "fxquant pass 'breaks' failed (after: normalize, fuse)" in msg
     assert "after pass 'breaks'" in msg
-    return err, ctx.store["broken"]
+    return err, breaks.broken[0]
 
 
 def test_verify_catches_bad_meta_naming_pass_before_node_module_and_source():
@@ -226,11 +230,12 @@ def test_verify_off_lets_a_bad_pass_through():
 
 
 def test_user_pass_runs_in_order_and_its_decisions_are_kept():
-    passes = (Normalize(), Spy(), Fuse(), Tag("mine"), PropagateQConfig(), Annotate(),
-              InsertObservers())
-    ctx = PassContext(options=dict(OPTS))
+    order: list[str] = []
+    passes = (Normalize(), Spy(order), Fuse(), Tag("mine", order), PropagateQConfig(),
+              Annotate(), InsertObservers())
+    ctx = PassContext(options=OPTS)
     r = PassManager(passes, initial_facts={"traced"}).run(gm_of(), ctx)
-    assert ctx.store["order"] == ["spy", "tag"]
+    assert order == ["spy", "tag"]
     assert list(ctx.timings) == [p.name for p in passes]
     assert ctx.stats["tag"] == {"tagged": 2}  # the fused conv and flatten
     assert "tagged" in ctx.facts
@@ -254,7 +259,7 @@ def test_dump_dir_writes_txt_and_dot_per_pass(tmp_path):
     d = tmp_path / "dumps"
     passes = prepare_pipeline()
     PassManager(passes, initial_facts={"traced"}, dump_dir=str(d)).run(
-        gm_of(), PassContext(options=dict(OPTS)))
+        gm_of(), PassContext(options=OPTS))
     names = [f"{i:02d}_{p.name}" for i, p in enumerate(passes)]
     assert sorted(os.listdir(d)) == sorted([n + ".txt" for n in names] + [n + ".dot" for n in names])
     fuse_txt = (d / "01_fuse.txt").read_text()
@@ -316,11 +321,80 @@ def test_instrument_hooks_called_around_each_pass():
                      ("before", "fuse", False), ("after", "fuse", 1, True)]
 
 
-def test_context_require_names_option_and_pass():
+def test_a_missing_mapping_names_the_option_and_the_pass():
     with pytest.raises(FxQuantError) as e:
-        PassContext().require("backend", "annotate")
-    assert "option 'backend' is needed by pass 'annotate'" in str(e.value)
-    assert PassContext(options={"backend": "x86"}).require("backend", "annotate") == "x86"
+        PassContext().options.require_mapping("propagate_qconfig")
+    assert "option 'qconfig_mapping' is needed by pass 'propagate_qconfig'" in str(e.value)
+    assert PassContext(options=OPTS).options.require_mapping("x") is OPTS.qconfig_mapping
+    with pytest.raises(PassFailed, match="'qconfig_mapping' is needed by pass 'propagate_qconfig'"):
+        PassManager([PropagateQConfig()], initial_facts={"fused"}).run(gm_of(), PassContext())
+
+
+def test_options_are_typed_frozen_and_hold_the_resolved_backend():
+    from fxquant.backends.base import get_backend
+
+    prepared = fxquant.prepare_fx(Small().eval(), get_default_qconfig_mapping("x86"), (X,),
+                                  backend="x86")
+    opts = options_of(prepared)
+    assert isinstance(opts, QuantOptions) and opts.is_qat is False
+    assert opts.backend is get_backend("x86") and opts.backend_name == "x86"
+    assert opts.trace_config is not None and opts.observer_factory_wrapper is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.__setattr__("is_qat", True)
+    assert not hasattr(PassContext(), "store")
+    assert "example_inputs" not in {f.name for f in dataclasses.fields(QuantOptions)}
+
+
+def test_an_options_dict_is_read_as_quant_options():
+    from fxquant.backends.base import get_backend
+
+    ctx = PassContext(options={"backend": "x86", "is_qat": True, "example_inputs": None})
+    assert isinstance(ctx.options, QuantOptions) and ctx.options.is_qat is True
+    assert ctx.options.backend is get_backend("x86")
+    assert PassContext().options.backend is get_backend("auto")  # as before: "auto"
+    with pytest.raises(FxQuantError, match=r"unknown option\(s\) \['backnd'\]"):
+        PassContext(options={"backnd": "x86"})
+    with pytest.raises(FxQuantError, match="must be QuantOptions"):
+        PassContext(options=["x86"])  # type: ignore[arg-type]
+
+
+def test_options_pickle_the_backend_by_name_and_deepcopy_shares_it():
+    import copy
+    import pickle
+
+    from fxquant.extend import compose_backend
+
+    mine = compose_backend("x86", name="x86-not-registered")
+    opts = QuantOptions.build(backend=mine, qconfig_mapping=OPTS.qconfig_mapping)
+    assert opts.backend is mine and copy.deepcopy(opts).backend is mine
+    again = pickle.loads(pickle.dumps(OPTS))
+    assert again.resolved_backend is None and again.backend is OPTS.backend  # looked up
+    with pytest.raises(FxQuantError, match="unknown backend 'x86-not-registered'"):
+        pickle.loads(pickle.dumps(opts)).backend
+    with pytest.raises(FxQuantError, match="is not the given backend"):
+        QuantOptions(backend_name="qnnpack", resolved_backend=mine)
+
+
+# the saturation warning keys on the backend's name (backend policy, issue 12 item 2)
+@pytest.mark.filterwarnings("ignore::fxquant.errors.SaturationWarning")
+def test_an_unregistered_backend_object_runs_prepare_and_convert():
+    from fxquant.extend import compose_backend
+
+    mine = compose_backend("x86", name="x86-not-registered")
+    prepared = fxquant.prepare_fx(Small().eval(), get_default_qconfig_mapping("x86"), (X,),
+                                  backend=mine)
+    assert options_of(prepared).backend is mine
+    prepared(X)
+    quantized = fxquant.convert_fx(prepared)
+    assert options_of(quantized).backend is mine
+    assert torch.isfinite(quantized(X)).all()
+
+
+@pytest.mark.parametrize("entry", [fxquant.prepare_fx, fxquant.prepare_qat_fx])
+def test_prepare_entries_refuse_an_unknown_keyword(entry):
+    with pytest.raises(TypeError, match=f"{entry.__name__}\\(\\) got an unexpected keyword "
+                                        f"argument 'leaf_module'"):
+        entry(Small(), get_default_qconfig_mapping("x86"), (X,), leaf_module=[nn.Conv2d])
 
 
 def test_every_default_pass_declares_name_requires_provides():

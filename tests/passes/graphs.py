@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from fxquant.lint import verify
 from fxquant.meta import qinfo, qinfo_or_none
+from fxquant.options import QuantOptions
 from fxquant.pipeline import PassContext, PassManager, PassResult
 from fxquant.trace import record_values, trace
 
@@ -84,7 +85,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Any], options: Optional[dict
     (result, ctx); ``result.modified`` and ``result.stats`` are those of the LAST pass (the
     PassManager's own result sums the stats of all passes), with zero counts left out so that
     tests compare what happened (ctx.stats keeps the raw dicts)."""
-    ctx = PassContext(options=dict(options or {}))
+    ctx = PassContext(options=QuantOptions.from_dict(options or {}))
     pm = PassManager(passes, verify=True, initial_facts=facts)
     last: dict[str, Any] = {}
 
@@ -103,7 +104,7 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Any], options: Optional[dict
 
 def run_one(p: Any, gm: fx.GraphModule, options: Optional[dict] = None) -> PassResult:
     """Call one pass directly, then verify the graph it returns."""
-    result = p(gm, PassContext(options=dict(options or {})))
+    result = p(gm, PassContext(options=QuantOptions.from_dict(options or {})))
     verify(result.gm, after=p.name)
     return result
 
