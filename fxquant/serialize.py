@@ -392,11 +392,11 @@ _MODULE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "
 
 def _enc_modules(model: nn.Module) -> dict[str, Any]:
     """Type name and shape attributes of every module (what report / viz show of them)."""
-    from fxquant.report import _core
+    from fxquant.report import core_module
 
     out, names = {}, _Names()
     for path, m in model.named_modules():
-        core = _core(m)
+        core = core_module(m)
         attrs = {a: getattr(core, a) for a in _MODULE_ATTRS if isinstance(
             getattr(core, a, None), (int, tuple)) and not isinstance(getattr(core, a), bool)}
         out[path] = {"type": type(m).__name__, "attrs": _enc_plain(attrs, names)}
