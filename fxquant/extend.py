@@ -16,6 +16,8 @@ import torch.nn as nn
 from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY,
                                    WEIGHTED, Backend, LowerCtx, Rule, get_backend,
                                    register_backend, registered_backends, unregister_backend)
+from fxquant.backends.engine import engine as quantized_engine
+from fxquant.backends.engine import supported_engines
 from fxquant.backends.native import lower_same_op, lower_weighted
 from fxquant.backends.reference_ops import is_dequantize, is_quantize
 from fxquant.errors import FxQuantError
@@ -31,7 +33,9 @@ __all__ = [
     "register_backend", "unregister_backend", "get_backend", "registered_backends",
     "compose_backend", "default_module_fusions", "default_group_fusions", "with_fusions",
     "insert_before", "insert_after", "keep_float", "explain_match", "MatchExplanation",
-    "input_qparams", "lower_weighted", "lower_same_op", "is_dequantize", "is_quantize", "Pass", "PassContext", "PassResult", "prepare_pipeline", "convert_pipeline",
+    "input_qparams", "example_shape", "lower_weighted", "lower_same_op", "is_dequantize",
+    "is_quantize", "quantized_engine", "supported_engines", "Pass", "PassContext", "PassResult",
+    "prepare_pipeline", "convert_pipeline",
 ]
 
 
@@ -166,3 +170,18 @@ def input_qparams(ctx: LowerCtx, key: Any = 0) -> Optional[tuple[float, int, Any
         return quantize_qparams(node)
     known = qinfo(node).qparams
     return (known["scale"], known["zero_point"], known["dtype"]) if known else None
+
+
+def example_shape(node: Any) -> Optional[tuple[int, ...]]:
+    """The shape of the tensor ``node`` produced when prepare ran the example inputs (a
+    quantize / dequantize node: its tensor's), or None when unknown or not one tensor. A
+    lowering checks with it what its kernel needs (same-shaped operands, no broadcasting)."""
+    from fxquant.meta import qinfo_or_none
+
+    if not isinstance(node, fx.Node):
+        return None
+    info = qinfo_or_none(node)
+    value = info.value if info is not None else None
+    if value is None or value.kind != "tensor" or value.shape is None:
+        return None
+    return tuple(value.shape)

@@ -146,3 +146,126 @@ def test_custom_module_example():
     assert sqnr > 25, float(sqnr)  # the example states 25 dB (measured 32.1)
     plain = ex.quantize(model, "x86")  # without the rule the leaf stays float
     assert isinstance(plain.act, ex.Mish)
+
+
+# ------------------------------------------------ conv + add (+ relu) on onednn's fused kernel
+import json
+import subprocess
+
+from fxquant.backends import cpu
+from fxquant.backends.engine import engine, supported_engines
+
+_ONEDNN = pytest.mark.skipif("onednn" not in supported_engines(),
+                             reason="quantized::conv2d_add runs on the onednn engine only")
+_FUSED = ["quantized::conv2d_add_relu", "quantized::conv2d_add_relu", "quantized::conv2d_add"]
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean()))
+
+
+def _conv_add(ex, rule, **kw):
+    torch.manual_seed(0)
+    model = ex.Net().eval()
+    register_backend(compose_backend("onednn", rule, name=ex.BACKEND))
+    try:
+        return model, ex.quantize(model, **kw)
+    finally:
+        unregister_backend(ex.BACKEND)
+
+
+@pytest.fixture(scope="module")
+def conv_add():
+    ex = _load("ext_conv_add")
+    model, q = _conv_add(ex, ex.CONV_ADD_RULE)
+    return ex, model, q
+
+
+@_ONEDNN
+def test_conv_add_example(conv_add):
+    from fxquant.meta import qinfo
+
+    ex, model, q = conv_add
+    # exact on every x86 CPU: the default qconfig of onednn uses 7-bit activations where its
+    # kernels have no VNNI (cpu.default_activation_range), and the module copies `other`
+    assert ex.fused_kernels(q) == _FUSED, cpu.cpu_features()
+    for n in q.graph.nodes:
+        if n.op == "call_module" and isinstance(q.get_submodule(n.target), ex.QuantizedConvAdd2d):
+            check = qinfo(n).last("lower").detail["check"]
+            assert check.startswith(("max 0 step", "max 1 step")), check  # checked, not skipped
+    x = torch.randn(8, 3, 16, 16)
+    other = next(e for e in supported_engines() if e != "onednn")
+    with torch.no_grad(), engine(other):  # the module selects onednn for its kernel itself
+        sqnr = _sqnr(model(x), q(x))
+    assert sqnr > 25, sqnr  # the example states 25 dB (measured 36.2 VNNI, 30.3 AVX2)
+
+
+@_ONEDNN
+def test_conv_add_module_leaves_other_intact(conv_add):
+    ex, _, q = conv_add
+    x = torch.quantize_per_tensor(torch.rand(2, 16, 16, 16), 0.01, 0, torch.quint8)
+    other = x.contiguous(memory_format=torch.channels_last)  # as a quantized conv returns it
+    before = other.int_repr().clone()
+    out = q.head(other, other)  # a residual: the conv's input is the added tensor
+    assert torch.equal(other.int_repr(), before)
+    assert out.data_ptr() != other.data_ptr()
+
+
+@_ONEDNN
+def test_conv_add_rule_without_the_fusions_lowers_plain_convs(conv_add):
+    ex = conv_add[0]
+    model, q = _conv_add(ex, ex.CONV_ADD_RULE, fusions=())
+    assert ex.fused_kernels(q) == []
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert _sqnr(model(x), q(x)) > 25
+
+
+_AVX2_CHILD = r"""
+import importlib.util, json, sys
+import torch
+from fxquant.backends import cpu
+from fxquant.extend import compose_backend, register_backend, unregister_backend
+from fxquant.meta import qinfo
+spec = importlib.util.spec_from_file_location("ext_conv_add", sys.argv[1])
+ex = importlib.util.module_from_spec(spec); sys.modules["ext_conv_add"] = ex
+spec.loader.exec_module(ex)
+out = {"cpu": cpu.cpu_features(), "int32": cpu.full_range_activations_safe("onednn")}
+for copy_other in (True, False):
+    torch.manual_seed(0)
+    model = ex.Net().eval()
+    name = ex.BACKEND + ("" if copy_other else "-naive")
+    register_backend(compose_backend("onednn", ex.conv_add_rule(copy_other), name=name))
+    q = ex.quantize(model, name)
+    unregister_backend(name)
+    x = torch.randn(8, 3, 16, 16)
+    ref, got = model(x), q(x)
+    refused = [d.reason for n in q.graph.nodes for d in qinfo(n).decisions
+               if str(d.action) == "keep_float" and d.pass_name == "lower_to_backend"]
+    out[str(copy_other)] = {"fused": ex.fused_kernels(q), "refused": refused,
+                            "sqnr": float(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()))}
+print(json.dumps(out))
+"""
+
+
+@_ONEDNN
+@pytest.mark.skipif("avx2" not in cpu.host_flags(), reason="needs an x86 CPU with AVX2")
+def test_conv_add_on_avx2_kernels():
+    """ONEDNN_MAX_CPU_ISA=AVX2 runs onednn's AVX2 kernels (what last session's AMD CPU ran).
+    There the default qconfig uses 7-bit activations and the example stays fused and exact;
+    the naive lowering (the kernel writing into the conv's own input, head(x) + x) is refused
+    by the check."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONWARNINGS": "ignore"}
+    expect_int32 = cpu.engine_accumulates_int32("onednn", cpu.host_flags(), env)
+    assert not expect_int32
+    run = subprocess.run([sys.executable, "-c", _AVX2_CHILD, str(_EXAMPLES / "ext_conv_add.py")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["cpu"] == "avx2" and out["int32"] is False
+    assert out["True"]["fused"] == _FUSED and not out["True"]["refused"]
+    assert out["True"]["sqnr"] > 25, out["True"]
+    naive = out["False"]
+    assert naive["fused"] == _FUSED[:2], naive  # head(x) + x stays float between q/dq
+    assert len(naive["refused"]) == 1 and "quantized::conv2d_add:" in naive["refused"][0] \
+        and "channels-last input" in naive["refused"][0], naive["refused"]

@@ -153,7 +153,7 @@ def input_specs(ctx: LowerCtx) -> Optional[dict[Any, InputSpec]]:
     from fxquant.meta import qinfo
 
     out = {}
-    for key, qn in ctx.qinputs.items():
+    for key, qn in operands(ctx).items():
         info = qinfo(qn)
         if info.value is None or info.value.shape is None:
             return None
@@ -171,6 +171,20 @@ def input_specs(ctx: LowerCtx) -> Optional[dict[Any, InputSpec]]:
     return out
 
 
+def operands(ctx: LowerCtx) -> dict[Any, fx.Node]:
+    """The quantized tensors the kernel reads: ``ctx.qinputs`` (the first op's inputs) and,
+    in a fused group, the dequantized other operands of its later ops (the tensor a conv ->
+    add group adds), keyed ("group", i, slot); a tensor already an input is not repeated."""
+    from fxquant.backends.reference_ops import is_dequantize
+
+    out = dict(ctx.qinputs)
+    for i, node in enumerate(ctx.group[1:], 1):
+        for slot, arg in enumerate(node.args[1:], 1):  # args[0] links the chain
+            if is_dequantize(arg) and arg.args[0] not in out.values():
+                out[("group", i, slot)] = arg.args[0]
+    return out
+
+
 def _qrange(ctx: LowerCtx, key: Any, dtype: torch.dtype) -> tuple[int, int]:
     """The integers the input can take: the widest of the range this op's input spec asks
     for (0..127 with reduce_range) and the range of the observer that produced the value.
@@ -183,7 +197,7 @@ def _qrange(ctx: LowerCtx, key: Any, dtype: torch.dtype) -> tuple[int, int]:
     lo, hi = _DTYPE_RANGE[dtype]
     ranges = [_observer_range(getattr(qinfo(ctx.node).input_specs.get(key), "observer", None),
                               lo, hi)]
-    qn = ctx.qinputs.get(key)
+    qn = operands(ctx).get(key)
     if isinstance(qn, fx.Node):
         # a quantize node's producer is its input; a lowered kernel (sigmoid lowered
         # before this op) produced the value itself
@@ -378,16 +392,23 @@ def _badness(r: CheckResult) -> tuple:
 
 def _reference_output(ctx: LowerCtx, lowering: Lowering, samples: Mapping[Any, torch.Tensor]
                       ) -> torch.Tensor:
+    from fxquant.backends.reference_ops import is_dequantize
     from fxquant.slots import get_input
 
     first = lowering.reference[0]
-    env = {get_input(first, key): t.dequantize() for key, t in samples.items()}
+    env = {get_input(first, key): t.dequantize() for key, t in samples.items()
+           if key in ctx.qinputs}
+    by_source = {operands(ctx)[key]: t.dequantize() for key, t in samples.items()}
+    for node in lowering.reference[1:]:  # a group's other operands
+        for arg in node.args[1:]:
+            if is_dequantize(arg) and arg.args[0] in by_source:
+                env.setdefault(arg, by_source[arg.args[0]])
     return evaluate(ctx.gm, lowering.reference, env, ctx.modules)
 
 
 def _compare_layout(ctx: LowerCtx, lowering: Lowering, inputs: Mapping[Any, torch.Tensor],
                     want: torch.Tensor, layout: str, engine: str) -> CheckResult:
-    env = {ctx.qinputs[key]: t for key, t in inputs.items()}
+    env = {operands(ctx)[key]: t for key, t in inputs.items()}
     try:
         with torch.no_grad():
             got = evaluate(ctx.gm, lowering.kernel, env)
