@@ -51,7 +51,8 @@ from fxquant.observers import (
     default_fixed_qparams_range_neg1to1_observer,
     default_placeholder_observer,
     factory_parts,
-    resize_to_saved,
+    SavedShapeBuffers,
+    WithArgs,
 )
 from fxquant.qconfig import (
     FIXED_QPARAMS_OP_TO_OBSERVER,
@@ -100,7 +101,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------
 
 
-class FakeQuantizeBase(nn.Module, metaclass=ABCMeta):
+class FakeQuantizeBase(WithArgs, nn.Module, metaclass=ABCMeta):
     """Base of the fake-quant modules: the switches ``fake_quant_enabled`` and
     ``observer_enabled`` (uint8 buffers of shape [1], 1 = on) and their methods."""
 
@@ -133,15 +134,6 @@ class FakeQuantizeBase(nn.Module, metaclass=ABCMeta):
     def disable_observer(self) -> None:
         self.enable_observer(False)
 
-    @classmethod
-    def with_args(cls, **kwargs: Any) -> ObserverFactory:
-        """A picklable factory building ``cls(**kwargs)`` on each call."""
-        return ObserverFactory(cls, kwargs)
-
-    @classmethod
-    def with_callable_args(cls, **kwargs: Callable[[], Any]) -> ObserverFactory:
-        return ObserverFactory(cls, None, kwargs)
-
 
 def _check_fake_quant_qscheme(qscheme: Any) -> None:
     if not (qmath.is_per_tensor(qscheme) or qmath.is_per_channel(qscheme)):
@@ -150,7 +142,7 @@ def _check_fake_quant_qscheme(qscheme: Any) -> None:
         )
 
 
-class FakeQuantize(FakeQuantizeBase):
+class FakeQuantize(SavedShapeBuffers, FakeQuantizeBase):
     """Observe with ``observer`` (any fxquant observer class or factory, default
     :class:`~fxquant.observers.MovingAverageMinMaxObserver`), then fake-quantize with the
     observer's current qparams.
@@ -168,6 +160,7 @@ class FakeQuantize(FakeQuantizeBase):
 
     scale: torch.Tensor
     zero_point: torch.Tensor
+    _SAVED_SHAPE_BUFFERS = ("scale", "zero_point")  # per-channel: the saved [C], not [1]
 
     def __init__(
         self,
@@ -259,21 +252,6 @@ class FakeQuantize(FakeQuantizeBase):
             f"ch_axis={self.ch_axis}, scale={self.scale}, zero_point={self.zero_point}"
         )
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # per-channel qparams have the saved shape, not the [1] they start with
-        resize_to_saved(self, state_dict, prefix, ("scale", "zero_point"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 class FusedMovingAvgObsFakeQuantize(FakeQuantize):

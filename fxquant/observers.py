@@ -258,7 +258,53 @@ def check_finite(module: nn.Module, cur_min: torch.Tensor, cur_max: torch.Tensor
 # ----------------------------------------------------------------------------------------
 
 
-class ObserverBase(nn.Module, metaclass=ABCMeta):
+class WithArgs:
+    """``with_args`` / ``with_callable_args`` of observers and fake-quant modules."""
+
+    @classmethod
+    def with_args(cls, **kwargs: Any) -> ObserverFactory:
+        """A picklable factory building ``cls(**kwargs)`` on each call."""
+        return ObserverFactory(cls, kwargs)
+
+    @classmethod
+    def with_callable_args(cls, **kwargs: Callable[[], Any]) -> ObserverFactory:
+        """A factory evaluating each ``fn`` at construction: ``cls(name=fn(), ...)``."""
+        return ObserverFactory(cls, None, kwargs)
+
+
+class SavedShapeBuffers:
+    """Loads a state dict into buffers that start empty or with one element (per-channel
+    statistics or qparams): ``_SAVED_SHAPE_BUFFERS`` are resized to the saved shapes first,
+    so that loading can copy into them."""
+
+    _SAVED_SHAPE_BUFFERS: tuple[str, ...] = ()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        resize_to_saved(self, state_dict, prefix, self._SAVED_SHAPE_BUFFERS)
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def resize_to_saved(module: Any, state_dict: dict[str, Any], prefix: str,
+                    names: tuple[str, ...]) -> None:
+    """Give ``module``'s buffers ``names`` the shapes they have in ``state_dict`` (per-channel
+    buffers start empty or with one element), so that loading can copy into them."""
+    for name in names:
+        if prefix + name in state_dict:
+            getattr(module, name).resize_(state_dict[prefix + name].shape)
+
+
+class ObserverBase(WithArgs, nn.Module, metaclass=ABCMeta):
     """Base of all observers: ``forward`` records statistics and returns its input unchanged,
     ``calculate_qparams`` turns the statistics into (scale, zero_point)."""
 
@@ -277,16 +323,6 @@ class ObserverBase(nn.Module, metaclass=ABCMeta):
 
     @abstractmethod
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @classmethod
-    def with_args(cls, **kwargs: Any) -> ObserverFactory:
-        """A factory building ``cls(**kwargs)`` on each call."""
-        return ObserverFactory(cls, kwargs)
-
-    @classmethod
-    def with_callable_args(cls, **kwargs: Callable[[], Any]) -> ObserverFactory:
-        """A factory evaluating each ``fn`` at construction: ``cls(name=fn(), ...)``."""
-        return ObserverFactory(cls, None, kwargs)
 
 
 def _require_qscheme(observer: str, qscheme: Any, allowed: tuple[torch.qscheme, ...]) -> None:
@@ -314,29 +350,42 @@ class UniformQuantizationObserverBase(ObserverBase):
     """Base of the observers with a uniform integer grid: holds qscheme, the effective
     [quant_min, quant_max] (see :func:`fxquant.qmath.quant_range`) and ``eps``, the floor of
     the scale (a buffer, as in torch). ``has_customized_qrange`` records whether the range was
-    given explicitly (it moves the symmetric quint8 zero point to the range midpoint)."""
+    given explicitly (it moves the symmetric quint8 zero point to the range midpoint).
+
+    Subclasses say which qschemes they take (``_QSCHEMES``) and whether they allow
+    ``is_dynamic=True`` (``_DYNAMIC``), and register their statistics in ``_init_statistics``.
+    Each subclass still spells out its own constructor parameters: they are torch's, whose
+    positional order differs between the observers (``factory_kwargs`` before or after
+    ``eps``, a leading ``ch_axis`` / ``bins`` / ``averaging_constant``)."""
 
     eps: torch.Tensor
     _version = 3  # torch.ao's state-dict version for these buffers: state dicts interoperate
+    _QSCHEMES: tuple[torch.qscheme, ...] = qmath.SUPPORTED_QSCHEMES
+    _DYNAMIC = True
 
-    def __init__(
-        self,
-        dtype: torch.dtype = torch.quint8,
-        qscheme: torch.qscheme = torch.per_tensor_affine,
-        reduce_range: bool = False,
-        quant_min: int | None = None,
-        quant_max: int | None = None,
-        factory_kwargs: dict[str, Any] | None = None,
-        eps: float = _FLOAT32_EPS,
-        is_dynamic: bool = False,
-    ) -> None:
+    def __init__(self, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None,
+                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
+                 is_dynamic: bool = False) -> None:
+        name = type(self).__name__
+        _require_qscheme(name, qscheme, self._QSCHEMES)
+        if not self._DYNAMIC:
+            _reject_dynamic(name, is_dynamic)
         super().__init__(dtype=dtype, is_dynamic=is_dynamic)
-        _require_qscheme(type(self).__name__, qscheme, qmath.SUPPORTED_QSCHEMES)
         self.qscheme = qscheme
         self.reduce_range = reduce_range
         self.has_customized_qrange = quant_min is not None and quant_max is not None
         self.quant_min, self.quant_max = qmath.quant_range(dtype, quant_min, quant_max, reduce_range)
-        self.register_buffer("eps", torch.tensor([eps], **torch.nn.factory_kwargs(factory_kwargs)))
+        fk = torch.nn.factory_kwargs(factory_kwargs)
+        self.register_buffer("eps", torch.tensor([eps], **fk))
+        self._init_statistics(fk)
+
+    def _init_statistics(self, fk: dict[str, Any]) -> None:
+        """Register the statistics buffers (``fk``: their dtype / device)."""
+
+    def _check_symmetric_range(self) -> None:
+        _reject_symmetric_reduced_quint8(type(self).__name__, self.qscheme, self.dtype, self.reduce_range)
 
     def _calculate_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return qmath.calculate_qparams(
@@ -367,25 +416,12 @@ class MinMaxObserver(UniformQuantizationObserverBase):
 
     min_val: torch.Tensor
     max_val: torch.Tensor
+    _QSCHEMES = qmath.PER_TENSOR_QSCHEMES
 
-    def __init__(
-        self,
-        dtype: torch.dtype = torch.quint8,
-        qscheme: torch.qscheme = torch.per_tensor_affine,
-        reduce_range: bool = False,
-        quant_min: int | None = None,
-        quant_max: int | None = None,
-        factory_kwargs: dict[str, Any] | None = None,
-        eps: float = _FLOAT32_EPS,
-        is_dynamic: bool = False,
-    ) -> None:
-        name = type(self).__name__
-        _require_qscheme(name, qscheme, qmath.PER_TENSOR_QSCHEMES)
-        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
-        fk = torch.nn.factory_kwargs(factory_kwargs)
+    def _init_statistics(self, fk: dict[str, Any]) -> None:
         self.register_buffer("min_val", torch.tensor(float("inf"), **fk))
         self.register_buffer("max_val", torch.tensor(float("-inf"), **fk))
-        _reject_symmetric_reduced_quint8(name, qscheme, dtype, reduce_range)
+        self._check_symmetric_range()
         # A small sorted sample of the values seen (not in the state_dict): the range check
         # of convert uses it to tell a bulk from a few far values (fxquant.range_check).
         self.range_sample: torch.Tensor | None = None
@@ -396,10 +432,15 @@ class MinMaxObserver(UniformQuantizationObserverBase):
         x = x_orig.detach().to(self.min_val.dtype)
         cur_min, cur_max = torch.aminmax(x)
         check_finite(self, cur_min, cur_max)
-        self.min_val.copy_(torch.min(cur_min, self.min_val))
-        self.max_val.copy_(torch.max(cur_max, self.max_val))
+        new_min, new_max = self._combine(cur_min, cur_max)
+        self.min_val.copy_(new_min)
+        self.max_val.copy_(new_max)
         self.range_sample = update_range_sample(self.range_sample, x)
         return x_orig
+
+    def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The statistics after a batch with ``cur_min`` / ``cur_max``: the running min / max."""
+        return torch.min(cur_min, self.min_val), torch.max(cur_max, self.max_val)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._calculate_qparams(self.min_val, self.max_val)
@@ -434,18 +475,11 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     """Per-tensor exponential moving average of min / max:
     ``v <- v + averaging_constant * (current - v)`` after the first batch."""
 
-    def __init__(
-        self,
-        averaging_constant: float = 0.01,
-        dtype: torch.dtype = torch.quint8,
-        qscheme: torch.qscheme = torch.per_tensor_affine,
-        reduce_range: bool = False,
-        quant_min: int | None = None,
-        quant_max: int | None = None,
-        eps: float = _FLOAT32_EPS,
-        is_dynamic: bool = False,
-        factory_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, averaging_constant: float = 0.01, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None,
+                 eps: float = _FLOAT32_EPS, is_dynamic: bool = False,
+                 factory_kwargs: dict[str, Any] | None = None) -> None:
         if is_dynamic and averaging_constant != 1:
             raise ValueError(
                 "MovingAverageMinMaxObserver supports is_dynamic=True only with "
@@ -454,25 +488,21 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
         self.averaging_constant = averaging_constant
 
-    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        if x_orig.numel() == 0:
-            return x_orig
-        x = x_orig.detach().to(self.min_val.dtype)
-        min_val, max_val = self.min_val, self.max_val
-        cur_min, cur_max = torch.aminmax(x)
-        check_finite(self, cur_min, cur_max)
-        if min_val == float("inf") and max_val == float("-inf"):
-            min_val, max_val = cur_min, cur_max
-        else:
-            min_val = min_val + self.averaging_constant * (cur_min - min_val)
-            max_val = max_val + self.averaging_constant * (cur_max - max_val)
-        self.min_val.copy_(min_val)
-        self.max_val.copy_(max_val)
-        self.range_sample = update_range_sample(self.range_sample, x)
-        return x_orig
+    def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.min_val == float("inf") and self.max_val == float("-inf"):
+            return cur_min, cur_max
+        return _moving_average(self, cur_min, cur_max)
 
     def extra_repr(self) -> str:
         return f"averaging_constant={self.averaging_constant}, {super().extra_repr()}"
+
+
+def _moving_average(observer: Any, cur_min: torch.Tensor, cur_max: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v + averaging_constant * (current - v)`` for the observer's min_val and max_val."""
+    c = observer.averaging_constant
+    min_val, max_val = observer.min_val, observer.max_val
+    return min_val + c * (cur_min - min_val), max_val + c * (cur_max - max_val)
 
 
 def _channel_rows(x: torch.Tensor, ch_axis: int, observer: str) -> torch.Tensor:
@@ -489,34 +519,31 @@ def _channel_rows(x: torch.Tensor, ch_axis: int, observer: str) -> torch.Tensor:
     return torch.flatten(x.permute(axes), start_dim=1)
 
 
-class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
+class PerChannelMinMaxObserver(SavedShapeBuffers, UniformQuantizationObserverBase):
     """Running min / max per channel along ``ch_axis`` (buffers ``min_val``, ``max_val``: empty
     until the first batch, then shape [C])."""
 
     min_val: torch.Tensor
     max_val: torch.Tensor
 
-    def __init__(
-        self,
-        ch_axis: int = 0,
-        dtype: torch.dtype = torch.quint8,
-        qscheme: torch.qscheme = torch.per_channel_affine,
-        reduce_range: bool = False,
-        quant_min: int | None = None,
-        quant_max: int | None = None,
-        factory_kwargs: dict[str, Any] | None = None,
-        eps: float = _FLOAT32_EPS,
-        is_dynamic: bool = False,
-    ) -> None:
-        name = type(self).__name__
-        _require_qscheme(name, qscheme, qmath.PER_CHANNEL_QSCHEMES)
-        _reject_dynamic(name, is_dynamic)
+    _QSCHEMES = qmath.PER_CHANNEL_QSCHEMES
+    _DYNAMIC = False
+    _SAVED_SHAPE_BUFFERS = ("min_val", "max_val")  # empty until the first batch
+
+    # the parameter list is torch's (positional order included), as HistogramObserver's after
+    # its leading argument: the base cannot declare it for them (see its docstring)
+    def __init__(self, ch_axis: int = 0, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_channel_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None,
+                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
+                 is_dynamic: bool = False) -> None:
         super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
-        fk = torch.nn.factory_kwargs(factory_kwargs)
         self.ch_axis = ch_axis
+
+    def _init_statistics(self, fk: dict[str, Any]) -> None:
         self.register_buffer("min_val", torch.tensor([], **fk))
         self.register_buffer("max_val", torch.tensor([], **fk))
-        _reject_symmetric_reduced_quint8(name, qscheme, dtype, reduce_range)
+        self._check_symmetric_range()
 
     def _rows(self, x_orig: torch.Tensor) -> torch.Tensor:
         rows = _channel_rows(x_orig.detach(), self.ch_axis, type(self).__name__).to(self.min_val.dtype)
@@ -545,8 +572,10 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         if self.min_val.numel() == 0 or self.max_val.numel() == 0:
             self._store(cur_min, cur_max)
         else:
-            self._store(torch.min(cur_min, self.min_val), torch.max(cur_max, self.max_val))
+            self._store(*self._combine(cur_min, cur_max))
         return x_orig
+
+    _combine = MinMaxObserver._combine
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._calculate_qparams(self.min_val, self.max_val)
@@ -559,63 +588,20 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         self.min_val = torch.empty(0, **fk)
         self.max_val = torch.empty(0, **fk)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The per-channel buffers start empty: size them to the saved statistics first.
-        resize_to_saved(self, state_dict, prefix, ("min_val", "max_val"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-
-def resize_to_saved(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
-                    names: tuple[str, ...]) -> None:
-    """Give ``module``'s buffers ``names`` the shapes they have in ``state_dict`` (per-channel
-    buffers start empty or with one element), so that loading can copy into them."""
-    for name in names:
-        if prefix + name in state_dict:
-            getattr(module, name).resize_(state_dict[prefix + name].shape)
 
 
 class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
     """Per-channel exponential moving average of min / max."""
 
-    def __init__(
-        self,
-        averaging_constant: float = 0.01,
-        ch_axis: int = 0,
-        dtype: torch.dtype = torch.quint8,
-        qscheme: torch.qscheme = torch.per_channel_affine,
-        reduce_range: bool = False,
-        quant_min: int | None = None,
-        quant_max: int | None = None,
-        eps: float = _FLOAT32_EPS,
-        is_dynamic: bool = False,
-        factory_kwargs: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, averaging_constant: float = 0.01, ch_axis: int = 0,
+                 dtype: torch.dtype = torch.quint8, qscheme: torch.qscheme = torch.per_channel_affine,
+                 reduce_range: bool = False, quant_min: int | None = None,
+                 quant_max: int | None = None, eps: float = _FLOAT32_EPS, is_dynamic: bool = False,
+                 factory_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__(ch_axis, dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
         self.averaging_constant = averaging_constant
 
-    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        if x_orig.numel() == 0:
-            return x_orig
-        rows = self._rows(x_orig)
-        cur_min, cur_max = torch.aminmax(rows, dim=1)
-        check_finite(self, cur_min, cur_max)
-        if self.min_val.numel() == 0 or self.max_val.numel() == 0:
-            self._store(cur_min, cur_max)
-        else:
-            c = self.averaging_constant
-            self._store(self.min_val + c * (cur_min - self.min_val), self.max_val + c * (cur_max - self.max_val))
-        return x_orig
+    _combine = _moving_average
 
     def extra_repr(self) -> str:
         return f"averaging_constant={self.averaging_constant}, {super().extra_repr()}"
@@ -639,25 +625,17 @@ class HistogramObserver(UniformQuantizationObserverBase):
     histogram: torch.Tensor
     min_val: torch.Tensor
     max_val: torch.Tensor
+    _QSCHEMES = qmath.PER_TENSOR_QSCHEMES
+    _DYNAMIC = False
 
-    def __init__(
-        self,
-        bins: int = 2048,
-        dtype: torch.dtype = torch.quint8,
-        qscheme: torch.qscheme = torch.per_tensor_affine,
-        reduce_range: bool = False,
-        quant_min: int | None = None,
-        quant_max: int | None = None,
-        factory_kwargs: dict[str, Any] | None = None,
-        eps: float = _FLOAT32_EPS,
-        is_dynamic: bool = False,
-    ) -> None:
-        name = type(self).__name__
-        _require_qscheme(name, qscheme, qmath.PER_TENSOR_QSCHEMES)
-        _reject_dynamic(name, is_dynamic)
+    def __init__(self, bins: int = 2048, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
+                 quant_min: int | None = None, quant_max: int | None = None,
+                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
+                 is_dynamic: bool = False) -> None:
+        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
         if int(bins) < 1:
             raise ValueError(f"HistogramObserver needs bins >= 1, got {bins}")
-        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
         fk = torch.nn.factory_kwargs(factory_kwargs)
         self.bins = int(bins)
         self.register_buffer("histogram", torch.zeros(self.bins, **fk))
@@ -890,7 +868,14 @@ class FixedQParamsObserver(ObserverBase):
         return f"dtype={self.dtype}, scale={self.scale.item()}, zero_point={self.zero_point.item()}"
 
 
-class PlaceholderObserver(ObserverBase):
+class _PassThroughObserver(ObserverBase):
+    """An observer that records nothing: forward returns its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class PlaceholderObserver(_PassThroughObserver):
     """Records nothing; carries the target ``dtype`` (e.g. float16) and ``is_dynamic`` to
     convert. Dynamic activations get their qparams at run time, float16 has none."""
 
@@ -921,9 +906,6 @@ class PlaceholderObserver(ObserverBase):
         self.eps = _FLOAT32_EPS if eps is None else eps
         self.custom_op = custom_op_name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, is_dynamic={self.is_dynamic}"
 
@@ -934,15 +916,12 @@ class PlaceholderObserver(ObserverBase):
         )
 
 
-class NoopObserver(ObserverBase):
+class NoopObserver(_PassThroughObserver):
     """Records nothing; marks a tensor that stays in ``dtype`` (default float16)."""
 
     def __init__(self, dtype: torch.dtype = torch.float16, custom_op_name: str = "") -> None:
         super().__init__(dtype=dtype, is_dynamic=False)
         self.custom_op = custom_op_name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}"
@@ -951,16 +930,13 @@ class NoopObserver(ObserverBase):
         raise RuntimeError("NoopObserver has no qparams")
 
 
-class ReuseInputObserver(ObserverBase):
+class ReuseInputObserver(_PassThroughObserver):
     """Marker for ops such as ``reshape`` whose output shares the observer (and qparams) of
     their input: insert_observers reuses the input's observer instead of adding one; an
     unobserved input leaves the output unobserved too."""
 
     def __init__(self) -> None:
         super().__init__(torch.quint8, is_dynamic=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
     def extra_repr(self) -> str:
         return "reuses the input's observer"
