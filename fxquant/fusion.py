@@ -52,7 +52,7 @@ def clamp_bounds(node, modules) -> Optional[tuple[float, float]]:
     if node.target in (F.hardtanh, F.hardtanh_):
         lo = node.kwargs.get("min_val", args[0] if args[0] is not None else -1.0)
         hi = node.kwargs.get("max_val", args[1] if args[1] is not None else 1.0)
-    else:  # torch.clamp / x.clamp / torch.clip
+    else:  # torch.clamp (and the in-place clamp_ / clip_ kept as written)
         lo = node.kwargs.get("min", args[0])
         hi = node.kwargs.get("max", args[1])
     if any(isinstance(v, fx.Node) or v is None for v in (lo, hi)):
@@ -65,11 +65,12 @@ def _clamp_fusable(node, modules) -> bool:
     return bounds is not None and bounds[0] <= 0.0 <= bounds[1]
 
 
-# in-place spellings too (x.clamp_(0, 6), torch.clamp_, F.hardtanh_, nn.ReLU6(inplace=True)):
-# a chain's interior node has one user, so nothing else reads the tensor they overwrite
-CLAMP = Op(nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clip,
-           torch.clamp_, torch.clip_, "clamp", "clip", "clamp_", "clip_", name="clamp",
-           check=_clamp_fusable)
+# canonical spellings (normalize rewrites torch.clip / x.clamp() / x.clip() to torch.clamp),
+# in-place ones too: x.clamp_(0, 6) / torch.clamp_ / clip_ (which normalize keeps as written,
+# see fxquant.ops), F.hardtanh_ and nn.ReLU6(inplace=True) (kept as written when their tensor
+# has views): a chain's interior node has one user, so nothing else reads what they overwrite
+CLAMP = Op(nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clamp_,
+           torch.clip_, "clamp_", "clip_", name="clamp", check=_clamp_fusable)
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}

@@ -99,6 +99,7 @@ def _spellings_of(target: Any) -> list[Spelling]:
 
 
 def _spelling_texts(target: Any, inplace: bool = False) -> list[str]:
+    inplace = inplace or any(s.inplace and s.target is target for s in SPELLINGS)
     suffix = " (in place)" if inplace else ""
     if isinstance(target, type) and target.__module__.startswith("fxquant."):
         suffix += " (built by a fusion, see Fusions)"

@@ -205,18 +205,20 @@ def _far_values(obs: nn.Module, limits: RangeLimits) -> Optional[str]:
 
 
 # A node whose output range lies inside its (first) input's: its own observer should not be
-# wider than the input's.
+# wider than the input's. The prepared graph went through normalize: canonical spellings only
+# (fxquant.ops; x.relu() / nn.ReLU / x.clamp() / x.reshape() ... are F.relu / torch.clamp /
+# torch.reshape there). Dropout stays in training mode (QAT), nn.Identity too; nn.ReLU(inplace=
+# True) stays as written when its input has views (normalize's keep_inplace).
 _NON_WIDENING_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                          nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Identity,
-                         nn.Flatten)
-_NON_WIDENING_FUNCTIONS = (F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, torch.clip,
+                         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Identity)
+_NON_WIDENING_FUNCTIONS = (F.relu, F.relu6, F.hardtanh, torch.clamp,
                            F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
                            F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                           F.adaptive_avg_pool3d, F.dropout, torch.flatten, torch.mean)
-_NON_WIDENING_METHODS = ("relu", "clamp", "clip", "mean", "flatten", "reshape", "view",
-                         "permute", "transpose", "contiguous")
+                           F.adaptive_avg_pool3d, F.dropout, torch.flatten, torch.mean,
+                           torch.reshape, torch.permute, torch.transpose)
+_NON_WIDENING_METHODS = ("view", "contiguous")
 
 
 def _non_widening(gm: fx.GraphModule, node: fx.Node) -> bool:

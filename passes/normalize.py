@@ -170,6 +170,9 @@ def _tensor_valued(node: fx.Node) -> bool:
 def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str, nn.Module]) -> bool:
     if sp.tensor_only and not _tensor_valued(node):
         return False
+    if sp.self_tensor and node.op == "call_method" and not (
+            node.args and isinstance(node.args[0], fx.Node) and _tensor_valued(node.args[0])):
+        return False  # a method of something else than a tensor (``name.split(".")``)
     if sp.canonical is torch.cat:
         _expand_tuple_input(gm, node)
     new_args = _canonical_args(node, sp, modules)
@@ -255,6 +258,8 @@ def _canonical_args(node: fx.Node, sp: Spelling, modules: dict[str, nn.Module]
         extra, kw = sp.module_args(modules[node.target]) if sp.module_args else ((), {})
         return (node.args[0], *extra, *node.args[1:]), {**kw, **kwargs}
     args = tuple(node.args)
+    if sp.convert is not None:
+        return sp.convert(args, kwargs)
     if sp.canonical is torch.nn.functional.relu:
         return (args[0],), {}
     if sp.canonical in _COMMUTATIVE:

@@ -199,7 +199,7 @@ BEYOND_TORCH_AO = [
                 lambda: Fn(lambda x: F.pad(x, (1, 1, 2, 2))),
                 lambda: Fn(lambda x: F.pad(x, (1, 1, 2, 2), mode="reflect")),
                 lambda: Fn(lambda x: torch.constant_pad_nd(x, (1, 1)))],
-     {"ZeroPad2d": 1, "ConstantPad2d": 1, "pad": 2, "constant_pad_nd": 1}, 28),
+     {"ZeroPad2d": 1, "ConstantPad2d": 1, "pad": 3}, 28),  # torch.constant_pad_nd: F.pad
     ("pad1d", 3, [lambda: nn.ReflectionPad1d(2), lambda: nn.ConstantPad1d((0, 3), -1.0)],
      {"ReflectionPad1d": 1, "ConstantPad1d": 1}, 28),
     # x.clamp_ right after the model's conv fuses into it (issue 10: the bound is in the

@@ -83,14 +83,16 @@ def test_spellings_and_policies_render():
 def test_a_new_rule_shows_up_with_its_policy_kernel_and_notes():
     base = get_backend("x86")
     extra = base.extended(
-        Rule("test_sigmoid", Op(torch.sigmoid, "sigmoid"), FIXED, "quantized::sigmoid",
+        Rule("test_sigmoid", Op(torch.sigmoid), FIXED, "quantized::sigmoid",
              fixed=(1.0 / 256, 0), notes="output in [0, 1]"),
         Rule("test_pool", Op(nn.MaxPool2d), SHARED, "quantized::max_pool2d | fast"),
         name="x86-test")
     section = optable.generate(backends=[base, extra])
     rows = {r[0].strip("`"): r for r in _table_rows(section, "Quantized ops")}
     row = rows["test_sigmoid"]
-    assert row[1] == "`torch.sigmoid`, `x.sigmoid()`"
+    # the canonical op, then every spelling normalize rewrites into it
+    assert row[1] == ("`torch.sigmoid`, `F.sigmoid`, `torch.special_expit`, `x.sigmoid()`, "
+                      "`torch.sigmoid_` (in place), `x.sigmoid_()` (in place)")
     assert row[2:4] == ["—", "quantized::sigmoid"]  # only the second backend has it
     assert row[4] == "fixed: scale 1/256, zero_point 0" and row[5] == "output in [0, 1]"
     assert "quantized::max_pool2d \\| fast" in section  # a '|' does not break the table

@@ -413,18 +413,17 @@ SHARED_FUNCTIONS = (F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten)
 # Ops that move or pick values without changing them: they run on the quantized tensor and
-# keep its scale/zero_point.
-RESHAPE_FAMILY = ("reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                  "flatten", "expand", "expand_as", "repeat", "detach", "narrow", "flip",
+# keep its scale/zero_point. Canonical spellings only (fxquant.ops): normalize rewrites
+# x.reshape / x.permute / torch.swapaxes / nn.Flatten ... into these; the methods listed have
+# no torch function.
+RESHAPE_FAMILY = ("contiguous", "expand", "expand_as", "repeat", "detach",
                   torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-                  torch.narrow, torch.flip, torch.t, "t", torch.swapaxes, "swapaxes",
-                  torch.movedim, "movedim", operator.getitem,
+                  torch.narrow, torch.flip, torch.t, torch.movedim, operator.getitem,
                   nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
-                  nn.Flatten, nn.Unflatten, "unflatten", torch.unflatten)
+                  nn.Unflatten, torch.unflatten)
 VIEW_FAMILY = ("view", "view_as")  # lowered as reshape: quantized convs return channels-last
-TUPLE_FAMILY = ("chunk", "split", "unbind", "tensor_split", torch.chunk, torch.split,
-                torch.unbind, torch.tensor_split)
-MATMUL = (torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
+TUPLE_FAMILY = (torch.chunk, torch.split, torch.unbind, torch.tensor_split)
+MATMUL = (torch.matmul,)  # a @ b, x.matmul, torch.bmm are normalized to it
 
 
 def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
@@ -485,7 +484,7 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
              lower_same_op),
         Rule("view", Op(*VIEW_FAMILY), SHARED, "reshape on the quantized tensor",
              lower_view_as_reshape),
-        Rule("mean", Op("mean", torch.mean), SHARED, "mean on the quantized tensor", lower_mean,
+        Rule("mean", Op(torch.mean), SHARED, "mean on the quantized tensor", lower_mean,
              notes="keeps the input's scale/zero_point"),
         Rule("tuple_family", Op(*TUPLE_FAMILY), SHARED, "same op on the quantized tensor",
              None, notes="outputs a tuple; each item shares the input's qparams",
