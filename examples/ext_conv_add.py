@@ -42,7 +42,7 @@ import fxquant
 from fxquant.extend import (WEIGHTED, Chain, GroupFusion, LowerCtx, NoMatch, Op, Rule,
                             compose_backend, example_shape, is_dequantize, lower_weighted,
                             prepare_pipeline, quantized_engine, register_backend,
-                            unregister_backend, with_fusions)
+                            tensor_qparams, unregister_backend, with_fusions)
 
 ADD = Op(torch.add, name="add")
 FUSIONS = (
@@ -117,6 +117,9 @@ def lower_conv_add(ctx: LowerCtx, copy_other: bool = True) -> Union[fx.Node, NoM
     other = add.args[1] if len(add.args) == 2 and not add.kwargs else None
     if not is_dequantize(other):
         return NoMatch("the add's other operand is not a quantized tensor (or alpha is given)")
+    accum = tensor_qparams(other.args[0])
+    if accum is None or accum[2] != torch.quint8 or ctx.out_dtype != torch.quint8:
+        return NoMatch("the kernel takes a quint8 operand with static qparams and gives quint8")
     out_shape = example_shape(ctx.group[-1])
     if out_shape is None or example_shape(other) != out_shape:
         return NoMatch(f"the add's other operand is not shaped like the output {out_shape} "
@@ -131,6 +134,7 @@ def lower_conv_add(ctx: LowerCtx, copy_other: bool = True) -> Union[fx.Node, NoM
                                ctx.out_zero_point, copy_other)
     err = ctx.probe(lambda x: fused(x, fused.conv(x)))
     if err:
+        ctx.set_module(ctx.module)  # the reference conv again (ctx.modules is the one before)
         return NoMatch(f"quantized::conv2d_add does not run here: {err}")
     ctx.set_module(fused)
     ctx.kernel = "quantized::conv2d_add_relu" if relu else "quantized::conv2d_add"

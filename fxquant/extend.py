@@ -33,7 +33,7 @@ __all__ = [
     "register_backend", "unregister_backend", "get_backend", "registered_backends",
     "compose_backend", "default_module_fusions", "default_group_fusions", "with_fusions",
     "insert_before", "insert_after", "keep_float", "explain_match", "MatchExplanation",
-    "input_qparams", "example_shape", "lower_weighted", "lower_same_op", "is_dequantize",
+    "input_qparams", "tensor_qparams", "example_shape", "lower_weighted", "lower_same_op", "is_dequantize",
     "is_quantize", "quantized_engine", "supported_engines", "Pass", "PassContext", "PassResult",
     "prepare_pipeline", "convert_pipeline",
 ]
@@ -162,10 +162,16 @@ def _explain_one(node: fx.Node, pattern: Explainable, modules: Mapping[str, nn.M
 def input_qparams(ctx: LowerCtx, key: Any = 0) -> Optional[tuple[float, int, Any]]:
     """(scale, zero_point, dtype) of the quantized tensor feeding input ``key`` of a lowering,
     or None when only a kernel knows them at run time (a lowering should then decline)."""
+    return tensor_qparams(ctx.qinputs[key])
+
+
+def tensor_qparams(node: fx.Node) -> Optional[tuple[float, int, Any]]:
+    """(scale, zero_point, dtype) of the quantized tensor ``node`` produces (a quantize node,
+    or a kernel lowered earlier), or None when only a kernel knows them at run time. For a
+    fused group's other operand: ``tensor_qparams(dequantize_node.args[0])``."""
     from fxquant.backends.reference_ops import is_quantize, quantize_qparams
     from fxquant.meta import qinfo
 
-    node = ctx.qinputs[key]
     if is_quantize(node):
         return quantize_qparams(node)
     known = qinfo(node).qparams
