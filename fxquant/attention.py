@@ -265,6 +265,7 @@ def apply_attention_defaults(gm: fx.GraphModule, modules: Mapping[str, nn.Module
     ``is_default(node)`` is False (the user's mapping decided that node explicitly). Static
     qconfigs only: a dynamic or float node is left as it is. Returns stats."""
     from fxquant.meta import qinfo, record
+    from fxquant.records import Action
 
     stats = {"attention_float": 0, "attention_explicit": 0}
     for node, why in attention_float_nodes(gm, modules).items():
@@ -275,14 +276,14 @@ def apply_attention_defaults(gm: fx.GraphModule, modules: Mapping[str, nn.Module
             continue  # x.size(1) sizing a causal mask: not a tensor, nothing to keep float
         if not is_default(node):
             stats["attention_explicit"] += 1
-            record(node, "propagate_qconfig", "attention_explicit",
+            record(node, "propagate_qconfig", Action.ATTENTION_EXPLICIT,
                    f"attention default not applied: the mapping sets this op explicitly "
                    f"({info.qconfig_reason}); it would be kept float because it {why}")
             continue
         previous = info.qconfig_reason
         info.qconfig = None
         info.qconfig_reason = f"attention default: {why}"
-        record(node, "propagate_qconfig", "assign_qconfig",
+        record(node, "propagate_qconfig", Action.ASSIGN_QCONFIG,
                f"{previous} → None (attention default: {why}; a module_name or object_type rule "
                f"for it quantizes it)")
         stats["attention_float"] += 1

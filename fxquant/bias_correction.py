@@ -47,9 +47,10 @@ import torch.nn as nn
 from fxquant.compare import _engine_of, batches_of
 from fxquant.errors import FxQuantError
 from fxquant.meta import record
+from fxquant.records import Action, Stage
 from fxquant.options import options_of
 from fxquant.nn.bias import float_core, pre_activation, quantized_core, set_bias, weight_and_bias
-from fxquant.report import graph_stage
+from fxquant.status import graph_stage
 
 REPORT_KEY = "fxquant_bias_correction"
 PASS_NAME = "bias_correction"
@@ -171,7 +172,7 @@ def _models(model: nn.Module, reference: Optional[nn.Module]) -> tuple[fx.GraphM
                                 "model (or pass the calibrated prepared model itself)")
     else:
         model = copy.deepcopy(model)
-    if isinstance(reference, fx.GraphModule) and graph_stage(reference) == "prepared":
+    if isinstance(reference, fx.GraphModule) and graph_stage(reference) == Stage.PREPARED:
         ref = copy.deepcopy(reference)
     else:
         trace_config = getattr(options_of(model), "trace_config", None)
@@ -275,7 +276,7 @@ def _correct(layer: _Layer, q: _ChannelMean, f: _ChannelMean, sequential: bool
     lc = LayerCorrection(layer.path, int(shift.numel()), float(shift.abs().mean()),
                          float(shift.abs().max()),
                          float(shift.abs().mean()) / std if std > 0 else math.inf)
-    record(layer.node, PASS_NAME, "correct_bias",
+    record(layer.node, PASS_NAME, Action.CORRECT_BIAS,
            f"subtracted the per-channel mean output shift (quantized - float) measured on "
            f"{q.count} calibration values per channel",
            mean_abs_shift=lc.mean_abs_shift, max_abs_shift=lc.max_abs_shift)

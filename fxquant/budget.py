@@ -34,6 +34,7 @@ import torch.nn as nn
 from fxquant.compare import batches_of, compare, skip_layers
 from fxquant.errors import FxQuantError
 from fxquant.meta import qinfo_or_none, record
+from fxquant.records import Action, Role
 
 REPORT_KEY = "fxquant_budget"
 PASS_NAME = "quantize_with_budget"
@@ -199,7 +200,7 @@ def _record(model: nn.Module, report: BudgetReport) -> None:
             cost.setdefault(s.note[2:].split(" ")[0], s)
     for node in model.graph.nodes:
         info = qinfo_or_none(node)
-        if info is None or info.role != "op" or not node.op.startswith("call_"):
+        if info is None or info.role != Role.OP or not node.op.startswith("call_"):
             continue
         name = next((n for n in report.float_layers
                      if n in (info.module_path, node.name, str(node.target))
@@ -208,6 +209,6 @@ def _record(model: nn.Module, report: BudgetReport) -> None:
             continue
         prev = report.steps[cost[name].index - 1] if name in cost else None
         lost = f"; with it quantized the metric dropped {prev.drop:.4f}" if prev else ""
-        record(node, PASS_NAME, "keep_float",
+        record(node, PASS_NAME, Action.KEEP_FLOAT,
                f"left float to meet the accuracy budget (max drop {report.max_drop:g}){lost}",
                layer=name)

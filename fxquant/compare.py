@@ -31,7 +31,8 @@ import torch.nn as nn
 
 from fxquant.meta import qinfo_or_none
 from fxquant.options import options_of
-from fxquant.report import FLOAT, graph_stage, info_of, op_label, status_of
+from fxquant.records import Role, Status
+from fxquant.status import graph_stage, info_of, op_label, status_of
 
 Key = tuple[str, int]
 
@@ -89,7 +90,7 @@ class Comparison:
         their local SQNR shows is noise they received, amplified) and are float already."""
         ranked = sorted(self.layers, key=lambda lc: (lc.local_sqnr_db, lc.sqnr_db))
         ranked = [lc for lc in ranked
-                  if not math.isinf(lc.local_sqnr_db) and lc.status != FLOAT]
+                  if not math.isinf(lc.local_sqnr_db) and lc.status != Status.FLOAT]
         return ranked if n is None else ranked[:n]
 
     def worst_layers(self, n: Optional[int] = 5) -> list[str]:
@@ -187,7 +188,7 @@ def value_keys(gm: fx.GraphModule) -> dict[fx.Node, Key]:
             inputs += 1
         elif info is not None and info.debug_handle is not None and node.op.startswith("call_"):
             keys[node] = ("handle", info.debug_handle)
-        elif info is not None and info.role in ("quantize", "dequantize", "observer"):
+        elif info is not None and info.role in (Role.QUANTIZE, Role.DEQUANTIZE, Role.OBSERVER):
             src = node.args[0] if node.args else None
             if isinstance(src, fx.Node) and keys.get(src, ("",))[0] == "input":
                 keys[node] = keys[src]
@@ -292,7 +293,7 @@ def _layers(gm: fx.GraphModule, stats: dict[Key, _Stat],
     for node in gm.graph.nodes:
         info = info_of(node)
         key = keys.get(node)
-        if key is None or key[0] != "handle" or info.role != "op" or key in done:
+        if key is None or key[0] != "handle" or info.role != Role.OP or key in done:
             continue
         done.add(key)
         if key not in stats:
@@ -342,7 +343,7 @@ def _weights(float_model: nn.Module, gm: fx.GraphModule) -> list[WeightCompariso
     fused = fuse_fx(copy.deepcopy(float_model).eval(), verify=False)
     out, seen = [], set()
     for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target in seen or info_of(node).role != "op":
+        if node.op != "call_module" or node.target in seen or info_of(node).role != Role.OP:
             continue
         seen.add(node.target)
         qw = quantized_weight(gm.get_submodule(str(node.target)))

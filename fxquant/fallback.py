@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from fxquant.errors import FxQuantError
 from fxquant.meta import META_KEY, QNodeInfo, qinfo, record
+from fxquant.records import Action
 from fxquant.options import OPTIONS_KEY  # marks a prepared unit
 from fxquant.trace import (FailureSite, TraceConfig, TraceFailed, annotate_trace_meta,
                            is_leaf_type, join_path, trace)
@@ -363,7 +364,7 @@ class _Builder:
         leaves = {f.site.module_path: f for f in failures}
         for node in _leaf_nodes(gm, leaves):
             f = leaves[qinfo(node).module_path]
-            record(node, "trace", "leaf", f"{f.cause} at {f.site.location or '?'}")
+            record(node, "trace", Action.LEAF, f"{f.cause} at {f.site.location or '?'}")
         for f in failures:
             module = gm.get_submodule(f.site.module_path[len(path):].lstrip("."))
             self.note(module, f.site.module_path, "leaf", f.cause, f.site)
@@ -376,7 +377,7 @@ class _Builder:
                 done.add(id(leaf))
                 self.children(leaf, qinfo(node).module_path)
             inner = [name for name, c in leaf.named_modules() if is_unit(c)]
-            record(node, "fallback", "quantize_children",
+            record(node, "fallback", Action.QUANTIZE_CHILDREN,
                    f"quantized on their own: {', '.join(inner)}" if inner
                    else "no submodule of it could be quantized on its own")
         return unit

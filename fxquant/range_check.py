@@ -52,12 +52,13 @@ import torch.nn.functional as F
 
 from fxquant.errors import RangeWarning
 from fxquant.meta import qinfo, qinfo_or_none, record
+from fxquant.records import Action, Role
 
 __all__ = ["RANGE_CHECK_MODES", "RangeFinding", "RangeLimits", "check_ranges", "findings_of",
            "observer_range"]
 
 RANGE_CHECK_MODES = ("fix", "warn", "off")
-ACTION = "range_finding"
+ACTION = Action.RANGE_FINDING
 """The decision action of a finding (on the observed node)."""
 
 _SCALE_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
@@ -234,7 +235,7 @@ def _non_widening(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _is_observer_node(node: Any) -> bool:
     info = qinfo_or_none(node) if isinstance(node, fx.Node) else None
-    return info is not None and node.op == "call_module" and info.role == "observer"
+    return info is not None and node.op == "call_module" and info.role == Role.OBSERVER
 
 
 def _observed(node: fx.Node) -> fx.Node:
@@ -379,7 +380,7 @@ def _report(gm: fx.GraphModule, target: str, nodes: list[fx.Node],
         record(_observed(node), pass_name, ACTION, f"{kind}: {message}; {fix}",
                fixed=mode == "fix", **_fields(finding))
         if mode == "fix" and clip is None:
-            record(_observed(node), pass_name, "keep_float",
+            record(_observed(node), pass_name, Action.KEEP_FLOAT,
                    f"range check ({kind}): output kept float, see the range findings")
     warnings.warn(f"fxquant range check: {finding.describe()}. "
                   + ("" if mode == "fix" else "convert_fx(..., range_check='fix') applies the fix; ")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fxquant.aliasing import has_view_alias, is_inplace
 from fxquant.functional import build_module, functional_entry
 from fxquant.meta import inherit, qinfo, record
+from fxquant.records import Action
 from fxquant.ops import (DROPOUT_FUNCTIONS, DROPOUT_MODULES, IDENTITY_MODULES, Spelling,
                          module_is_inplace, spelling_for)
 from fxquant.patterns import op_is, target_name
@@ -70,7 +71,7 @@ def _functional_to_module(gm: fx.GraphModule, node: fx.Node, entry) -> str:
     written = target_name(node.target)
     module = build_module(gm, node, entry)
     if not isinstance(module, nn.Module):
-        record(node, Normalize.name, "keep_functional", f"{written} stays functional: "
+        record(node, Normalize.name, Action.KEEP_FUNCTIONAL, f"{written} stays functional: "
                f"{module.reason}; it runs float")
         return "kept_functional"
     weight_target = str((node.args[1] if len(node.args) > 1 else node.kwargs["weight"]).target)
@@ -78,7 +79,7 @@ def _functional_to_module(gm: fx.GraphModule, node: fx.Node, entry) -> str:
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(name, (node.args[0] if node.args else node.kwargs["input"],))
-    inherit(new, node, Normalize.name, "normalize",
+    inherit(new, node, Normalize.name, Action.NORMALIZE,
             f"{written}(x, {weight_target}, ...) rewritten as nn.{entry.module.__name__} "
             f"'{name}' sharing its parameters")
     node.replace_all_uses_with(new)
@@ -150,7 +151,7 @@ def _remove_identity(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Mo
         why += (f"; note: it was called with training={shown}, so eager eval mode would "
                 f"still have applied it (pass training=self.training)")
     if isinstance(src, fx.Node):
-        record(src, Normalize.name, "remove_identity",
+        record(src, Normalize.name, Action.REMOVE_IDENTITY,
                f"removed {what} '{qinfo(node).module_path or node.name}' after this op: {why}")
     node.replace_all_uses_with(src)
     gm.graph.erase_node(node)
@@ -182,7 +183,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
     inplace = sp.inplace or _inplace_kwarg(node) or (
         node.op == "call_module" and module_is_inplace(modules.get(node.target)))
     if inplace and isinstance(node.args[0], fx.Node) and _has_alias(node.args[0], modules):
-        record(node, Normalize.name, "keep_inplace",
+        record(node, Normalize.name, Action.KEEP_INPLACE,
                f"kept in place: {node.args[0].name} is a view of another tensor or has views, so "
                f"an out-of-place rewrite would lose the mutation they see")
         return False
@@ -193,7 +194,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
         new = gm.graph.call_function(sp.canonical, args, kwargs)
     written = (type(modules[node.target]).__name__ if node.op == "call_module"
                else target_name(node.target))
-    inherit(new, node, Normalize.name, "normalize",
+    inherit(new, node, Normalize.name, Action.NORMALIZE,
             f"{written} rewritten as {target_name(sp.canonical)}" + (" (out of place)" if inplace else ""))
     node.replace_all_uses_with(new)
     if inplace and isinstance(node.args[0], fx.Node):
@@ -220,7 +221,7 @@ def _make_mutation_explicit(graph: fx.Graph, node: fx.Node, modules: dict[str, n
     Once the op runs on a dequantized copy, the readers still see the mutation."""
     x = node.args[0]
     if _has_alias(x, modules):
-        record(node, Normalize.name, "keep_inplace",
+        record(node, Normalize.name, Action.KEEP_INPLACE,
                f"in place on {x.name}, which is a view of another tensor or has views: the "
                f"views may not see the mutation once quantized; left as written")
         return False
@@ -230,7 +231,7 @@ def _make_mutation_explicit(graph: fx.Graph, node: fx.Node, modules: dict[str, n
         return False
     for user in later:
         user.replace_input_with(x, node)
-    record(node, Normalize.name, "normalize",
+    record(node, Normalize.name, Action.NORMALIZE,
            f"in-place op: {', '.join(u.name for u in later)} now read its result, the tensor "
            f"it mutated")
     return True
@@ -289,8 +290,8 @@ def _expand_tuple_input(gm: fx.GraphModule, node: fx.Node) -> None:
             item = gm.graph.call_function(operator.getitem, (tensors, i))
             info = inherit(item, tensors)
             info.value = ValueInfo("tensor", value.dtype, shape, "Tensor")
-            record(item, Normalize.name, "normalize", f"item {i} of {tensors.name}, listed for "
-                                                      f"{node.name}")
+            record(item, Normalize.name, Action.NORMALIZE,
+                   f"item {i} of {tensors.name}, listed for {node.name}")
             items.append(item)
     if node.args:
         node.args = (items, *node.args[1:])

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from fxquant.backends.base import FIXED, OWN, SHARED, LowerCtx, Lowered, Rule
 from fxquant.meta import inherit, qinfo, record
+from fxquant.records import Action
 from fxquant.patterns import NoMatch, Op, target_name
 
 Q = torch.ops.quantized
@@ -412,7 +413,7 @@ def _helper(new: fx.Node, node: fx.Node, kernel: str) -> None:
     """A node a lowering adds besides its result: the same record, its own decision."""
     info = inherit(new, node)
     info.kernel = kernel
-    record(new, "lower_to_backend", "lower", f"runs on {kernel}")
+    record(new, "lower_to_backend", Action.LOWER, f"runs on {kernel}")
 
 
 # ---------------------------------------------------------------- fixed-qparams ops

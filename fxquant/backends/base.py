@@ -75,9 +75,10 @@ class LowerCtx:
         """Give a node that a lowering adds beside the kernel (contiguous, clamp, ...) the
         record of the op it serves, and a decision saying why it is there."""
         from fxquant.meta import inherit, record
+        from fxquant.records import Action
 
         inherit(node, self.node)
-        record(node, "lower_to_backend", "lower", reason)
+        record(node, "lower_to_backend", Action.LOWER, reason)
         return node
 
     def set_module(self, new: nn.Module) -> None:

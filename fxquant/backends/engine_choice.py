@@ -145,17 +145,18 @@ def _replay(ctx: LowerCtx, own: nn.Module, build: Build, saved: dict[str, str],
     """The engine recorded for this conv (by its module target) when the model was saved;
     the current engine's own kernel where none was."""
     from fxquant.meta import record
+    from fxquant.records import Action
 
     wanted = saved.get(str(ctx.node.target))
     if wanted is None or wanted == engine:
         return own
     chosen = _try_build(build, wanted)
     if chosen is None:
-        record(ctx.node, "lower_to_backend", "engine_choice",
+        record(ctx.node, "lower_to_backend", Action.ENGINE_CHOICE,
                f"the saved model packed these weights for {wanted}, which does not pack here: "
                f"kept {engine}'s own kernel", engine=engine)
         return own
-    record(ctx.node, "lower_to_backend", "engine_choice",
+    record(ctx.node, "lower_to_backend", Action.ENGINE_CHOICE,
            f"weights packed for {wanted}, as in the saved model (not measured again)",
            engine=wanted)
     ctx.pack_engine = wanted
@@ -167,12 +168,13 @@ def saved_choices(gms: Any) -> tuple[tuple[str, str], ...]:
     another engine, in converted graphs ``gms``; targets chosen differently in two graphs
     are left out (cannot be told apart at replay)."""
     from fxquant.meta import qinfo
+    from fxquant.records import Action
 
     seen: dict[str, set[str]] = {}
     for gm in gms:
         for n in gm.graph.nodes:
             for d in qinfo(n).decisions:
-                if d.action == "engine_choice" and n.op == "call_module":
+                if d.action == Action.ENGINE_CHOICE and n.op == "call_module":
                     seen.setdefault(str(n.target), set()).add(str(d.detail.get("engine")))
     return tuple(sorted((t, next(iter(e))) for t, e in seen.items() if len(e) == 1))
 
@@ -315,7 +317,8 @@ def _decide(engine: str, times: dict[str, float], steps: dict[str, tuple[int, fl
 
 def _record(ctx: LowerCtx, choice: Choice, engine: str) -> None:
     from fxquant.meta import record
+    from fxquant.records import Action
 
-    record(ctx.node, "lower_to_backend", "engine_choice", choice.reason,
+    record(ctx.node, "lower_to_backend", Action.ENGINE_CHOICE, choice.reason,
            engine=choice.engine or engine, times_ms=dict(choice.times_ms),
            steps=dict(choice.steps), steps_vs_own=dict(choice.steps_vs_own))

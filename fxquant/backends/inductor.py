@@ -140,11 +140,12 @@ def int_representation(qmodel: nn.Module) -> nn.Module:
 
 def _is_prepared(model: nn.Module) -> bool:
     from fxquant.meta import qinfo_or_none
+    from fxquant.records import Role
 
     for m in model.modules():
         graph = getattr(m, "graph", None)
         if graph is not None and any((qinfo_or_none(n) is not None and
-                                      qinfo_or_none(n).role == "observer") for n in graph.nodes):
+                                      qinfo_or_none(n).role == Role.OBSERVER) for n in graph.nodes):
             return True
     return False
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from fxquant.backends.reference_ops import QParams, is_dequantize, is_quantize
 from fxquant.errors import FxQuantError
 from fxquant.meta import inherit, qinfo, record
+from fxquant.records import Action, QKind
 from fxquant.nn.reference import ReferenceWeighted
 
 PASS_NAME = "lower_to_int"
@@ -387,7 +388,7 @@ def _rewrite_quantize(gm: fx.GraphModule, q: fx.Node) -> tuple[fx.Node, tuple[An
     with gm.graph.inserting_before(q):
         new = gm.graph.call_function(QUANTIZE, (q.args[0], *qargs))
     inherit(new, q)
-    record(new, PASS_NAME, "quantize", f"{str(dtype).replace('torch.', '')} -> plain "
+    record(new, PASS_NAME, Action.QUANTIZE, f"{str(dtype).replace('torch.', '')} -> plain "
                                        f"{str(storage).replace('torch.', '')} [{lo}, {hi}]")
     q.replace_all_uses_with(new)
     gm.graph.erase_node(q)
@@ -405,7 +406,7 @@ def _rewrite_dequantize(gm: fx.GraphModule, dq: fx.Node, known: dict[fx.Node, tu
     with gm.graph.inserting_before(dq):
         new = gm.graph.call_function(DEQUANTIZE, (src, *known[src]))
     inherit(new, dq)
-    record(new, PASS_NAME, "dequantize", "plain integers back to float32")
+    record(new, PASS_NAME, Action.DEQUANTIZE, "plain integers back to float32")
     dq.replace_all_uses_with(new)
     gm.graph.erase_node(dq)
 
@@ -423,14 +424,14 @@ def _replace_reference_modules(gm: fx.GraphModule) -> int:
 def _lower_dynamic(gm: fx.GraphModule, node: fx.Node, backend: str) -> bool:
     info = qinfo(node)
     if node.op != "call_module" or info.weight_spec is None or info.weight_spec.observer is None:
-        record(node, PASS_NAME, "keep_float", "dynamic / weight-only op without a weight "
-                                              "module: stays float in the int representation")
+        record(node, PASS_NAME, Action.KEEP_FLOAT, "dynamic / weight-only op without a weight "
+               "module: stays float in the int representation")
         return False
     module = gm.get_submodule(str(node.target))
     new = dynamic_int_module(module, info.weight_spec.observer, backend, node)
     parent, _, leaf = str(node.target).rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, new)
-    record(node, PASS_NAME, "lower", f"{new._get_name()}: int8 weights in plain tensors")
+    record(node, PASS_NAME, Action.LOWER, f"{new._get_name()}: int8 weights in plain tensors")
     return True
 
 
@@ -446,7 +447,7 @@ def lower_graph(gm: fx.GraphModule, backend: str) -> dict[str, int]:
         elif is_dequantize(node):
             _rewrite_dequantize(gm, node, known)
             stats["dequantize"] += 1
-        elif qinfo(node).qkind in ("dynamic", "weight_only") and node.op == "call_module":
+        elif qinfo(node).qkind in (QKind.DYNAMIC, QKind.WEIGHT_ONLY) and node.op == "call_module":
             stats["dynamic"] += _lower_dynamic(gm, node, backend)
     stats["weighted"] = _replace_reference_modules(gm)
     gm.graph.lint()

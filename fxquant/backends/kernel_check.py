@@ -214,6 +214,7 @@ def _producer_observer(node: fx.Node) -> Any:
     """The observer factory of the op whose output ``node`` is, following ops that share
     their input's qparams (max_pool, reshape, ...) up to the one that chose them."""
     from fxquant.meta import QSpec, SharedSpec, qinfo_or_none
+    from fxquant.records import Role
     from fxquant.slots import get_input
 
     for _ in range(32):
@@ -221,7 +222,7 @@ def _producer_observer(node: fx.Node) -> Any:
         spec = info.output_spec if info is not None else None
         if isinstance(spec, QSpec):
             return spec.observer
-        if info is not None and (info.role in ("quantize", "dequantize")
+        if info is not None and (info.role in (Role.QUANTIZE, Role.DEQUANTIZE)
                                  or info.rule == "tuple_family") and node.args:
             src = node.args[0]  # q / dq pairs; split / chunk / unbind move values only
         elif isinstance(spec, SharedSpec):
