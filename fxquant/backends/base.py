@@ -55,7 +55,9 @@ class LowerCtx:
         """Run ``fn`` on quantized zeros shaped like the real inputs (under the current engine).
         Returns None when the kernel ran, else the first line of its error: the engine has no
         kernel for this case, and the op must stay float rather than fail at run time."""
-        if any(isinstance(a, fx.Node) for a in extra):
+        nested: list[fx.Node] = []
+        fx.node.map_arg(extra, nested.append)
+        if nested:  # (also inside a list: torch.reshape(x, (x.size(0), -1)))
             return None  # arguments only known at run time
         args = []
         for key in keys:
