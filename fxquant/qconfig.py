@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from fxquant.backends.names import AUTO, BUILTIN_BACKENDS, DEFAULT_BACKEND, resolve_backend_name
 from fxquant.errors import ConfigError, ConfigTypeError, did_you_mean
+from fxquant.records import QConfigRule, RuleReason
 from fxquant.observers import (
     FixedQParamsObserver,
     HistogramObserver,
@@ -458,7 +459,7 @@ class QConfigMapping:
         found = self._by_object_type(object_type, scope_type)
         if found is not None:
             return found
-        return self.global_qconfig, _reason("global", self.global_qconfig)
+        return self.global_qconfig, _reason(QConfigRule.GLOBAL, "global", self.global_qconfig)
 
     def _by_order(self, module_path: str, object_type: Any, order_index: int | None) -> _Found | None:
         if order_index is None or object_type is None:
@@ -467,7 +468,7 @@ class QConfigMapping:
         for (name, kind, index), qconfig in self.module_name_object_type_order_qconfigs.items():
             if name == scope and kind == object_type and index == order_index:
                 what = f"module_name_object_type_order ({name!r}, {describe_object_type(kind)}, {index})"
-                return qconfig, _reason(what, qconfig)
+                return qconfig, _reason(QConfigRule.ORDER, what, qconfig)
         return None
 
     def _by_module_name(self, module_path: str, object_type: Any, order_index: int | None) -> _Found | None:
@@ -476,23 +477,27 @@ class QConfigMapping:
             if path in self.module_name_qconfigs:
                 qconfig = self.module_name_qconfigs[path]
                 inherited = f" (parent of {module_path!r})" if path != module_path else ""
-                return qconfig, _reason(f"module_name {path!r}{inherited}", qconfig)
+                return qconfig, _reason(QConfigRule.MODULE_NAME, f"module_name {path!r}{inherited}",
+                                        qconfig)
             path = _parent(path)
         return None
 
     def _by_regex(self, module_path: str, object_type: Any, order_index: int | None) -> _Found | None:
         for pattern, qconfig in self.module_name_regex_qconfigs.items():
             if re.match(pattern, module_path):
-                return qconfig, _reason(f"module_name_regex {pattern!r}", qconfig)
+                return qconfig, _reason(QConfigRule.MODULE_NAME_REGEX,
+                                        f"module_name_regex {pattern!r}", qconfig)
         return None
 
     def _by_object_type(self, object_type: Any, scope_type: type | None) -> _Found | None:
         if scope_type is not None and scope_type in self.object_type_qconfigs:
             qconfig = self.object_type_qconfigs[scope_type]
-            return qconfig, _reason(f"object_type {describe_object_type(scope_type)} (enclosing module)", qconfig)
+            what = f"object_type {describe_object_type(scope_type)} (enclosing module)"
+            return qconfig, _reason(QConfigRule.OBJECT_TYPE, what, qconfig)
         if object_type is not None and object_type in self.object_type_qconfigs:
             qconfig = self.object_type_qconfigs[object_type]
-            return qconfig, _reason(f"object_type {describe_object_type(object_type)}", qconfig)
+            return qconfig, _reason(QConfigRule.OBJECT_TYPE,
+                                    f"object_type {describe_object_type(object_type)}", qconfig)
         return None
 
     # -- torch qconfig_dict format --------------------------------------------------------
@@ -565,8 +570,9 @@ def _describe_key(key: Any) -> str:
     return describe_object_type(key)
 
 
-def _reason(rule: str, qconfig: QConfigAny) -> str:
-    return f"{rule} → None" if qconfig is None else rule
+def _reason(kind: QConfigRule, rule: str, qconfig: QConfigAny) -> RuleReason:
+    """The rule's text ("→ None" added when it leaves the op float), knowing its kind."""
+    return RuleReason(f"{rule} → None" if qconfig is None else rule, kind)
 
 
 def as_qconfig_mapping(obj: Any, where: str = "qconfig_mapping") -> QConfigMapping:

@@ -1,7 +1,8 @@
 """The shared vocabulary of the decision records: what a pass decided (:class:`Action`), what a
 node is (:class:`Role`), how it is quantized (:class:`QKind`), what it ended up as
-(:class:`Status`), how far a graph has gone (:class:`Stage`) and why a pattern did not match
-(:class:`MatchFailure`), plus the :class:`Decision` record itself.
+(:class:`Status`), how far a graph has gone (:class:`Stage`), why a pattern did not match
+(:class:`MatchFailure`) and which qconfig rule chose a qconfig (:class:`QConfigRule`), plus the
+:class:`Decision` record itself.
 
 Every word is a ``str``-valued enum member: it compares equal to its text, prints as its text
 and is written to JSON as its text, so records saved before these enums existed load unchanged
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping, TypeVar, Union
+from typing import Any, Mapping, Optional, TypeVar, Union
 
 _W = TypeVar("_W", bound="Word")
 
@@ -151,6 +152,37 @@ class MatchFailure(Word):
     MULTIPLE_USERS = "multiple_users"  # an interior node of a chain has other users
     NO_RULE = "no_rule"  # no rule of a backend is for the node
     DECLINED = "declined"  # a rule's check or lowering declined (the reason says why)
+
+
+class QConfigRule(Word):
+    """Which kind of QConfigMapping rule chose a node's qconfig (lowest priority first)."""
+
+    GLOBAL = "global"
+    OBJECT_TYPE = "object_type"
+    MODULE_NAME_REGEX = "module_name_regex"
+    MODULE_NAME = "module_name"
+    ORDER = "module_name_object_type_order"
+
+
+class RuleReason(str):
+    """The text of the qconfig rule that chose a qconfig ("object_type nn.Linear"), which also
+    knows the :class:`QConfigRule` kind: code asks ``reason.rule``, never the wording. Equal to
+    its text; read back from a file it is the plain text."""
+
+    rule: QConfigRule
+
+    def __new__(cls, text: str, rule: QConfigRule) -> "RuleReason":
+        self = super().__new__(cls, text)
+        self.rule = QConfigRule(rule)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RuleReason, (str(self), self.rule))
+
+
+def rule_of(reason: Any) -> Optional[QConfigRule]:
+    """The kind of qconfig rule behind a reason (None: not from a QConfigMapping rule)."""
+    return getattr(reason, "rule", None) if isinstance(reason, RuleReason) else None
 
 
 # The rule annotate gives an item of a quantized tuple: it runs on the tuple op's quantized

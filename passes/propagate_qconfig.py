@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from fxquant.meta import qinfo, record
 from fxquant.pipeline import PassContext, PassResult
-from fxquant.records import Action
+from fxquant.records import Action, QConfigRule, rule_of
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class PropagateQConfig:
             qconfig, reason = _resolve(mapping, node, modules, index)
             info.qconfig, info.qconfig_reason, info.has_qconfig = qconfig, reason, True
             described = describe_qconfig(qconfig)
-            text = reason if qconfig is None and reason.rstrip().endswith("None") \
+            # a rule that leaves the op float says so itself ("module_name 'head' → None")
+            text = reason if qconfig is None and rule_of(reason) is not None \
                 else f"{reason} → {described}{_range_note(mapping, qconfig)}"
             record(node, self.name, Action.ASSIGN_QCONFIG, text)
             stats["float" if qconfig is None else "quantizable"] += 1
@@ -56,9 +57,9 @@ def _attention_defaults(gm: fx.GraphModule, mapping: Any, modules: dict, ctx: Pa
 
     def is_default(node: fx.Node) -> bool:
         info = qinfo(node)
-        if info.qconfig_reason.startswith("global"):
+        if rule_of(info.qconfig_reason) is QConfigRule.GLOBAL:
             return True
-        if reference is None or not info.qconfig_reason.startswith("object_type"):
+        if reference is None or rule_of(info.qconfig_reason) is not QConfigRule.OBJECT_TYPE:
             return False
         from fxquant.qconfig import qconfig_equals
 
@@ -126,7 +127,7 @@ def _resolve(mapping: Any, node: fx.Node, modules: dict, index: Optional[int]) -
                                scope_type=scope)
                for t in _object_types(node, modules)]
     for qconfig, reason in results:
-        if reason.startswith(("module_name_object_type_order", "object_type")):
+        if rule_of(reason) in (QConfigRule.ORDER, QConfigRule.OBJECT_TYPE):
             return qconfig, reason
     return results[0]
 

@@ -5,6 +5,7 @@
 2. after the whole pipeline every decision the library recorded is an :class:`Action` (no word
    outside the vocabulary), every role a :class:`Role`, every qkind a :class:`QKind`;
 3. a non-match carries its :class:`MatchFailure` kind, and fuse decides on it, not on the text;
+   a qconfig rule's reason carries its :class:`QConfigRule` kind;
 4. a save / load round trip gives the same records, with the members back;
 5. no library module imports a private name (``_x``) from another package layer, and the
    module-level imports of fxquant/ and passes/ have no cycle.
@@ -54,6 +55,31 @@ def test_records_from_text_get_the_members():
     info = QNodeInfo(role="observer", qkind="dynamic")
     assert info.role is Role.OBSERVER and info.qkind is QKind.DYNAMIC
     assert QNodeInfo().role is Role.OP and QNodeInfo().qkind is None
+
+
+def test_qconfig_reasons_know_their_rule():
+    import copy
+    import pickle
+
+    from fxquant.qconfig import QConfigMapping, get_default_qconfig
+    from fxquant.records import QConfigRule, RuleReason, rule_of
+
+    qc = get_default_qconfig("x86")
+    m = (QConfigMapping().set_global(qc).set_object_type(nn.Linear, qc)
+         .set_module_name_regex(r"blocks\..*", qc).set_module_name("blocks.1", None)
+         .set_module_name_object_type_order("blocks.2", F.linear, 0, qc))
+    cases = {("other", nn.Conv2d, None): QConfigRule.GLOBAL,
+             ("other", nn.Linear, None): QConfigRule.OBJECT_TYPE,
+             ("blocks.0", nn.Linear, None): QConfigRule.MODULE_NAME_REGEX,
+             ("blocks.1", nn.Linear, None): QConfigRule.MODULE_NAME,
+             ("blocks.2", F.linear, 0): QConfigRule.ORDER}
+    for (path, kind, index), rule in cases.items():
+        _, reason = m.resolve(path, kind, index)
+        assert isinstance(reason, RuleReason) and rule_of(reason) is rule, (path, reason)
+        assert rule_of(copy.deepcopy(reason)) is rule
+        assert rule_of(pickle.loads(pickle.dumps(reason))) is rule
+    assert m.resolve("blocks.1", nn.Linear) == (None, "module_name 'blocks.1' → None")
+    assert rule_of("global") is None  # plain text (read back from a file) names no rule
 
 
 # ------------------------------------------------------------------------------ the pipeline
