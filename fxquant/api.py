@@ -60,8 +60,9 @@ def _resolve_backend(backend: Union[str, Backend], qconfig_mapping: Any) -> Back
     """The one place a backend name is resolved: "auto" is the mapping's backend if it names
     one, else this CPU's default."""
     from fxquant.backends.base import get_backend
+    from fxquant.backends.names import AUTO
 
-    if backend == "auto" and getattr(qconfig_mapping, "backend", None):
+    if backend == AUTO and getattr(qconfig_mapping, "backend", None):
         backend = qconfig_mapping.backend
     return get_backend(backend)
 
@@ -103,8 +104,8 @@ def _prepare(model: nn.Module, example_inputs: Any, config: TraceConfig, options
 
     _check_module(model)
 
-    def prepare_unit(gm: fx.GraphModule, values: Optional[tuple[Any, ...]], unit_config: TraceConfig,
-                     path: str) -> fx.GraphModule:
+    def prepare_unit(gm: fx.GraphModule, values: Optional[tuple[Any, ...]],
+                     unit_config: TraceConfig, path: str) -> fx.GraphModule:
         record_values(gm, values)
         return _run(gm, passes, replace(options, trace_config=unit_config), run.under(path),
                     facts={"traced"})
@@ -128,10 +129,10 @@ def _prepare_entry(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
     from fxquant.qconfig import QConfigMapping
 
     _check_keywords("prepare_qat_fx" if qat else "prepare_fx", kw)
-    leaves, names = tuple(kw.get("leaf_modules", ())), tuple(kw.get("leaf_names", ()))
+    leaves, names = kw.get("leaf_modules", ()), kw.get("leaf_names", ())
     concrete_args = kw.get("concrete_args")
     validate_prepare(model, qconfig_mapping, example_inputs, qat=qat, leaf_modules=leaves,
-                     leaf_names=names, concrete_args=concrete_args)
+                     leaf_names=names, concrete_args=concrete_args)  # before any conversion
     if isinstance(qconfig_mapping, dict):
         qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
     options = QuantOptions.build(_resolve_backend(backend, qconfig_mapping),
@@ -139,8 +140,8 @@ def _prepare_entry(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,
                                  observer_factory_wrapper=qat_observer_wrapper if qat else None)
     passes = kw.get("passes") or (prepare_qat_pipeline() if qat else prepare_pipeline())
     run = _RunSettings(kw.get("dump_dir"), tuple(kw.get("instruments", ())), kw.get("verify", True))
-    return _prepare(model, example_inputs, TraceConfig(leaves, names, concrete_args), options,
-                    passes, kw.get("fallback", True), run)
+    config = TraceConfig(tuple(leaves), tuple(names), concrete_args)
+    return _prepare(model, example_inputs, config, options, passes, kw.get("fallback", True), run)
 
 
 def prepare_fx(model: nn.Module, qconfig_mapping: Any, example_inputs: Any,

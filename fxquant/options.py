@@ -82,8 +82,9 @@ class QuantOptions:
         gave the name alone; "auto" where no backend was given."""
         if self.resolved_backend is None:
             from fxquant.backends.base import get_backend
+            from fxquant.backends.names import AUTO
 
-            object.__setattr__(self, "resolved_backend", get_backend(self.backend_name or "auto"))
+            object.__setattr__(self, "resolved_backend", get_backend(self.backend_name or AUTO))
         assert self.resolved_backend is not None
         return self.resolved_backend
 
