@@ -71,6 +71,7 @@ class _Failure:
     node: Optional[fx.Node] = None
     module_path: str = ""
     details: str = ""
+    on_check_input: bool = False  # right on the example inputs, wrong on a check input
 
 
 # ------------------------------------------------------------------------------ public API
@@ -195,18 +196,19 @@ def _expected_outputs(qmodel: nn.Module, inputs: tuple[Any, ...],
     return cases
 
 
-def _mismatch(frozen: Any, cases: list[tuple[tuple, Any]]) -> str:
-    """'' when ``frozen`` gives outputs identical to the expected ones, else what differs."""
+def _mismatch(frozen: Any, cases: list[tuple[tuple, Any]]) -> tuple[int, str]:
+    """(-1, '') when ``frozen`` gives outputs identical to the expected ones, else the index of
+    the first case that differs (0: the example inputs) and what differs."""
     for i, (inp, want) in enumerate(cases):
         where = "the example inputs" if i == 0 else f"check input {i} ({_shapes(inp)})"
         try:
             got = frozen(*inp)
         except Exception as e:  # noqa: BLE001 - the frozen module fails where qmodel ran
-            return f"on {where} the frozen module raises {type(e).__name__}: {_first_line(e)}"
+            return i, f"on {where} the frozen module raises {type(e).__name__}: {_first_line(e)}"
         diff = _compare(want, got)
         if diff:
-            return f"on {where} {diff}"
-    return ""
+            return i, f"on {where} {diff}"
+    return -1, ""
 
 
 def _compare(want: Any, got: Any) -> str:
@@ -267,12 +269,13 @@ def _try_method(qmodel: nn.Module, inputs: tuple[Any, ...], method: str,
     python_op = _python_call(frozen)
     if python_op:
         return None, _diagnose(qmodel, inputs, method, python_op, str(frozen.graph))
-    diff = _mismatch(frozen, cases)
+    case, diff = _mismatch(frozen, cases)
     if diff:
         note = (f"; the trace warned: {traced_warnings[0].message} "
                 f"({traced_warnings[0].filename}:{traced_warnings[0].lineno})"
                 if traced_warnings else "")
-        return None, _Failure(method, f"the frozen module computes something else: {diff}{note}")
+        return None, _Failure(method, f"the frozen module computes something else: {diff}{note}",
+                              on_check_input=case > 0)
     if traced_warnings:  # passed the checks, but a value the trace baked may differ elsewhere
         w = traced_warnings[0]
         warnings.warn(f"fxquant.freeze: the trace read a Python value from a tensor "
@@ -295,7 +298,7 @@ def _python_call(frozen: torch.jit.ScriptModule) -> str:
 def _maybe_optimize(frozen: Any, cases: list[tuple[tuple, Any]]) -> Any:
     try:
         optimized = torch.jit.optimize_for_inference(frozen)
-        diff = _mismatch(optimized, cases)
+        _, diff = _mismatch(optimized, cases)
     except Exception as e:  # noqa: BLE001
         diff = f"it raised {type(e).__name__}: {_first_line(e)}"
     if not diff:
@@ -386,7 +389,7 @@ def _error(qmodel: nn.Module, failures: list[_Failure]) -> FreezeError:
                       for f in failures)
     hint = ("keep the named module out of the converted graph's code path, make it scriptable "
             "(torch.jit.script) or traceable, or run the converted GraphModule unfrozen")
-    if any("check input" in f.reason for f in failures):
+    if any(f.on_check_input for f in failures):
         hint += ("; if the model only ever sees the example shapes, pass check_inputs=() "
                  "to freeze it for those shapes")
     details = "\n\n".join(f"[{f.method}] {f.details}" for f in failures if f.details)
