@@ -7,8 +7,8 @@
 3. a non-match carries its :class:`MatchFailure` kind, and fuse decides on it, not on the text;
    a qconfig rule's reason carries its :class:`QConfigRule` kind;
 4. a save / load round trip gives the same records, with the members back;
-5. no library module imports a private name (``_x``) from another package layer, and the
-   module-level imports of fxquant/ and passes/ have no cycle.
+5. no library code parses reason text; no library module imports a private name (``_x``) from
+   another package layer, and the module-level imports of fxquant/ and passes/ have no cycle.
 """
 from __future__ import annotations
 
@@ -241,6 +241,31 @@ def test_no_private_import_across_package_layers():
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: "
                                      f"{alias.name} from {source}")
     assert not offenders, "private names imported across layers:\n" + "\n".join(offenders)
+
+
+_REASONS = ("reason", "qconfig_reason")
+
+
+def test_no_library_code_parses_reason_text():
+    """Code decides on kinds (Action, MatchFailure, QConfigRule ...), never on the wording of a
+    reason: no ``"..." in x.reason``, no ``x.reason.startswith(...)`` and the like."""
+    offenders = []
+    for path in _library_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            parsed = None
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn))
+                                                     for op in node.ops):
+                parsed = next((c for c in node.comparators if isinstance(c, ast.Attribute)
+                               and c.attr in _REASONS), None)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("startswith", "endswith", "split", "partition",
+                                           "find", "index", "count") \
+                    and isinstance(node.func.value, ast.Attribute) \
+                    and node.func.value.attr in _REASONS:
+                parsed = node.func.value
+            if parsed is not None:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "reason text parsed:\n" + "\n".join(offenders)
 
 
 def _module_level_imports(path: Path, module: str, modules: set[str]) -> set[str]:
