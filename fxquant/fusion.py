@@ -106,14 +106,11 @@ def _conv_bn_relu(d: int) -> Builder:
     return build
 
 
-def _conv_relu(d: int) -> Builder:
+def _with_relu(kind: str) -> Builder:
+    """conv / linear / BatchNorm + ReLU as the fused ``kind`` (ConvReLU2d, LinearReLU, ...)."""
     def build(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
-        return getattr(_fused(), f"ConvReLU{d}d")(mods[0], nn.ReLU())
+        return getattr(_fused(), kind)(mods[0], nn.ReLU())
     return build
-
-
-def _linear_relu(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
-    return _fused().LinearReLU(mods[0], nn.ReLU())
 
 
 def _linear_bn(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
@@ -128,34 +125,19 @@ def _linear_bn_relu(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Mo
     return _fused().LinearReLU(_fold().fold_linear_bn_eval(mods[0], mods[1]), nn.ReLU())
 
 
-def _with_clamp(kind: str) -> Callable[[Sequence[nn.Module], bool, tuple[float, float]],
-                                       Optional[nn.Module]]:
-    def build(mods: Sequence[nn.Module], training: bool, bounds: tuple[float, float]
-              ) -> Optional[nn.Module]:
-        if training:
-            return None  # no QAT module for conv/linear + clamp: they stay apart in QAT
-        clamp = nn.ReLU6() if bounds == (0.0, 6.0) else nn.Hardtanh(*bounds)
-        return getattr(_fused(), kind)(mods[0], clamp)
-    return build
-
-
-def _with_bn_clamp(kind: str, fold: str) -> Callable[[Sequence[nn.Module], bool,
-                                                     tuple[float, float]], Optional[nn.Module]]:
-    """conv/linear + BatchNorm + ReLU6/Hardtanh/clamp (MobileNetV2's block): BatchNorm folded,
-    the clamp kept in the fused module so that its output is observed after the clamp. In
-    training (QAT) it declines, and conv + bn fuse without the clamp."""
+def _with_clamp(kind: str, fold: Optional[str] = None
+                ) -> Callable[[Sequence[nn.Module], bool, tuple[float, float]], Optional[nn.Module]]:
+    """conv/linear [+ BatchNorm, folded by ``fold`` (MobileNetV2's block)] + ReLU6/Hardtanh/clamp
+    as the fused ``kind``: the clamp is kept in the fused module so that its output is observed
+    after the clamp. In training (QAT) it declines: no QAT module takes the clamp, which stays
+    apart (and conv + bn fuse without it)."""
     def build(mods: Sequence[nn.Module], training: bool, bounds: tuple[float, float]
               ) -> Optional[nn.Module]:
         if training:
             return None
-        core = getattr(_fold(), fold)(mods[0], mods[1])
-        return _with_clamp(kind)([core], training, bounds)
-    return build
-
-
-def _bn_relu(d: int) -> Builder:
-    def build(mods: Sequence[nn.Module], training: bool) -> Optional[nn.Module]:
-        return getattr(_fused(), f"BNReLU{d}d")(mods[0], nn.ReLU())
+        core = mods[0] if fold is None else getattr(_fold(), fold)(mods[0], mods[1])
+        clamp = nn.ReLU6() if bounds == (0.0, 6.0) else nn.Hardtanh(*bounds)
+        return getattr(_fused(), kind)(core, clamp)
     return build
 
 
@@ -173,7 +155,8 @@ def default_module_fusions() -> tuple[ModuleFusion, ...]:
             ModuleFusion(Chain(conv, bn, RELU, name=f"conv{d}d_bn_relu"), _conv_bn_relu(d),
                          f"Conv{d}d + BatchNorm{d}d + ReLU"),
             ModuleFusion(Chain(conv, bn, name=f"conv{d}d_bn"), _conv_bn(d), f"Conv{d}d + BatchNorm{d}d"),
-            ModuleFusion(Chain(conv, RELU, name=f"conv{d}d_relu"), _conv_relu(d), f"Conv{d}d + ReLU"),
+            ModuleFusion(Chain(conv, RELU, name=f"conv{d}d_relu"), _with_relu(f"ConvReLU{d}d"),
+                         f"Conv{d}d + ReLU"),
             ModuleFusion(Chain(Op(_CONVT[d], name="convt"), Op(_BN[d], name="bn"),
                                name=f"convtranspose{d}d_bn"), _convt_bn,
                          f"ConvTranspose{d}d + BatchNorm{d}d"),
@@ -181,7 +164,7 @@ def default_module_fusions() -> tuple[ModuleFusion, ...]:
     for d in (1, 2, 3):
         table.append(ModuleFusion(Chain(Op(_CONV[d], name="conv"), Op(_BN[d], name="bn"), CLAMP,
                                         name=f"conv{d}d_bn_clamp"),
-                                  _with_bn_clamp(f"ConvClamp{d}d", "fold_conv_bn_eval"),
+                                  _with_clamp(f"ConvClamp{d}d", "fold_conv_bn_eval"),
                                   f"Conv{d}d + BatchNorm{d}d + ReLU6/Hardtanh/clamp (BatchNorm "
                                   f"folded, bound in output qparams)", clamp_root=True))
         table.append(ModuleFusion(Chain(Op(_CONV[d], name="conv"), CLAMP, name=f"conv{d}d_clamp"),
@@ -194,19 +177,19 @@ def default_module_fusions() -> tuple[ModuleFusion, ...]:
                               clamp_root=True))
     table.append(ModuleFusion(Chain(Op(nn.Linear, name="linear"), Op(nn.BatchNorm1d, name="bn"),
                                     CLAMP, name="linear_bn_clamp"),
-                              _with_bn_clamp("LinearClamp", "fold_linear_bn_eval"),
+                              _with_clamp("LinearClamp", "fold_linear_bn_eval"),
                               "Linear + BatchNorm1d + ReLU6/Hardtanh/clamp (BatchNorm folded, "
                               "bound in output qparams)", clamp_root=True))
     for d in (2, 3):
         table.append(ModuleFusion(Chain(Op(_BN[d], name="bn"), RELU, name=f"bn{d}d_relu"),
-                                  _bn_relu(d), f"BatchNorm{d}d + ReLU"))
+                                  _with_relu(f"BNReLU{d}d"), f"BatchNorm{d}d + ReLU"))
     table += [
         ModuleFusion(Chain(Op(nn.Linear, name="linear"), Op(nn.BatchNorm1d, name="bn"), RELU,
                            name="linear_bn_relu"), _linear_bn_relu,
                      "Linear + BatchNorm1d + ReLU"),
         ModuleFusion(Chain(Op(nn.Linear, name="linear"), Op(nn.BatchNorm1d, name="bn"),
                            name="linear_bn"), _linear_bn, "Linear + BatchNorm1d"),
-        ModuleFusion(Chain(Op(nn.Linear, name="linear"), RELU, name="linear_relu"), _linear_relu,
+        ModuleFusion(Chain(Op(nn.Linear, name="linear"), RELU, name="linear_relu"), _with_relu("LinearReLU"),
                      "Linear + ReLU"),
     ]
     return tuple(table)

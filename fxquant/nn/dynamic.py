@@ -261,6 +261,21 @@ def _as_linear(mod: nn.Module, owner: str, allow_relu: bool) -> nn.Linear:
     raise TypeError(f"{owner}.from_float expects {want}, got {type(mod).__name__}")
 
 
+def _linear_forward(op: Any, op_fp16: Any) -> Callable[..., Tensor]:
+    """The forward of a dynamic linear class over the qint8 kernel ``op`` and the float16
+    kernel ``op_fp16``: a closure, so that each class names its kernels once and TorchScript
+    still sees static ops."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dtype == torch.float16:
+            y = op_fp16(x, self._packed)
+        else:
+            y = op(x, self._packed, reduce_range=True)
+        return y.to(x.dtype)
+
+    return forward
+
+
 class Linear(_PackedWeightsModule):
     """Dynamic-quantized ``nn.Linear``: ``y = x W^T + b`` with float ``x`` and ``y``.
 
@@ -282,12 +297,8 @@ class Linear(_PackedWeightsModule):
         b = torch.zeros(out_features) if bias else None
         self.set_weight_bias(_placeholder_weight((out_features, in_features), dtype), b)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.dtype == torch.float16:
-            y = torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
-        else:
-            y = torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=True)
-        return y.to(x.dtype)
+    forward = _linear_forward(torch.ops.quantized.linear_dynamic,
+                              torch.ops.quantized.linear_dynamic_fp16)
 
     def set_weight_bias(self, weight: Tensor, bias: Optional[Tensor]) -> None:
         """Pack ``weight`` (qint8 quantized, or float for float16) and float ``bias``."""
@@ -353,12 +364,8 @@ class LinearReLU(Linear):
 
     _owner: ClassVar[str] = "fxquant.nn.dynamic.LinearReLU"
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.dtype == torch.float16:
-            y = torch.ops.quantized.linear_relu_dynamic_fp16(x, self._packed)
-        else:
-            y = torch.ops.quantized.linear_relu_dynamic(x, self._packed, reduce_range=True)
-        return y.to(x.dtype)
+    forward = _linear_forward(torch.ops.quantized.linear_relu_dynamic,
+                              torch.ops.quantized.linear_relu_dynamic_fp16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +409,10 @@ class _NamedWeights(_PackedWeightsModule):
         if missing:
             raise ValueError(f"set_weight_bias: missing {missing}")
         self._set_unpacked_state(state)
+
+    def get_weight_bias(self) -> Dict[str, Tensor]:
+        """The stored weights and biases, under the float module's parameter names."""
+        return self._unpacked_state()
 
     def _get_name(self) -> str:
         return self._qname
@@ -494,10 +505,6 @@ class _RNNBase(_NamedWeights):
         cells = tuple(f"_cell_params_{i}" for i in range(len(self._suffixes())))
         return ("_packed_ih", "_packed_hh", "_cell_params") + cells
 
-    def get_weight_bias(self) -> Dict[str, Tensor]:
-        """The stored weights and biases, under the float module's parameter names."""
-        return self._unpacked_state()
-
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
         if not self.bias:
@@ -521,6 +528,11 @@ class _RNNBase(_NamedWeights):
         if input.size(-1) != self.input_size:
             raise RuntimeError(f"{self._qname}: input.size(-1) must be input_size="
                                f"{self.input_size}, got {input.size(-1)}")
+
+    def _checked_batch(self, input: Tensor) -> int:
+        """The batch size of a checked (seq, batch, feature) or batch-first input."""
+        self._check_input(input, None)
+        return input.size(0) if self.batch_first else input.size(1)
 
     def _check_hidden(self, hx: Tensor, batch: int, which: str) -> None:
         if torch.jit.is_tracing():  # a trace keeps no Python checks; skip them (no TracerWarning)
@@ -575,8 +587,7 @@ class LSTM(_RNNBase):
                 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
         if isinstance(input, PackedSequence):  # eager only; TorchScript sees a Tensor
             return self._forward_packed(input, hx)
-        self._check_input(input, None)
-        batch = input.size(0) if self.batch_first else input.size(1)
+        batch = self._checked_batch(input)
         hx = self._prepare_hidden(input, hx, batch, None)
         out = torch.quantized_lstm(input, hx, self._cell_params, True, self.num_layers,
                                    self.dropout, False, self.bidirectional, self.batch_first,
@@ -620,8 +631,7 @@ class GRU(_RNNBase):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if isinstance(input, PackedSequence):  # eager only; TorchScript sees a Tensor
             return self._forward_packed(input, hx)
-        self._check_input(input, None)
-        batch = input.size(0) if self.batch_first else input.size(1)
+        batch = self._checked_batch(input)
         h0 = self._prepare_hidden(input, hx, batch, None)
         out = torch.quantized_gru(input, h0, self._cell_params, True, self.num_layers,
                                   self.dropout, False, self.bidirectional, self.batch_first)
@@ -702,10 +712,6 @@ class _CellBase(_NamedWeights):
 
     def _packed_attrs(self) -> Tuple[str, ...]:
         return ("_packed_ih", "_packed_hh")
-
-    def get_weight_bias(self) -> Dict[str, Tensor]:
-        """The stored weights and biases, under the float cell's parameter names."""
-        return self._unpacked_state()
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"

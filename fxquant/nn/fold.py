@@ -24,14 +24,18 @@ ConvT = TypeVar("ConvT", bound=nn.modules.conv._ConvNd)
 LinearT = TypeVar("LinearT", bound=nn.Linear)
 
 
-def _bn_terms(
-    bn_rm: torch.Tensor, bn_rv: torch.Tensor, bn_eps: float,
-    bn_w: torch.Tensor | None, bn_b: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gamma, beta, 1/sqrt(var + eps)), with gamma=1 / beta=0 for a non-affine BN."""
+def _fold_terms(
+    w: torch.Tensor, b: torch.Tensor | None, bn_rm: torch.Tensor, bn_rv: torch.Tensor,
+    bn_eps: float, bn_w: torch.Tensor | None, bn_b: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What conv and linear folding share: (the layer's bias, zeros where it has none; the
+    dtype the folded bias keeps; gamma, beta, 1/sqrt(var + eps)), with gamma=1 / beta=0 for
+    a non-affine BN. Each caller then combines them in torch's order for its kind."""
+    b_dtype = w.dtype if b is None else b.dtype
+    bias = torch.zeros_like(bn_rm) if b is None else b
     gamma = torch.ones_like(bn_rm) if bn_w is None else bn_w
     beta = torch.zeros_like(bn_rm) if bn_b is None else bn_b
-    return gamma, beta, torch.rsqrt(bn_rv + bn_eps)
+    return bias, b_dtype, gamma, beta, torch.rsqrt(bn_rv + bn_eps)
 
 
 def _scale_out_channels(
@@ -51,27 +55,18 @@ def _scale_out_channels(
 
 
 def fold_conv_bn_weights(
-    conv_w: torch.Tensor,
-    conv_b: torch.Tensor | None,
-    bn_rm: torch.Tensor,
-    bn_rv: torch.Tensor,
-    bn_eps: float,
-    bn_w: torch.Tensor | None,
-    bn_b: torch.Tensor | None,
-    transpose: bool = False,
-    groups: int = 1,
+    conv_w: torch.Tensor, conv_b: torch.Tensor | None, bn_rm: torch.Tensor, bn_rv: torch.Tensor,
+    bn_eps: float, bn_w: torch.Tensor | None, bn_b: torch.Tensor | None,
+    transpose: bool = False, groups: int = 1,
 ) -> tuple[nn.Parameter, nn.Parameter]:
     """Weight and bias of conv followed by eval BN, as one conv.
 
     ``transpose=True`` for ConvTranspose weights (out-channel axis 1); pass the conv's
     ``groups`` for grouped transposed convs. The results keep the conv's dtypes.
     """
-    w_dtype = conv_w.dtype
-    b_dtype = w_dtype if conv_b is None else conv_b.dtype
-    bias = torch.zeros_like(bn_rm) if conv_b is None else conv_b
-    gamma, beta, rsqrt = _bn_terms(bn_rm, bn_rv, bn_eps, bn_w, bn_b)
+    bias, b_dtype, gamma, beta, rsqrt = _fold_terms(conv_w, conv_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b)
     _check_channels(conv_w, bn_rm, transpose, groups)
-    fused_w = _scale_out_channels(conv_w, gamma * rsqrt, transpose, groups).to(w_dtype)
+    fused_w = _scale_out_channels(conv_w, gamma * rsqrt, transpose, groups).to(conv_w.dtype)
     fused_b = ((bias - bn_rm) * rsqrt * gamma + beta).to(b_dtype)
     return nn.Parameter(fused_w, conv_w.requires_grad), nn.Parameter(fused_b, bias.requires_grad)
 
@@ -118,13 +113,8 @@ def fold_conv_bn_eval(conv: ConvT, bn: nn.modules.batchnorm._BatchNorm) -> ConvT
 
 
 def fold_linear_bn_weights(
-    linear_w: torch.Tensor,
-    linear_b: torch.Tensor | None,
-    bn_rm: torch.Tensor,
-    bn_rv: torch.Tensor,
-    bn_eps: float,
-    bn_w: torch.Tensor | None,
-    bn_b: torch.Tensor | None,
+    linear_w: torch.Tensor, linear_b: torch.Tensor | None, bn_rm: torch.Tensor,
+    bn_rv: torch.Tensor, bn_eps: float, bn_w: torch.Tensor | None, bn_b: torch.Tensor | None,
 ) -> tuple[nn.Parameter, nn.Parameter]:
     """Weight and bias of linear followed by eval BatchNorm1d, as one linear.
 
@@ -136,12 +126,9 @@ def fold_linear_bn_weights(
             f"cannot fold a BatchNorm with {bn_rm.numel()} features into a linear with "
             f"{out_features} out_features (they must match, or the BN must have 1 feature)"
         )
-    w_dtype = linear_w.dtype
-    b_dtype = w_dtype if linear_b is None else linear_b.dtype
-    bias = torch.zeros_like(bn_rm) if linear_b is None else linear_b
-    gamma, beta, rsqrt = _bn_terms(bn_rm, bn_rv, bn_eps, bn_w, bn_b)
+    bias, b_dtype, gamma, beta, rsqrt = _fold_terms(linear_w, linear_b, bn_rm, bn_rv, bn_eps, bn_w, bn_b)
     factor = gamma * rsqrt
-    fused_w = linear_w * factor.unsqueeze(-1).to(dtype=w_dtype)
+    fused_w = linear_w * factor.unsqueeze(-1).to(dtype=linear_w.dtype)
     fused_b = ((bias - bn_rm) * factor + beta).to(b_dtype)
     if fused_b.numel() != out_features:
         fused_b = fused_b.expand(out_features).clone()

@@ -9,6 +9,8 @@ BatchNorm away (see fxquant.nn.fold) for eval-mode conversion.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from fxquant.nn.fold import fold_conv_bn_eval, fold_linear_bn_eval
@@ -24,9 +26,15 @@ __all__ = [
 
 
 class FusedModule(nn.Sequential):
-    """Base of all fused float modules; ``_MEMBERS`` lists the expected type of each slot."""
+    """Base of all fused float modules; ``_MEMBERS`` lists the expected type of each slot,
+    given in the class line: ``class ConvReLU2d(FusedModule, members=(nn.Conv2d, nn.ReLU))``."""
 
     _MEMBERS: tuple[type[nn.Module], ...] = ()
+
+    def __init_subclass__(cls, members: tuple[type[nn.Module], ...] = (), **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if members:
+            cls._MEMBERS = members
 
     def __init__(self, *mods: nn.Module) -> None:
         self._check_members(mods)
@@ -45,50 +53,45 @@ class FusedModule(nn.Sequential):
                 )
 
 
-class ConvReLU1d(FusedModule):
-    _MEMBERS = (nn.Conv1d, nn.ReLU)
+class ConvReLU1d(FusedModule, members=(nn.Conv1d, nn.ReLU)):
+    """conv1d -> relu."""
 
 
-class ConvReLU2d(FusedModule):
-    _MEMBERS = (nn.Conv2d, nn.ReLU)
+class ConvReLU2d(FusedModule, members=(nn.Conv2d, nn.ReLU)):
+    """conv2d -> relu."""
 
 
-class ConvReLU3d(FusedModule):
-    _MEMBERS = (nn.Conv3d, nn.ReLU)
+class ConvReLU3d(FusedModule, members=(nn.Conv3d, nn.ReLU)):
+    """conv3d -> relu."""
 
 
-class LinearReLU(FusedModule):
-    _MEMBERS = (nn.Linear, nn.ReLU)
+class LinearReLU(FusedModule, members=(nn.Linear, nn.ReLU)):
+    """linear -> relu."""
 
 
-class ConvClamp1d(FusedModule):
+class ConvClamp1d(FusedModule, members=(nn.Conv1d, nn.Hardtanh)):
     """Conv followed by ReLU6 / Hardtanh(a, b) / clamp(a, b) with a <= 0 <= b: the quantized
     conv's output saturates at its observed range, which the clamp keeps inside [a, b]."""
 
-    _MEMBERS = (nn.Conv1d, nn.Hardtanh)
 
-
-class ConvClamp2d(FusedModule):
+class ConvClamp2d(FusedModule, members=(nn.Conv2d, nn.Hardtanh)):
     __doc__ = ConvClamp1d.__doc__
-    _MEMBERS = (nn.Conv2d, nn.Hardtanh)
 
 
-class ConvClamp3d(FusedModule):
+class ConvClamp3d(FusedModule, members=(nn.Conv3d, nn.Hardtanh)):
     __doc__ = ConvClamp1d.__doc__
-    _MEMBERS = (nn.Conv3d, nn.Hardtanh)
 
 
-class LinearClamp(FusedModule):
+class LinearClamp(FusedModule, members=(nn.Linear, nn.Hardtanh)):
     __doc__ = ConvClamp1d.__doc__
-    _MEMBERS = (nn.Linear, nn.Hardtanh)
 
 
-class BNReLU2d(FusedModule):
-    _MEMBERS = (nn.BatchNorm2d, nn.ReLU)
+class BNReLU2d(FusedModule, members=(nn.BatchNorm2d, nn.ReLU)):
+    """batch_norm2d -> relu."""
 
 
-class BNReLU3d(FusedModule):
-    _MEMBERS = (nn.BatchNorm3d, nn.ReLU)
+class BNReLU3d(FusedModule, members=(nn.BatchNorm3d, nn.ReLU)):
+    """batch_norm3d -> relu."""
 
 
 class _ConvBnBase(FusedModule):
@@ -103,37 +106,38 @@ class _ConvBnBase(FusedModule):
         return self._FOLDED_RELU(conv, self[2])
 
 
-class ConvBn1d(_ConvBnBase):
-    _MEMBERS = (nn.Conv1d, nn.BatchNorm1d)
+class ConvBn1d(_ConvBnBase, members=(nn.Conv1d, nn.BatchNorm1d)):
+    """conv1d -> bn."""
 
 
-class ConvBn2d(_ConvBnBase):
-    _MEMBERS = (nn.Conv2d, nn.BatchNorm2d)
+class ConvBn2d(_ConvBnBase, members=(nn.Conv2d, nn.BatchNorm2d)):
+    """conv2d -> bn."""
 
 
-class ConvBn3d(_ConvBnBase):
-    _MEMBERS = (nn.Conv3d, nn.BatchNorm3d)
+class ConvBn3d(_ConvBnBase, members=(nn.Conv3d, nn.BatchNorm3d)):
+    """conv3d -> bn."""
 
 
-class ConvBnReLU1d(_ConvBnBase):
-    _MEMBERS = (nn.Conv1d, nn.BatchNorm1d, nn.ReLU)
+class ConvBnReLU1d(_ConvBnBase, members=(nn.Conv1d, nn.BatchNorm1d, nn.ReLU)):
+    """conv1d -> bn -> relu."""
+
     _FOLDED_RELU = ConvReLU1d
 
 
-class ConvBnReLU2d(_ConvBnBase):
-    _MEMBERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
+class ConvBnReLU2d(_ConvBnBase, members=(nn.Conv2d, nn.BatchNorm2d, nn.ReLU)):
+    """conv2d -> bn -> relu."""
+
     _FOLDED_RELU = ConvReLU2d
 
 
-class ConvBnReLU3d(_ConvBnBase):
-    _MEMBERS = (nn.Conv3d, nn.BatchNorm3d, nn.ReLU)
+class ConvBnReLU3d(_ConvBnBase, members=(nn.Conv3d, nn.BatchNorm3d, nn.ReLU)):
+    """conv3d -> bn -> relu."""
+
     _FOLDED_RELU = ConvReLU3d
 
 
-class LinearBn1d(FusedModule):
+class LinearBn1d(FusedModule, members=(nn.Linear, nn.BatchNorm1d)):
     """linear -> BatchNorm1d; ``fold_eval()`` returns the linear with BN folded."""
-
-    _MEMBERS = (nn.Linear, nn.BatchNorm1d)
 
     def fold_eval(self) -> nn.Linear:
         return fold_linear_bn_eval(self[0], self[1])

@@ -53,6 +53,7 @@ from torch import nn
 
 from fxquant.nn import fused
 from fxquant.nn.common import WeightQParams
+from fxquant.nn.reference import set_float_module
 from fxquant.nn.fold import fold_conv_bn_weights, fold_linear_bn_weights
 
 __all__ = [
@@ -75,13 +76,18 @@ def _check_qconfig(cls: type, qconfig: Any) -> None:
 
 
 class _QATWeighted:
-    """Mixin of all QAT modules: ``qconfig`` and the ``weight_fake_quant`` it builds."""
+    """Mixin of all QAT modules: ``qconfig`` and the ``weight_fake_quant`` it builds.
+    ``_FLOAT_MODULE`` is the torch.nn class among the bases in the class line."""
 
     _FLOAT_MODULE: ClassVar[type[nn.Module]]  # the plain float module (nn.Conv2d, nn.Linear)
     _FUSED_MODULE: ClassVar[type[nn.Module] | None] = None  # the fused float kind it replaces
     _FOLDED_RELU: ClassVar[type[nn.Module] | None] = None  # fused container after folding
     weight: nn.Parameter
     bias: nn.Parameter | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        set_float_module(cls)
 
     def _attach_qconfig(self, qconfig: Any) -> None:
         _check_qconfig(type(self), qconfig)
@@ -184,15 +190,15 @@ class _QATConv(_QATWeighted):
 
 
 class Conv1d(_QATConv, nn.Conv1d):
-    _FLOAT_MODULE = nn.Conv1d
+    """QAT Conv1d: the weight fake-quantized in forward."""
 
 
 class Conv2d(_QATConv, nn.Conv2d):
-    _FLOAT_MODULE = nn.Conv2d
+    """QAT Conv2d: the weight fake-quantized in forward."""
 
 
 class Conv3d(_QATConv, nn.Conv3d):
-    _FLOAT_MODULE = nn.Conv3d
+    """QAT Conv3d: the weight fake-quantized in forward."""
 
 
 class _QATConvReLU(_QATConv):
@@ -201,20 +207,18 @@ class _QATConvReLU(_QATConv):
 
 
 class ConvReLU1d(_QATConvReLU, nn.Conv1d):
-    _FLOAT_MODULE, _FUSED_MODULE, _FOLDED_RELU = nn.Conv1d, fused.ConvReLU1d, fused.ConvReLU1d
+    _FUSED_MODULE = _FOLDED_RELU = fused.ConvReLU1d
 
 
 class ConvReLU2d(_QATConvReLU, nn.Conv2d):
-    _FLOAT_MODULE, _FUSED_MODULE, _FOLDED_RELU = nn.Conv2d, fused.ConvReLU2d, fused.ConvReLU2d
+    _FUSED_MODULE = _FOLDED_RELU = fused.ConvReLU2d
 
 
 class ConvReLU3d(_QATConvReLU, nn.Conv3d):
-    _FLOAT_MODULE, _FUSED_MODULE, _FOLDED_RELU = nn.Conv3d, fused.ConvReLU3d, fused.ConvReLU3d
+    _FUSED_MODULE = _FOLDED_RELU = fused.ConvReLU3d
 
 
 class Linear(_QATWeighted, nn.Linear):
-    _FLOAT_MODULE = nn.Linear
-
     def __init__(self, in_features: int, out_features: int, bias: bool = True, qconfig: Any = None,
                  device: Any = None, dtype: Any = None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
@@ -313,6 +317,27 @@ class _BnFolding(_QATWeighted):
             y = y + self.bias.reshape(y_shape)
         return self.bn(y)
 
+    @classmethod
+    def _layer_kwargs(cls, layer: nn.Module) -> dict[str, Any]:
+        """Constructor arguments describing the fused container's conv / linear."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, qconfig: Any) -> Any:
+        """The QAT module for its fused float container (ConvBn*, ConvBnReLU*, LinearBn1d);
+        shares its conv / linear parameters and takes over its BatchNorm module."""
+        if type(mod) is not cls._FUSED_MODULE:
+            raise TypeError(f"{cls.__name__}.from_float needs fused.{cls._FUSED_MODULE.__name__}, "
+                            f"got {type(mod).__name__}")
+        layer, bn = mod[0], mod[1]
+        qat = cls(**cls._layer_kwargs(layer), bias=layer.bias is not None, eps=bn.eps,
+                  momentum=bn.momentum, qconfig=qconfig, device=layer.weight.device,
+                  dtype=layer.weight.dtype)
+        qat.weight, qat.bias = layer.weight, layer.bias
+        qat.train(mod.training)
+        qat._init_bn(bn, freeze_bn=False)
+        return qat
+
     def _bn_args(self) -> tuple[Any, ...]:
         bn = self.bn
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
@@ -339,19 +364,8 @@ class _QATConvBn(_BnFolding):
         return F.relu(y) if self._FOLDED_RELU is not None else y
 
     @classmethod
-    def from_float(cls, mod: nn.Module, qconfig: Any) -> _QATConvBn:
-        """The QAT module for a fused.ConvBn*/ConvBnReLU* container; shares its conv's
-        parameters and takes over its BatchNorm module."""
-        if type(mod) is not cls._FUSED_MODULE:
-            raise TypeError(f"{cls.__name__}.from_float needs {cls._FUSED_MODULE.__name__}, "
-                            f"got {type(mod).__name__}")
-        conv, bn = mod[0], mod[1]
-        qat = cls(**_conv_kwargs(conv), bias=conv.bias is not None, eps=bn.eps, momentum=bn.momentum,
-                  qconfig=qconfig, device=conv.weight.device, dtype=conv.weight.dtype)
-        qat.weight, qat.bias = conv.weight, conv.bias
-        qat.train(mod.training)
-        qat._init_bn(bn, freeze_bn=False)
-        return qat
+    def _layer_kwargs(cls, layer: nn.Module) -> dict[str, Any]:
+        return _conv_kwargs(layer)
 
     def _float_core(self) -> nn.Module:
         conv = _float_conv(self, True)
@@ -362,7 +376,7 @@ class _QATConvBn(_BnFolding):
 
 def _conv_bn_class(name: str, conv: type, fused_cls: type, folded_relu: type | None) -> type:
     return type(name, (_QATConvBn, conv), {
-        "_FLOAT_MODULE": conv, "_FUSED_MODULE": fused_cls, "_FOLDED_RELU": folded_relu,
+        "_FUSED_MODULE": fused_cls, "_FOLDED_RELU": folded_relu,
         "__module__": __name__, "__qualname__": name,
         "__doc__": f"QAT {fused_cls.__name__}: conv with simulated BatchNorm folding"
                    f"{' and ReLU' if folded_relu else ''}; see the module docstring.",
@@ -380,7 +394,6 @@ ConvBnReLU3d = _conv_bn_class("ConvBnReLU3d", nn.Conv3d, fused.ConvBnReLU3d, fus
 class LinearBn1d(_BnFolding, nn.Linear):
     """QAT fused.LinearBn1d: linear with simulated BatchNorm1d folding."""
 
-    _FLOAT_MODULE = nn.Linear
     _FUSED_MODULE = fused.LinearBn1d
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5,
@@ -394,16 +407,8 @@ class LinearBn1d(_BnFolding, nn.Linear):
         return self._simulate(x, lambda inp, w: F.linear(inp, w))
 
     @classmethod
-    def from_float(cls, mod: nn.Module, qconfig: Any) -> LinearBn1d:
-        if type(mod) is not fused.LinearBn1d:
-            raise TypeError(f"LinearBn1d.from_float needs fused.LinearBn1d, got {type(mod).__name__}")
-        lin, bn = mod[0], mod[1]
-        qat = cls(lin.in_features, lin.out_features, lin.bias is not None, bn.eps, bn.momentum,
-                  qconfig=qconfig, device=lin.weight.device, dtype=lin.weight.dtype)
-        qat.weight, qat.bias = lin.weight, lin.bias
-        qat.train(mod.training)
-        qat._init_bn(bn, freeze_bn=False)
-        return qat
+    def _layer_kwargs(cls, layer: nn.Module) -> dict[str, Any]:
+        return {"in_features": layer.in_features, "out_features": layer.out_features}
 
     def _float_core(self) -> nn.Module:
         w = self.weight

@@ -15,6 +15,7 @@ A fused float module's ReLU is not part of these modules; the caller keeps it as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,11 +35,41 @@ _META_KEYS = ("weight_dtype", "weight_qscheme", "weight_axis", "weight_quant_min
               "weight_quant_max")
 
 
+def set_float_module(cls: type) -> None:
+    """``cls._FLOAT_MODULE``: the torch.nn class ``cls`` names among its bases (kept from its
+    parent when it names none), so that a class line such as
+    ``class Conv2d(_RefConv, nn.Conv2d)`` says it once."""
+    floats = [b for b in cls.__bases__ if b.__module__.startswith("torch.nn.")]
+    if floats:
+        cls._FLOAT_MODULE = floats[0]
+
+
+def _conv_transpose_forward(conv_transpose: Any) -> Callable[..., torch.Tensor]:
+    """The forward of a reference ConvTranspose*d over ``conv_transpose`` (F.conv_transpose*d):
+    a closure, so that TorchScript sees a static call (it takes no closed-over int: the
+    spatial dims are read from kernel_size)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, len(self.kernel_size),
+            self.dilation
+        )
+        return conv_transpose(x, self.fake_quantized_weight(), self.bias, self.stride,
+                              self.padding, output_padding, self.groups, self.dilation)
+
+    return forward
+
+
 class ReferenceWeighted:
-    """Mixin holding a weight's qparams; put it before the float module class in the bases."""
+    """Mixin holding a weight's qparams; put it before the float module class in the bases
+    (which sets ``_FLOAT_MODULE``, see :func:`set_float_module`)."""
 
     # no class-level annotations here: torch.jit.script would read them as attribute types
     _FLOAT_MODULE = nn.Module
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        set_float_module(cls)
 
     def _init_weight_qparams(self, wq: WeightQParams | None) -> None:
         wq = WeightQParams(1.0, 0) if wq is None else wq
@@ -132,8 +163,6 @@ class ReferenceWeighted:
 class Linear(ReferenceWeighted, nn.Linear):
     """Reference linear: ``F.linear(x, fake_quant(weight), bias)``."""
 
-    _FLOAT_MODULE = nn.Linear
-
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  wq: WeightQParams | None = None) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias)
@@ -159,7 +188,11 @@ class Linear(ReferenceWeighted, nn.Linear):
 
 
 class _RefConvMixin(ReferenceWeighted):
-    """Shared ``from_float`` / repr for the reference convs."""
+    """Shared constructor, ``from_float`` and repr of the reference convs."""
+
+    def __init__(self, *args: Any, wq: WeightQParams | None = None, **kwargs: Any) -> None:
+        self._FLOAT_MODULE.__init__(self, *args, **kwargs)
+        self._init_weight_qparams(wq)
 
     def _get_name(self) -> str:
         return f"ReferenceQuantized{self._FLOAT_MODULE.__name__}"
@@ -190,10 +223,6 @@ def _conv_kwargs(mod: nn.modules.conv._ConvNd) -> dict[str, Any]:
 
 
 class _RefConv(_RefConvMixin):
-    def __init__(self, *args: Any, wq: WeightQParams | None = None, **kwargs: Any) -> None:
-        self._FLOAT_MODULE.__init__(self, *args, **kwargs)
-        self._init_weight_qparams(wq)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.fake_quantized_weight(), self.bias)
 
@@ -201,61 +230,32 @@ class _RefConv(_RefConvMixin):
 class Conv1d(_RefConv, nn.Conv1d):
     """Reference Conv1d (all padding modes, like nn.Conv1d)."""
 
-    _FLOAT_MODULE = nn.Conv1d
-
 
 class Conv2d(_RefConv, nn.Conv2d):
     """Reference Conv2d (all padding modes, like nn.Conv2d)."""
-
-    _FLOAT_MODULE = nn.Conv2d
 
 
 class Conv3d(_RefConv, nn.Conv3d):
     """Reference Conv3d (all padding modes, like nn.Conv3d)."""
 
-    _FLOAT_MODULE = nn.Conv3d
-
 
 class _RefConvTranspose(_RefConvMixin):
-    def __init__(self, *args: Any, wq: WeightQParams | None = None, **kwargs: Any) -> None:
-        self._FLOAT_MODULE.__init__(self, *args, **kwargs)
-        self._init_weight_qparams(wq)
+    """Reference transposed convs: forward takes ``output_size`` as nn.ConvTranspose*d's."""
 
 
 class ConvTranspose1d(_RefConvTranspose, nn.ConvTranspose1d):
     """Reference ConvTranspose1d; ``output_size`` works as in nn.ConvTranspose1d."""
 
-    _FLOAT_MODULE = nn.ConvTranspose1d
-
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        output_padding = self._output_padding(
-            x, output_size, self.stride, self.padding, self.kernel_size, 1, self.dilation
-        )
-        return F.conv_transpose1d(x, self.fake_quantized_weight(), self.bias, self.stride,
-                                  self.padding, output_padding, self.groups, self.dilation)
+    forward = _conv_transpose_forward(F.conv_transpose1d)
 
 
 class ConvTranspose2d(_RefConvTranspose, nn.ConvTranspose2d):
     """Reference ConvTranspose2d; ``output_size`` works as in nn.ConvTranspose2d."""
 
-    _FLOAT_MODULE = nn.ConvTranspose2d
-
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        output_padding = self._output_padding(
-            x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
-        )
-        return F.conv_transpose2d(x, self.fake_quantized_weight(), self.bias, self.stride,
-                                  self.padding, output_padding, self.groups, self.dilation)
+    forward = _conv_transpose_forward(F.conv_transpose2d)
 
 
 class ConvTranspose3d(_RefConvTranspose, nn.ConvTranspose3d):
     """Reference ConvTranspose3d; ``output_size`` works as in nn.ConvTranspose3d."""
 
-    _FLOAT_MODULE = nn.ConvTranspose3d
-
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        output_padding = self._output_padding(
-            x, output_size, self.stride, self.padding, self.kernel_size, 3, self.dilation
-        )
-        return F.conv_transpose3d(x, self.fake_quantized_weight(), self.bias, self.stride,
-                                  self.padding, output_padding, self.groups, self.dilation)
+    forward = _conv_transpose_forward(F.conv_transpose3d)
