@@ -1,7 +1,9 @@
 """The decision record that every pass writes on the nodes, and its typed accessors.
 
 One key, ``node.meta[META_KEY]``, holds a :class:`QNodeInfo`. Passes write it only through
-:func:`record` and the small setters here; the visualizer and the report only read it.
+:func:`record` and the small setters here; the visualizer and the report only read it. The
+words a record uses (:class:`~fxquant.records.Action`, ``Role``, ``QKind``) and
+:class:`~fxquant.records.Decision` live in :mod:`fxquant.records`; Decision is re-exported here.
 """
 from __future__ import annotations
 

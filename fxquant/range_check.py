@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant.errors import RangeWarning
+from fxquant.graph_edit import set_submodule
 from fxquant.meta import qinfo, qinfo_or_none, record
 from fxquant.records import Action, Role
 
@@ -365,10 +366,10 @@ def _report(gm: fx.GraphModule, target: str, nodes: list[fx.Node],
         fix = "not fixed (range_check='warn')"
     elif clip is None:
         fix = "kept float (the tensor is not quantized; the ops reading it run in float)"
-        _set(gm, target, _float_placeholder())
+        set_submodule(gm, target, _float_placeholder())
     else:
         fix = f"range clipped to the input's [{clip[0]:.4g}, {clip[1]:.4g}]"
-        _set(gm, target, _clipped_observer(obs, *clip))
+        set_submodule(gm, target, _clipped_observer(obs, *clip))
     value = _observed(nodes[0])
     info = qinfo(value)
     others = [_observed(n).name for n in nodes[1:]]
@@ -386,11 +387,6 @@ def _report(gm: fx.GraphModule, target: str, nodes: list[fx.Node],
                   + ("" if mode == "fix" else "convert_fx(..., range_check='fix') applies the fix; ")
                   + "see docs/calibration.md", RangeWarning, stacklevel=2)
     return finding
-
-
-def _set(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
 def findings_of(gm: fx.GraphModule) -> list[RangeFinding]:

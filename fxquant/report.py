@@ -50,7 +50,7 @@ class ReportRow:
     node: str
     module_path: str
     op: str
-    status: str
+    status: Status
     reason: str
     qconfig_rule: str = ""
     kernel: str = ""

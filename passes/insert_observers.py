@@ -23,6 +23,7 @@ import torch.fx as fx
 
 from fxquant.aliasing import AliasInfo
 from fxquant.errors import FxQuantError
+from fxquant.graph_edit import del_submodule
 from fxquant.meta import QNodeInfo, QSpec, SharedSpec, qinfo, record
 from fxquant.pipeline import PassContext, PassResult
 from fxquant.records import Action, Role
@@ -151,8 +152,7 @@ class _SharedGroups:
                    f"input and output", observer=root)
             stats["aliased"] += 1
         for name in dropped:
-            parent, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(parent) if parent else gm, attr)
+            del_submodule(gm, name)
 
 
 class _Inserter:
