@@ -49,6 +49,9 @@ MASK_HUGE = 1e4
 """The smallest magnitude taken for a mask value (BERT's -10000.0) where the op fills positions
 or its input is not data."""
 
+# Every spelling, not only the canonical ones (fxquant.ops): attention_float_nodes is public and
+# reads any traced graph, also one that did not go through normalize (inside the pipeline,
+# propagate_qconfig calls it after normalize, where only the canonical spellings occur).
 _MATMUL = {torch.matmul, operator.matmul, torch.bmm, torch.einsum, torch.baddbmm,
            "matmul", "bmm", "baddbmm"}
 _SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.special.softmax, "softmax"}

@@ -3,8 +3,14 @@
 ``x.relu()`` / ``F.relu`` / ``torch.relu`` / ``nn.ReLU`` become ``F.relu``; ``x + y`` /
 ``torch.add`` / ``x += y`` / ``x.add_(y)`` become ``torch.add`` (tensors only: ``x.size(0) + 1``
 stays Python); ``torch.concat`` becomes ``torch.cat``; ``nn.Flatten`` / ``x.flatten`` become
-``torch.flatten``. In-place spellings become out-of-place and every later reader of the
-mutated tensor reads the result instead, which is what it saw in eager mode. Inference no-ops
+``torch.flatten``; and so on for every op with several spellings (``x.sigmoid()`` →
+``torch.sigmoid``, ``torch.softmax`` → ``F.softmax``, ``x.reshape(2, -1)`` →
+``torch.reshape(x, (2, -1))``, ``torch.bmm`` → ``torch.matmul``, ``torch.batch_norm`` →
+``F.batch_norm`` ...): the table is :data:`fxquant.ops.SPELLINGS`, so every later table (fusion
+patterns, backend rules) names one canonical op. Modules with state or matched by type (conv,
+linear, norms, pooling, ...) stay modules. In-place spellings become out-of-place and every
+later reader of the mutated tensor reads the result instead, which is what it saw in eager
+mode (one that has no out-of-place spelling stays, its readers re-pointed). Inference no-ops
 are removed when the model is not training: dropout in every spelling (``nn.Dropout*``,
 ``F.dropout*``, ``torch.dropout``, alpha / feature-alpha dropout), torchvision's stochastic depth
 (``stochastic_depth`` / ``StochasticDepth``, matched by name) and ``nn.Identity``.

@@ -1,0 +1,219 @@
+"""One canonical spelling per op (issue 12, item 5).
+
+(a) The rule tables (every built-in backend's rules, the fusion patterns) name canonical ops
+only: ``normalize`` rewrites every other spelling into them before any table is read, so a
+target that normalize would rewrite can never be matched. The one exception is an in-place
+spelling: normalize keeps it as written when its tensor has views (``keep_inplace``), so the
+tables list it beside its out-of-place form.
+
+(b) A model written in each alternate spelling converts to the same kernels as the same model
+in the canonical spelling (op counts of the converted graphs are equal), within SQNR of float.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxquant
+from fxquant.fusion import default_group_fusions, default_module_fusions
+from fxquant.ops import SPELLINGS
+from fxquant.optable import builtin_backends, spelling_label
+from tests.models import calibration_batches
+from tests.util import op_counts
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (isinstance(a, str) and isinstance(b, str) and a == b)
+
+
+def _rewrites(target: Any) -> list[Any]:
+    """The spellings in fxquant.ops whose target is ``target`` and that normalize rewrites
+    into another op."""
+    return [s for s in SPELLINGS if _same(s.target, target) and not _same(s.canonical, target)]
+
+
+def _table_targets() -> list[tuple[str, Any]]:
+    out = []
+    for backend in builtin_backends():
+        for rule in backend.rules:
+            out += [(f"{backend.name}:{rule.name}", t) for t in rule.op.targets]
+    for fusion in list(default_module_fusions()) + list(default_group_fusions()):
+        for op in fusion.pattern.ops:
+            out += [(f"fusion:{fusion.pattern.name}", t) for t in op.targets]
+    return out
+
+
+def test_rule_tables_name_canonical_ops_only() -> None:
+    bad = []
+    for where, target in _table_targets():
+        rewrites = _rewrites(target)
+        if any(not s.inplace for s in rewrites):
+            bad.append(f"{where}: {spelling_label(target)} → "
+                       f"{spelling_label(rewrites[0].canonical)}")
+    assert not bad, "tables name spellings that normalize rewrites:\n" + "\n".join(bad)
+
+
+def test_inplace_spellings_in_the_tables_sit_beside_their_canonical_op() -> None:
+    """An in-place spelling listed in a rule (kept as written when its tensor has views) has its
+    out-of-place canonical op in a rule of the same backend with the same kernel family."""
+    for backend in builtin_backends():
+        targets = [t for r in backend.rules for t in r.op.targets]
+        for rule in backend.rules:
+            for target in rule.op.targets:
+                for s in _rewrites(target):
+                    assert s.inplace
+                    assert any(_same(s.canonical, t) for t in targets), (
+                        backend.name, rule.name, spelling_label(target))
+
+
+def test_every_canonical_op_is_a_fixed_point() -> None:
+    """The canonical target of a spelling is not itself rewritten into another op."""
+    for s in SPELLINGS:
+        assert not _rewrites(s.canonical), spelling_label(s.canonical)
+
+
+# ----------------------------------------------------------------- (b) same kernels, any spelling
+Op = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class Head(nn.Module):
+    """conv → the op (→ a second conv where the op keeps a 4-d tensor), with parameters and
+    buffers the norms and prelu take as arguments."""
+
+    def __init__(self, op: Op) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.op = op
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+        self.b = nn.Parameter(torch.randn(8) * 0.1)
+        self.register_buffer("rm", torch.randn(8) * 0.1)
+        self.register_buffer("rv", torch.rand(8) + 0.5)
+        self.slope = nn.Parameter(torch.full((8,), 0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(self, self.conv(x))
+
+
+def _mm(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Op:
+    """(N, C, HW) x (N, HW, C) in spelling ``f``."""
+    def op(s: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        return f(t.flatten(2), t.flatten(2).transpose(1, 2))
+    return op
+
+
+# name: (canonical spelling, alternate spellings)
+CASES: dict[str, tuple[Op, list[Op]]] = {
+    "sigmoid": (lambda s, t: torch.sigmoid(t),
+                [lambda s, t: F.sigmoid(t), lambda s, t: t.sigmoid(),
+                 lambda s, t: torch.special.expit(t), lambda s, t: t.sigmoid_(),
+                 lambda s, t: torch.sigmoid_(t)]),
+    "tanh": (lambda s, t: torch.tanh(t),
+             [lambda s, t: F.tanh(t), lambda s, t: t.tanh(), lambda s, t: t.tanh_(),
+              lambda s, t: torch.tanh_(t)]),
+    "softmax": (lambda s, t: F.softmax(t, 1),
+                [lambda s, t: torch.softmax(t, 1), lambda s, t: t.softmax(1),
+                 lambda s, t: torch.special.softmax(t, 1)]),
+    "clamp": (lambda s, t: torch.clamp(t, -0.5, 0.5),
+              [lambda s, t: torch.clip(t, -0.5, 0.5), lambda s, t: t.clamp(-0.5, 0.5),
+               lambda s, t: t.clip(-0.5, 0.5)]),
+    "clamp_min": (lambda s, t: torch.clamp(t, min=0.1), [lambda s, t: t.clamp(min=0.1)]),
+    "hardtanh": (lambda s, t: F.hardtanh(t, -0.5, 0.5), [lambda s, t: F.hardtanh_(t, -0.5, 0.5)]),
+    "elu": (lambda s, t: F.elu(t, 0.5), [lambda s, t: F.elu_(t, 0.5)]),
+    "leaky_relu": (lambda s, t: F.leaky_relu(t, 0.2), [lambda s, t: F.leaky_relu_(t, 0.2)]),
+    "selu": (lambda s, t: F.selu(t), [lambda s, t: torch.selu(t), lambda s, t: torch.selu_(t)]),
+    "celu": (lambda s, t: F.celu(t, 0.5),
+             [lambda s, t: torch.celu(t, 0.5), lambda s, t: torch.celu_(t, 0.5)]),
+    "prelu": (lambda s, t: F.prelu(t, s.slope), [lambda s, t: t.prelu(s.slope)]),
+    "layer_norm": (lambda s, t: F.layer_norm(t, [8], s.w, s.b),
+                   [lambda s, t: torch.layer_norm(t, [8], s.w, s.b, 1e-5, False)]),
+    "group_norm": (lambda s, t: F.group_norm(t, 2, s.w, s.b),
+                   [lambda s, t: torch.group_norm(t, 2, s.w, s.b, 1e-5, False)]),
+    "batch_norm": (lambda s, t: F.batch_norm(t, s.rm, s.rv, s.w, s.b, False, 0.1, 1e-5),
+                   [lambda s, t: torch.batch_norm(t, s.w, s.b, s.rm, s.rv, False, 0.1, 1e-5,
+                                                  False)]),
+    "instance_norm": (lambda s, t: F.instance_norm(t, None, None, s.w, s.b),
+                      [lambda s, t: torch.instance_norm(t, s.w, s.b, None, None, True, 0.1, 1e-5,
+                                                        False)]),
+    "upsample_nearest": (lambda s, t: F.interpolate(t, scale_factor=2, mode="nearest"),
+                         [lambda s, t: F.upsample(t, scale_factor=2),
+                          lambda s, t: F.upsample_nearest(t, scale_factor=2)]),
+    "upsample_bilinear": (lambda s, t: F.interpolate(t, scale_factor=2, mode="bilinear",
+                                                     align_corners=True),
+                          [lambda s, t: F.upsample_bilinear(t, scale_factor=2)]),
+    "pad": (lambda s, t: F.pad(t, [1, 2], mode="constant", value=0.5),
+            [lambda s, t: torch.constant_pad_nd(t, [1, 2], 0.5)]),
+    "matmul": (_mm(torch.matmul), [_mm(lambda a, b: a @ b), _mm(lambda a, b: a.matmul(b)),
+                                   _mm(torch.bmm), _mm(lambda a, b: a.bmm(b))]),
+    "mean": (lambda s, t: torch.mean(t, (2, 3)), [lambda s, t: t.mean((2, 3))]),
+    "reshape": (lambda s, t: torch.reshape(t, (2, -1)),
+                [lambda s, t: t.reshape(2, -1), lambda s, t: t.reshape((2, -1))]),
+    "reshape_traced_size": (lambda s, t: torch.reshape(t, (t.size(0), -1)),
+                            [lambda s, t: t.reshape(t.size(0), -1)]),
+    "permute": (lambda s, t: torch.permute(t, (0, 2, 3, 1)),
+                [lambda s, t: t.permute(0, 2, 3, 1), lambda s, t: t.permute((0, 2, 3, 1))]),
+    "transpose": (lambda s, t: torch.transpose(t, 1, 2),
+                  [lambda s, t: t.transpose(1, 2), lambda s, t: torch.swapaxes(t, 1, 2),
+                   lambda s, t: t.swapaxes(1, 2)]),
+    "flip": (lambda s, t: torch.flip(t, (2,)), [lambda s, t: t.flip(2), lambda s, t: t.flip([2])]),
+    "squeeze": (lambda s, t: torch.squeeze(torch.unsqueeze(t, 1), 1),
+                [lambda s, t: t.unsqueeze(1).squeeze(1)]),
+    "t": (lambda s, t: torch.t(t.flatten(1)), [lambda s, t: t.flatten(1).t()]),
+    "narrow": (lambda s, t: torch.narrow(t, 1, 0, 4), [lambda s, t: t.narrow(1, 0, 4)]),
+    "movedim": (lambda s, t: torch.movedim(t, 1, 3), [lambda s, t: t.movedim(1, 3)]),
+    "unflatten": (lambda s, t: torch.unflatten(t, 1, (2, 4)),
+                  [lambda s, t: t.unflatten(1, (2, 4))]),
+    "chunk": (lambda s, t: torch.chunk(t, 2, 1)[1], [lambda s, t: t.chunk(2, 1)[1]]),
+    "split": (lambda s, t: torch.split(t, 4, 1)[0], [lambda s, t: t.split(4, 1)[0]]),
+    "unbind": (lambda s, t: torch.unbind(t, 1)[2], [lambda s, t: t.unbind(1)[2]]),
+    "tensor_split": (lambda s, t: torch.tensor_split(t, 2, 1)[0],
+                     [lambda s, t: t.tensor_split(2, 1)[0]]),
+    "sub": (lambda s, t: torch.sub(t, t * 0.5),
+            [lambda s, t: t - t * 0.5, lambda s, t: t.sub(t * 0.5),
+             lambda s, t: torch.subtract(t, t * 0.5)]),
+    "div": (lambda s, t: torch.div(t, 2.0),
+            [lambda s, t: t / 2.0, lambda s, t: t.div(2.0), lambda s, t: torch.divide(t, 2.0)]),
+}
+SHAPE = (2, 3, 8, 8)
+SQNR_FLOOR = 25.0  # dB, the issue's floor; the lowest case here is instance_norm, 28 dB on x86
+
+
+def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.detach().float(), got.detach().float()
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean().clamp_min(1e-20)))
+
+
+def _convert(model: nn.Module) -> torch.fx.GraphModule:
+    torch.backends.quantized.engine = "x86"
+    prepared = fxquant.prepare_fx(copy.deepcopy(model), fxquant.get_default_qconfig_mapping("x86"),
+                                  (torch.randn(*SHAPE),), backend="x86")
+    with torch.no_grad():
+        for batch in calibration_batches(SHAPE, n=2):
+            prepared(batch)
+    return fxquant.convert_fx(prepared)
+
+
+def _counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    return {k: v for k, v in op_counts(gm).items() if v}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_spelling_converts_to_the_same_kernels(name: str) -> None:
+    canonical, alternates = CASES[name]
+    x = calibration_batches(SHAPE, n=1, seed=7)[0]
+    model = Head(canonical).eval()
+    want = _counts(_convert(model))
+    with torch.no_grad():
+        ref = model(x)
+    for i, alternate in enumerate(alternates):
+        alt = Head(alternate).eval()
+        quantized = _convert(alt)
+        assert _counts(quantized) == want, (name, i)
+        with torch.no_grad():
+            assert torch.equal(alt(x.clone()), ref), (name, i)  # the same float model
+            assert _sqnr(ref, quantized(x.clone())) >= SQNR_FLOOR, (name, i)
