@@ -151,3 +151,10 @@ def test_user_add_sigmoid_group_stays_float_end_to_end():
     assert any("no fused kernel" in d.reason for n in grouped for d in qinfo(n).decisions)
     err = (quantized(x) - model(x)).abs().max().item()
     assert err < 0.05, err
+
+
+def test_dynamic_integer_linear_range_follows_the_engine():
+    """The integer form of a dynamic linear quantizes activations as the engine's kernel:
+    7-bit except on qnnpack (a backend's engine decides, not its name)."""
+    assert E.dynamic_reduce_range("x86") and E.dynamic_reduce_range("fbgemm")
+    assert not E.dynamic_reduce_range("qnnpack")

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import torch
 
 __all__ = ["KNOWN_ENGINES", "clamp_needs_contiguous", "conv_unpack_unavailable",
-           "current_engine", "deconv_packing_engine", "engine", "fp16_packing_available",
-           "has_per_channel_deconv", "is_deconv3d_wrong", "supported_engines"]
+           "current_engine", "deconv_packing_engine", "dynamic_reduce_range", "engine",
+           "fp16_packing_available", "has_per_channel_deconv", "is_deconv3d_wrong",
+           "supported_engines"]
 
 KNOWN_ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 
@@ -27,6 +28,7 @@ _WRONG_DECONV = frozenset({"x86", "onednn"})  # onednn's deconvolution: off by u
 _DECONV_FALLBACK = "fbgemm"  # ... so their transposed convs are packed with this engine
 _PER_CHANNEL_DECONV = frozenset({"qnnpack"})  # per-channel transposed-conv weights
 _WRONG_DECONV3D = frozenset({"qnnpack"})  # conv_transpose3d nondeterministic, wrong
+_FULL_RANGE_DYNAMIC = frozenset({"qnnpack"})  # dynamic linear: 8-bit activations, not 7-bit
 
 
 def supported_engines() -> tuple[str, ...]:
@@ -106,3 +108,9 @@ def has_per_channel_deconv(name: str) -> bool:
 def is_deconv3d_wrong(name: str | None = None) -> bool:
     """Whether engine ``name``'s (default: the current one) 3-d transposed conv is wrong."""
     return _named(name) in _WRONG_DECONV3D
+
+
+def dynamic_reduce_range(name: str) -> bool:
+    """Whether engine ``name``'s dynamic linear kernels quantize their activations to 7 bits
+    (reduce_range), as the integer representation of a dynamic linear must then too."""
+    return name not in _FULL_RANGE_DYNAMIC

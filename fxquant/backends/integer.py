@@ -344,6 +344,8 @@ def _weight_observer_int(weight: torch.Tensor, factory: Any, owner: str) -> _Int
 def dynamic_int_module(module: nn.Module, factory: Any, backend: str, node: fx.Node
                        ) -> nn.Module:
     """The integer-representation module for a dynamic / weight-only quantized module."""
+    from fxquant.backends.cpu import engine_of
+    from fxquant.backends.engine import dynamic_reduce_range
     from fxquant.nn.fused import FusedModule
 
     inner = module[0] if isinstance(module, FusedModule) else module
@@ -351,7 +353,8 @@ def dynamic_int_module(module: nn.Module, factory: Any, backend: str, node: fx.N
         all(isinstance(m, nn.ReLU) for m in list(module)[1:])
     if isinstance(inner, nn.Linear) and (relu or not isinstance(module, FusedModule)):
         w = _weight_observer_int(inner.weight, factory, str(node.target))
-        return IntDynamicLinear(inner, w, reduce_range=backend != "qnnpack", relu=relu)
+        return IntDynamicLinear(inner, w, reduce_range=dynamic_reduce_range(engine_of(backend)),
+                                relu=relu)
     if type(module) in (nn.LSTM, nn.GRU) and not getattr(module, "proj_size", 0):
         weights = {n: _weight_observer_int(getattr(module, n), factory, str(node.target))
                    for n in module._flat_weights_names if n.startswith("weight")}
