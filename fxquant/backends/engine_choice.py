@@ -203,7 +203,7 @@ def _try_build(build: Build, engine: Optional[str]) -> Optional[nn.Module]:
 def _measure(ctx: LowerCtx, own: nn.Module, build: Build, specs: Any,
              opts: EngineChoiceOptions, engine: str) -> tuple[Choice, Optional[nn.Module]]:
     from fxquant.backends import kernel_check
-    from fxquant.backends.engine import supported_engines
+    from fxquant.backends.engine import conv_unpack_unavailable, supported_engines
 
     x = next(iter(kernel_check.random_inputs(specs).values()))
     if x.dim() in (4, 5):  # what a quantized conv feeds the next one
@@ -212,7 +212,7 @@ def _measure(ctx: LowerCtx, own: nn.Module, build: Build, specs: Any,
     want = _reference_ints(ctx, x)
     mods: dict[str, nn.Module] = {engine: own}
     for cand in opts.candidates:
-        if cand == "qnnpack" and x.dim() == 5:
+        if conv_unpack_unavailable(cand, x.dim() - 2):
             continue  # a qnnpack-packed Conv3d cannot be unpacked: state_dict / save fail
         if cand != engine and cand in supported_engines():
             mod = _try_build(build, cand)
