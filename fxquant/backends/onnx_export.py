@@ -635,33 +635,34 @@ def clamp(b: Builder, n: fx.Node, mod: Optional[nn.Module] = None) -> str:
     return b.quantize(y, q_out) if q_out is not None else y
 
 
+# The tables below key the targets of a converted graph: the canonical spellings of
+# fxquant.ops (normalize rewrote the others), the method calls lowering adds itself
+# ("dequantize", "contiguous", "reshape" for a view, "mean" + "squeeze"), the in-place
+# spellings normalize keeps as written when their tensor has views (x.relu_(), F.hardtanh_),
+# and Python arithmetic on sizes (operator.add ...).
 RAW: dict[Any, Emitter] = {
     torch.quantize_per_tensor: _quantize, "dequantize": _dequantize, torch.dequantize: _dequantize,
     "contiguous": _identity, "detach": _identity, torch.detach: _identity, "clone": _identity,
-    torch.clone: _identity, F.dropout: _identity, "relu": clamp, "relu_": clamp,
-    F.relu: clamp, torch.relu: clamp, torch.relu_: clamp, F.relu6: clamp, F.hardtanh: clamp,
-    F.hardtanh_: clamp, torch.clamp: clamp, "clamp": clamp, torch.clip: clamp, "clip": clamp,
+    torch.clone: _identity, F.dropout: _identity, "relu_": clamp,
+    F.relu: clamp, torch.relu_: clamp, F.relu6: clamp, F.hardtanh: clamp,
+    F.hardtanh_: clamp, torch.clamp: clamp,
 }
 
 _ELEMENTWISE: dict[Any, Emitter] = {
-    torch.sigmoid: _unary("Sigmoid"), "sigmoid": _unary("Sigmoid"),
-    F.sigmoid: _unary("Sigmoid"), torch.tanh: _unary("Tanh"), "tanh": _unary("Tanh"),
-    F.tanh: _unary("Tanh"), F.hardswish: _unary("HardSwish"), F.hardsigmoid: _hardsigmoid,
+    torch.sigmoid: _unary("Sigmoid"), torch.tanh: _unary("Tanh"),
+    F.hardswish: _unary("HardSwish"), F.hardsigmoid: _hardsigmoid,
     F.silu: _silu, F.gelu: _gelu, F.elu: lambda b, n: b.add(
         "Elu", [b.x(n.args[0])], alpha=float(b.constant(arg(n, 1, "alpha", 1.0)))),
     F.leaky_relu: _leaky_relu, torch.exp: _unary("Exp"), torch.sqrt: _unary("Sqrt"),
-    F.softmax: _softmax("Softmax"), torch.softmax: _softmax("Softmax"),
-    "softmax": _softmax("Softmax"), F.log_softmax: _softmax("LogSoftmax"),
+    F.softmax: _softmax("Softmax"), F.log_softmax: _softmax("LogSoftmax"),
     torch.log_softmax: _softmax("LogSoftmax"), "log_softmax": _softmax("LogSoftmax"),
 }
 
 _ARITH: dict[Any, Emitter] = {
-    torch.add: _binary("Add"), operator.add: _binary("Add"), "add": _binary("Add"),
-    operator.iadd: _binary("Add"), torch.sub: _binary("Sub"), operator.sub: _binary("Sub"),
-    "sub": _binary("Sub"), torch.mul: _binary("Mul"), operator.mul: _binary("Mul"),
-    "mul": _binary("Mul"), operator.imul: _binary("Mul"), torch.div: _binary("Div"),
-    operator.truediv: _binary("Div"), "div": _binary("Div"), torch.matmul: _matmul,
-    operator.matmul: _matmul, "matmul": _matmul, torch.bmm: _matmul, "bmm": _matmul,
+    torch.add: _binary("Add"), operator.add: _binary("Add"), operator.iadd: _binary("Add"),
+    torch.sub: _binary("Sub"), operator.sub: _binary("Sub"), torch.mul: _binary("Mul"),
+    operator.mul: _binary("Mul"), operator.imul: _binary("Mul"), torch.div: _binary("Div"),
+    operator.truediv: _binary("Div"), torch.matmul: _matmul,
     "quantized::add": _binary("Add"), "quantized::add_relu": _binary("Add", relu=True),
     "quantized::mul": _binary("Mul"), "quantized::mul_relu": _binary("Mul", relu=True),
     "quantized::add_scalar": _binary("Add"), "quantized::mul_scalar": _binary("Mul"),
@@ -674,18 +675,13 @@ _ARITH: dict[Any, Emitter] = {
 }
 
 _SHAPE: dict[Any, Emitter] = {
-    torch.cat: _cat, torch.concat: _cat, torch.stack: _stack, torch.flatten: _reshape,
-    "flatten": _reshape, torch.reshape: _reshape, "reshape": _reshape, "view": _reshape,
-    "view_as": _reshape, "reshape_as": _reshape, torch.squeeze: _reshape, "squeeze": _reshape,
-    torch.unsqueeze: _reshape, "unsqueeze": _reshape, torch.unflatten: _reshape,
-    "unflatten": _reshape, torch.permute: _transpose_like, "permute": _transpose_like,
-    torch.transpose: _transpose_like, "transpose": _transpose_like, torch.t: _transpose_like,
-    "t": _transpose_like, torch.swapaxes: _transpose_like, "swapaxes": _transpose_like,
-    torch.movedim: _transpose_like, "movedim": _transpose_like, torch.mean: _mean,
-    "mean": _mean, F.interpolate: _interpolate, F.pad: _pad,
-    torch.chunk: _split_like, "chunk": _split_like, torch.split: _split_like,
-    "split": _split_like, torch.tensor_split: _split_like, "tensor_split": _split_like,
-    torch.unbind: _split_like, "unbind": _split_like,
+    torch.cat: _cat, torch.stack: _stack, torch.flatten: _reshape, torch.reshape: _reshape,
+    "reshape": _reshape, "view": _reshape, "view_as": _reshape, "reshape_as": _reshape,
+    torch.squeeze: _reshape, "squeeze": _reshape, torch.unsqueeze: _reshape,
+    torch.unflatten: _reshape, torch.permute: _transpose_like, torch.transpose: _transpose_like,
+    torch.t: _transpose_like, torch.movedim: _transpose_like, torch.mean: _mean, "mean": _mean,
+    F.interpolate: _interpolate, F.pad: _pad, torch.chunk: _split_like, torch.split: _split_like,
+    torch.tensor_split: _split_like, torch.unbind: _split_like,
     **{f: _pool_fn for f in _POOL_F},
 }
 
