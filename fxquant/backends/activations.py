@@ -434,10 +434,9 @@ def _lower_fixed_aten(fn: Any, kernel: str) -> Callable[[LowerCtx], Lowered]:
 
 
 def _softmax_args(node: fx.Node) -> tuple[Any, Any]:
-    """(dim, dtype) of a softmax call, whatever its spelling."""
-    if node.op == "call_function" and node.target is F.softmax:
-        return _arg(node, 1, "dim"), _arg(node, 3, "dtype")
-    return _arg(node, 1, "dim"), _arg(node, 2, "dtype")
+    """(dim, dtype) of an F.softmax call (normalize rewrote torch.softmax / x.softmax into it;
+    its third parameter is _stacklevel)."""
+    return _arg(node, 1, "dim"), _arg(node, 3, "dtype")
 
 
 def _softmax_dim(ctx: LowerCtx, rank: int) -> Optional[int]:
@@ -484,10 +483,9 @@ def lower_group_norm(ctx: LowerCtx) -> Lowered:
 
 
 def _instance_norm_args(node: fx.Node) -> dict[str, Any]:
-    if node.target is torch.instance_norm:  # (input, weight, bias, mean, var, use_input_stats,
-        names = ("weight", "bias", "mean", "var", "use_input_stats", "momentum", "eps")
-    else:  # F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, ...)
-        names = ("mean", "var", "weight", "bias", "use_input_stats", "momentum", "eps")
+    # F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, ...);
+    # normalize rewrote torch.instance_norm (other argument order) into it
+    names = ("mean", "var", "weight", "bias", "use_input_stats", "momentum", "eps")
     kw = {"mean": "running_mean", "var": "running_var"}
     defaults = {"use_input_stats": True, "eps": 1e-5}
     return {n: _arg(node, i + 1, kw.get(n, n), defaults.get(n)) for i, n in enumerate(names)}
@@ -514,10 +512,9 @@ def lower_instance_norm(ctx: LowerCtx) -> Lowered:
 
 
 def _batch_norm_args(node: fx.Node) -> dict[str, Any]:
-    if node.target is torch.batch_norm:  # (input, weight, bias, mean, var, training, mom, eps)
-        names = ("weight", "bias", "mean", "var", "training", "momentum", "eps")
-    else:  # F.batch_norm(input, running_mean, running_var, weight, bias, training, mom, eps)
-        names = ("mean", "var", "weight", "bias", "training", "momentum", "eps")
+    # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps);
+    # normalize rewrote torch.batch_norm (other argument order) into it
+    names = ("mean", "var", "weight", "bias", "training", "momentum", "eps")
     kw = {"mean": "running_mean", "var": "running_var"}
     defaults = {"training": False, "eps": 1e-5}
     return {n: _arg(node, i + 1, kw.get(n, n), defaults.get(n)) for i, n in enumerate(names)}
