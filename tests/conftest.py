@@ -28,6 +28,19 @@ def _restore_engine():
     torch.backends.quantized.engine = engine
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend_registry():
+    """A test that registers a backend (an extension, a deliberately wrong rule) must not leak
+    it into later tests: the op-table test checks every registered backend is a built-in one."""
+    from fxquant.backends import base
+
+    base.get_backend("x86")  # the built-ins are loaded before the snapshot
+    saved = dict(base._REGISTRY)
+    yield
+    base._REGISTRY.clear()
+    base._REGISTRY.update(saved)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     """The CPU's int8 class at the top of every run: which tolerances the kernels allow."""
     from fxquant.backends.cpu import cpu_features, full_range_activations_safe

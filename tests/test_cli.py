@@ -101,8 +101,11 @@ def test_report_and_viz_of_the_model_file(quantized_run, tmp_path, capsys, monke
     rows = _markdown_rows((tmp_path / "r.md").read_text(encoding="utf-8"))
     assert [r[0] for r in rows] == MODULES
     stem = rows[0]
-    assert stem[1:6] == ["ConvReLU2d", "int8", "global", "quint8->quint8",
-                         "quantized::conv2d_relu"]
+    assert stem[1:5] == ["ConvReLU2d", "int8", "global", "quint8->quint8"]
+    # the measured per-layer engine choice may pack this small 3-channel conv for another
+    # engine where it timed faster on this machine: the report then says so
+    kernel, _, packed = stem[5].partition(" (weights packed with ")
+    assert kernel == "quantized::conv2d_relu" and packed in ("", "qnnpack)", "onednn)"), stem[5]
     assert stem[6].startswith("quint8 s=") and float(stem[7]) > 20
     assert main(["report", model]) == 0
     text = capsys.readouterr().out
