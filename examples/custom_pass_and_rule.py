@@ -6,6 +6,8 @@
    keeps it float (with a dequantize/quantize around it); a rule saying that it only moves
    values (shared qparams) lets it run on the int8 tensor directly, on an extended backend.
 
+Built on the public extension API (``fxquant.extend``, docs/extending.md) only.
+
     python examples/custom_pass_and_rule.py
 """
 from __future__ import annotations
@@ -18,12 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxquant
-from fxquant import PassContext, PassResult
-from fxquant.backends.base import SHARED, Rule, get_backend, register_backend
-from fxquant.backends.native import lower_same_op
-from fxquant.meta import qinfo
-from fxquant.passes import prepare_pipeline
-from fxquant.patterns import Op
+from fxquant.extend import (SHARED, Op, PassContext, PassResult, Rule, compose_backend,
+                            insert_after, lower_same_op, prepare_pipeline, qinfo, register_backend)
 
 
 @dataclass(frozen=True)
@@ -70,8 +68,7 @@ class Net(nn.Module):
 
 def quantize(model: nn.Module, backend: str) -> fx.GraphModule:
     example = (torch.randn(1, 3, 16, 16),)
-    pipeline = list(prepare_pipeline())
-    pipeline.insert(2, CountMACs())  # after normalize and fuse
+    pipeline = insert_after(prepare_pipeline(), "fuse", CountMACs())  # after normalize and fuse
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), example,
                                   backend=backend, leaf_modules=[ChannelShuffle], passes=pipeline)
     print(f"[{backend}] count_macs: {prepared.meta['fxquant_stats']['count_macs']}")
@@ -84,7 +81,7 @@ def shuffle_rule_backend() -> str:
     rule = Rule("channel_shuffle", Op(ChannelShuffle), SHARED,
                 "ChannelShuffle on the quantized tensor", lower_same_op,
                 notes="moves values only: output shares the input's qparams")
-    register_backend(get_backend("x86").extended(rule, name="x86+shuffle"))
+    register_backend(compose_backend("x86", rule, name="x86+shuffle"))
     return "x86+shuffle"
 
 

@@ -21,6 +21,8 @@ from fxquant.backends.engine import supported_engines
 from fxquant.backends.native import lower_same_op, lower_weighted
 from fxquant.backends.reference_ops import is_dequantize, is_quantize
 from fxquant.errors import FxQuantError
+from fxquant.meta import qinfo
+from fxquant.options import QuantOptions
 from fxquant.fusion import GroupFusion, ModuleFusion, default_group_fusions, default_module_fusions
 from fxquant.patterns import Chain, Match, NoMatch, Op
 from fxquant.pipeline import Pass, PassContext, PassResult
@@ -35,7 +37,7 @@ __all__ = [
     "insert_before", "insert_after", "keep_float", "explain_match", "MatchExplanation",
     "input_qparams", "tensor_qparams", "example_shape", "lower_weighted", "lower_same_op", "is_dequantize",
     "is_quantize", "quantized_engine", "supported_engines", "Pass", "PassContext", "PassResult",
-    "prepare_pipeline", "convert_pipeline",
+    "prepare_pipeline", "convert_pipeline", "QuantOptions", "qinfo",
 ]
 
 

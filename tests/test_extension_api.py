@@ -96,22 +96,39 @@ def _load(name: str):
     return module
 
 
+_EXTENSION_EXAMPLES = ("ext_*.py", "custom_pass_and_rule.py")
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names imported from it) for each import statement of ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append(("." * node.level + (node.module or ""), [a.name for a in node.names]))
+    return found
+
+
 def test_examples_import_only_public_names():
-    files = sorted(_EXAMPLES.glob("ext_*.py"))
-    assert files
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                mods = [node.module or ""]
-            else:
+    """The extension examples use fxquant and fxquant.extend only (besides torch and the
+    standard library); every example imports no private fxquant module or name."""
+    extension = sorted({p for pat in _EXTENSION_EXAMPLES for p in _EXAMPLES.glob(pat)})
+    assert len(extension) >= 4
+    for path in extension:
+        for mod, _ in _imports(path):
+            top = mod.split(".")[0]
+            ok = mod in _ALLOWED or top == "torch" or top in sys.stdlib_module_names \
+                or mod == "__future__"
+            assert ok, f"{path.name} imports {mod}"
+    every = sorted(_EXAMPLES.glob("*.py"))
+    assert len(every) > len(extension)
+    for path in every:
+        for mod, names in _imports(path):
+            if mod.split(".")[0] != "fxquant":
                 continue
-            for mod in mods:
-                top = mod.split(".")[0]
-                ok = mod in _ALLOWED or top == "torch" or top in sys.stdlib_module_names \
-                    or mod == "__future__"
-                assert ok, f"{path.name} imports {mod}"
+            private = [part for part in mod.split(".") + names if part.startswith("_")]
+            assert not private, f"{path.name} imports private {private} from {mod}"
 
 
 def test_gelu_pass_example():
