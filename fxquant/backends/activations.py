@@ -225,7 +225,7 @@ def _bn_eval(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
                            "track_running_stats=False); the quantized kernel uses running "
                            "statistics, so it stays float")
         return True
-    bn = _batch_norm_args(node)
+    bn = _norm_args(node, "training", False)
     if bn["training"] is not False or bn["mean"] is None or bn["var"] is None:
         return NoMatch(f"{target_name(node.target)} with training={bn['training']!r} or without "
                        f"running statistics normalizes with batch statistics; the quantized "
@@ -233,21 +233,23 @@ def _bn_eval(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
     return True
 
 
+def _batched_rank(extra_dims: int, node: fx.Node, modules: Mapping[str, nn.Module],
+                  qconfig: Any) -> Union[bool, NoMatch]:
+    rank = _input_rank(node)
+    want = None
+    if node.op == "call_module":
+        dims = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+        d = dims.get(type(modules[node.target]))
+        want = d + 2 if d is not None else None
+    if rank is not None and (rank < extra_dims or (want is not None and rank != want)):
+        return NoMatch(f"input of rank {rank} (unbatched or wrong rank for "
+                       f"{_written(node, modules)}); the quantized kernel needs (N, C, ...)")
+    return True
+
+
 def _batched(extra_dims: int) -> Check:
     """Norms whose kernels need a batch dimension (N, C, *)."""
-    def check(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
-              ) -> Union[bool, NoMatch]:
-        rank = _input_rank(node)
-        want = None
-        if node.op == "call_module":
-            dims = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
-            d = dims.get(type(modules[node.target]))
-            want = d + 2 if d is not None else None
-        if rank is not None and (rank < extra_dims or (want is not None and rank != want)):
-            return NoMatch(f"input of rank {rank} (unbatched or wrong rank for "
-                           f"{_written(node, modules)}); the quantized kernel needs (N, C, ...)")
-        return True
-    return check
+    return functools.partial(_batched_rank, extra_dims)
 
 
 def _prelu_weight(node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any
@@ -482,12 +484,13 @@ def lower_group_norm(ctx: LowerCtx) -> Lowered:
     return _emit(ctx, Q.group_norm, pairs + _c(float(eps)) + _out(ctx), "quantized::group_norm")
 
 
-def _instance_norm_args(node: fx.Node) -> dict[str, Any]:
-    # F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, ...);
-    # normalize rewrote torch.instance_norm (other argument order) into it
-    names = ("mean", "var", "weight", "bias", "use_input_stats", "momentum", "eps")
+def _norm_args(node: fx.Node, flag: str, flag_default: bool) -> dict[str, Any]:
+    """The arguments of F.batch_norm / F.instance_norm (input, running_mean, running_var,
+    weight, bias, <flag>, momentum, eps); normalize rewrote the torch.* spellings (another
+    argument order) into them. ``flag``: "training" or "use_input_stats"."""
+    names = ("mean", "var", "weight", "bias", flag, "momentum", "eps")
     kw = {"mean": "running_mean", "var": "running_var"}
-    defaults = {"use_input_stats": True, "eps": 1e-5}
+    defaults = {flag: flag_default, "eps": 1e-5}
     return {n: _arg(node, i + 1, kw.get(n, n), defaults.get(n)) for i, n in enumerate(names)}
 
 
@@ -502,7 +505,7 @@ def lower_instance_norm(ctx: LowerCtx) -> Lowered:
         args = {"weight": "weight", "bias": "bias", "mean": "running_mean",
                 "var": "running_var", "eps": m.eps}
     else:
-        args = _instance_norm_args(node)
+        args = _norm_args(node, "use_input_stats", True)
         running = args["use_input_stats"] is False
     if running:
         return _lower_bn(ctx, args)
@@ -511,20 +514,11 @@ def lower_instance_norm(ctx: LowerCtx) -> Lowered:
                  "quantized::instance_norm")
 
 
-def _batch_norm_args(node: fx.Node) -> dict[str, Any]:
-    # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps);
-    # normalize rewrote torch.batch_norm (other argument order) into it
-    names = ("mean", "var", "weight", "bias", "training", "momentum", "eps")
-    kw = {"mean": "running_mean", "var": "running_var"}
-    defaults = {"training": False, "eps": 1e-5}
-    return {n: _arg(node, i + 1, kw.get(n, n), defaults.get(n)) for i, n in enumerate(names)}
-
-
 def lower_batch_norm(ctx: LowerCtx) -> Lowered:
     if ctx.node.op == "call_module":
         return _lower_bn(ctx, {"weight": "weight", "bias": "bias", "mean": "running_mean",
                                "var": "running_var", "eps": ctx.module.eps})
-    return _lower_bn(ctx, _batch_norm_args(ctx.node))
+    return _lower_bn(ctx, _norm_args(ctx.node, "training", False))
 
 
 _BN_KERNELS = {2: (Q.batch_norm1d, "quantized::batch_norm1d"),

@@ -89,7 +89,10 @@ class LowerCtx:
         set_submodule(self.gm, self.node.target, new)
 
 
-def _sample_quantized(node: fx.Node) -> Optional[torch.Tensor]:
+def static_qparams(node: fx.Node) -> Optional[tuple[tuple[int, ...], float, int, torch.dtype]]:
+    """(recorded shape, scale, zero point, dtype) of a quantized tensor node: a quantize node's
+    arguments or the qparams recorded on an op; None without a recorded shape or with qparams
+    that a kernel chooses at run time."""
     from fxquant.backends.reference_ops import is_quantize, quantize_qparams
     from fxquant.meta import qinfo
 
@@ -102,7 +105,15 @@ def _sample_quantized(node: fx.Node) -> Optional[torch.Tensor]:
         scale, zp, dtype = info.qparams["scale"], info.qparams["zero_point"], info.qparams["dtype"]
     else:
         return None
-    return torch.quantize_per_tensor(torch.zeros(info.value.shape), scale, zp, dtype)
+    return tuple(info.value.shape), scale, zp, dtype
+
+
+def _sample_quantized(node: fx.Node) -> Optional[torch.Tensor]:
+    found = static_qparams(node)
+    if found is None:
+        return None
+    shape, scale, zp, dtype = found
+    return torch.quantize_per_tensor(torch.zeros(shape), scale, zp, dtype)
 
 
 def _layouts(args: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxquant.backends.base import LowerCtx
+from fxquant.backends.base import LowerCtx, static_qparams
 
 STEP_TOLERANCE = 1
 OUTLIER_FRACTION = 1e-3
@@ -148,26 +148,15 @@ class InputSpec:
 
 
 def input_specs(ctx: LowerCtx) -> Optional[dict[Any, InputSpec]]:
-    """Each quantized input's spec; None when one has no recorded shape or static qparams."""
-    from fxquant.backends.reference_ops import is_quantize, quantize_qparams
-    from fxquant.meta import qinfo
-
+    """Each quantized input's spec; None when one has no recorded shape or static qparams
+    (qparams chosen by a kernel at run time)."""
     out = {}
     for key, qn in operands(ctx).items():
-        info = qinfo(qn)
-        if info.value is None or info.value.shape is None:
+        found = static_qparams(qn)
+        if found is None or found[3] not in _DTYPE_RANGE:
             return None
-        if is_quantize(qn):
-            scale, zp, dtype = quantize_qparams(qn)
-        elif info.qparams:
-            scale, zp, dtype = (info.qparams["scale"], info.qparams["zero_point"],
-                                info.qparams["dtype"])
-        else:
-            return None  # qparams chosen by a kernel at run time
-        if dtype not in _DTYPE_RANGE:
-            return None
-        out[key] = InputSpec(tuple(info.value.shape), float(scale), int(zp), dtype,
-                             _qrange(ctx, key, dtype))
+        shape, scale, zp, dtype = found
+        out[key] = InputSpec(shape, float(scale), int(zp), dtype, _qrange(ctx, key, dtype))
     return out
 
 

@@ -318,18 +318,15 @@ _DYNAMIC_MODULES: dict[type, type] = {
     nn.Embedding: emb.Embedding, nn.EmbeddingBag: emb.EmbeddingBag,
 }
 _DYNAMIC_KERNELS: dict[tuple[type, Any], str] = {
-    (nn.Linear, torch.qint8): "quantized::linear_dynamic",
-    (nn.Linear, torch.float16): "quantized::linear_dynamic_fp16",
-    (fused.LinearReLU, torch.qint8): "quantized::linear_relu_dynamic",
-    (fused.LinearReLU, torch.float16): "quantized::linear_relu_dynamic_fp16",
-    (nn.LSTM, torch.qint8): "torch.quantized_lstm (int8 dynamic)",
-    (nn.LSTM, torch.float16): "torch.quantized_lstm (fp16 weights)",
-    (nn.GRU, torch.qint8): "torch.quantized_gru (int8 dynamic)",
-    (nn.GRU, torch.float16): "torch.quantized_gru (fp16 weights)",
-    (nn.Embedding, torch.quint8): "quantized::embedding_byte",
-    (nn.Embedding, torch.quint4x2): "quantized::embedding_4bit",
-    (nn.EmbeddingBag, torch.quint8): "quantized::embedding_bag_byte",
-    (nn.EmbeddingBag, torch.quint4x2): "quantized::embedding_bag_4bit",
+    **{(cls, dtype): f"quantized::linear{relu}_dynamic{fp16}"
+       for cls, relu in ((nn.Linear, ""), (fused.LinearReLU, "_relu"))
+       for dtype, fp16 in ((torch.qint8, ""), (torch.float16, "_fp16"))},
+    **{(cls, dtype): f"torch.quantized_{cls.__name__.lower()} ({what})"
+       for cls in (nn.LSTM, nn.GRU)
+       for dtype, what in ((torch.qint8, "int8 dynamic"), (torch.float16, "fp16 weights"))},
+    **{(cls, dtype): f"quantized::{kind}_{bits}"
+       for cls, kind in ((nn.Embedding, "embedding"), (nn.EmbeddingBag, "embedding_bag"))
+       for dtype, bits in ((torch.quint8, "byte"), (torch.quint4x2, "4bit"))},
 }
 
 
