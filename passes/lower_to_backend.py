@@ -62,7 +62,7 @@ def _group_nodes(gm: fx.GraphModule, root: fx.Node) -> tuple[fx.Node, ...]:
 def _lower_in_place(gm: fx.GraphModule, backend: Backend, node: fx.Node) -> str:
     """Dynamic / weight-only ops: float in, float out; the rule swaps in the quantized module."""
     rule = backend.rule_named(qinfo(node).rule)
-    lctx = LowerCtx(gm, node, dict(gm.named_modules()), {})
+    lctx = LowerCtx(gm, node, dict(gm.named_modules()), {}, backend=backend)
     with gm.graph.inserting_before(node):
         new = rule.lower(lctx) if rule.lower else NoMatch("the rule has no lowering")
     if isinstance(new, NoMatch):
@@ -141,7 +141,8 @@ def _lower_one(gm: fx.GraphModule, backend: Backend, root: fx.Node, check: bool)
         qinputs[key] = arg.args[0]
     scale, zp, dtype = quantize_qparams(q_out)
     modules = dict(gm.named_modules())
-    lctx = LowerCtx(gm, first, modules, qinputs, scale, zp, dtype, group if len(group) > 1 else ())
+    lctx = LowerCtx(gm, first, modules, qinputs, scale, zp, dtype, group if len(group) > 1 else (),
+                    backend=backend)
     rule = backend.rule_named(qinfo(root).rule)
     attempt = _Attempt(gm, backend, rule, group, q_out, check)
     new, lctx = attempt.lower(lctx)

@@ -158,3 +158,95 @@ def test_dynamic_integer_linear_range_follows_the_engine():
     7-bit except on qnnpack (a backend's engine decides, not its name)."""
     assert E.dynamic_reduce_range("x86") and E.dynamic_reduce_range("fbgemm")
     assert not E.dynamic_reduce_range("qnnpack")
+
+
+# ------------------------------------------------------------------ per-layer engine choice policy
+
+
+@pytest.mark.parametrize(("name", "candidates"), [
+    ("fbgemm", ("onednn", "qnnpack")), ("x86", ("onednn", "qnnpack")), ("onednn", ()),
+    ("qnnpack", ())])
+def test_builtin_engine_candidates(name, candidates):
+    assert get_backend(name).engine_candidates == candidates
+
+
+def test_composed_backend_inherits_engine_candidates():
+    assert compose_backend("x86", name="x86-composed-test").engine_candidates == \
+        get_backend("x86").engine_candidates
+
+
+class _Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dw(F.relu(self.pw(x)))
+
+
+def _convert_convs(backend: str, **choice: object) -> fx.GraphModule:
+    """_Convs quantized on ``backend`` (a registered name), convs probed however fast they are
+    (engine choice options ``choice`` on top)."""
+    from fxquant.backends import engine_choice
+
+    model, x = _Convs().eval(), torch.randn(1, 8, 8, 8)
+    prepared = fxquant.prepare_fx(model, get_default_qconfig_mapping(backend), (x,),
+                                  backend=backend)
+    prepared(x)
+    engine_choice.clear_cache()
+    with engine_choice.options(**{"enabled": True, "min_kernel_ms": 0.0, "repeats": 1,
+                                  **choice}):
+        return fxquant.convert_fx(prepared)
+
+
+def _engine_choices(gm: fx.GraphModule) -> dict[str, list]:
+    return {n.target: [d for d in qinfo(n).decisions if d.action == "engine_choice"]
+            for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def _needs(*engines: str) -> None:
+    if not set(engines) <= set(E.supported_engines()):
+        pytest.skip(f"needs the {', '.join(engines)} engines")
+
+
+@pytest.mark.parametrize("name", ["fbgemm", "x86", "onednn", "qnnpack"])
+def test_convs_are_probed_where_the_backend_names_candidates(name):
+    """x86 / fbgemm time their convs against onednn / qnnpack; onednn / qnnpack do not."""
+    _needs(name)
+    choices = _engine_choices(_convert_convs(name))
+    assert set(choices) == {"pw", "dw"}
+    probed = {t for t, ds in choices.items() if ds}
+    assert probed == ({"pw", "dw"} if get_backend(name).engine_candidates else set())
+    for ds in choices.values():
+        for d in ds:
+            tried = set(d.detail["times_ms"]) - {name}
+            assert tried <= set(get_backend(name).engine_candidates)
+
+
+def test_composed_backend_without_candidates_never_probes():
+    _needs("x86", "onednn")
+    register_backend(replace(compose_backend("x86", name="x86-no-choice-test"),
+                             engine_candidates=()))
+    quantized = _convert_convs("x86-no-choice-test", force="onednn")
+    assert all(not ds for ds in _engine_choices(quantized).values())
+    assert quantized.get_submodule("dw").packed_engine == "x86"
+    forced = _convert_convs("x86", force="onednn")  # its parent does
+    assert forced.get_submodule("dw").packed_engine == "onednn"
+
+
+def test_engine_choice_overrides_of_the_backend_policy():
+    """``candidates`` replaces what is tried, ``engines`` which engines' convs are probed
+    (None: the backend's policy)."""
+    _needs("x86", "onednn", "qnnpack")
+    only_onednn = _engine_choices(_convert_convs("x86", candidates=("onednn",)))
+    for ds in only_onednn.values():
+        (d,) = ds
+        assert set(d.detail["times_ms"]) == {"x86", "onednn"}
+    assert all(not ds for ds in _engine_choices(_convert_convs("x86", engines=("fbgemm",)))
+               .values())
+    onednn = _convert_convs("onednn", engines=("onednn",), candidates=("qnnpack",),
+                            force="qnnpack")
+    for ds in _engine_choices(onednn).values():
+        (d,) = ds
+        assert set(d.detail["times_ms"]) == {"onednn", "qnnpack"}

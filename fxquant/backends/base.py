@@ -45,6 +45,8 @@ class LowerCtx:
     derived_qparams: bool = False  # the kernel chooses its own output qparams (add_scalar)
     derived: Optional[tuple[float, int]] = None  # ... and these are they, when known statically
     pack_engine: Optional[str] = None  # pack weights with this engine (a Rule.alt_engines try)
+    # the backend being lowered to: lowering functions ask it for its policy (engine_candidates)
+    backend: Optional["Backend"] = None
 
     @property
     def module(self) -> nn.Module:
@@ -181,7 +183,10 @@ class Backend:
     ``per_channel_weights``: default weights are per-channel (False: per-tensor, for kernels
     without per-channel weights). ``per_tensor_conv_transpose``: the default mappings give
     transposed convs per-tensor weights (as torch.ao does where the engine's transposed conv
-    has no per-channel form).
+    has no per-channel form). ``engine_candidates``: the engines a conv's weights may be packed
+    for instead of ``engine`` where that is measured faster (the per-layer engine choice,
+    fxquant.backends.engine_choice), in order; empty: convs are not timed (kernels without
+    such slow cases).
     """
 
     name: str
@@ -190,6 +195,7 @@ class Backend:
     description: str = ""
     per_channel_weights: bool = True
     per_tensor_conv_transpose: bool = False
+    engine_candidates: tuple[str, ...] = ()
 
     def rule_for(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any,
                  kind: str = "static") -> tuple[Optional[Rule], Optional[str]]:

@@ -4,7 +4,8 @@ A quantized conv's packed weights carry their engine: weights packed for onednn 
 x86 (or fbgemm) engine with onednn's kernel. Some fbgemm kernels are far slower than onednn's
 on the same CPU: depthwise 3x3 convs with 58 or 116 channels (ShuffleNetV2) take 2.4-8.7 ms
 where onednn's take ~0.1 ms (issue 10, AMD Zen 3, 1 thread). No table can say which shapes
-are slow on which CPU, so lowering measures: for each conv on an x86 / fbgemm backend it times
+are slow on which CPU, so lowering measures: for each conv on a backend that names
+``engine_candidates`` (x86 and fbgemm: onednn, qnnpack; the Backend owns this policy) it times
 the module packed for the current engine and for each candidate engine on the recorded
 example shape (a few interleaved runs, the minimum of each), and keeps a candidate only when
 
@@ -17,9 +18,9 @@ example shape (a few interleaved runs, the minimum of each), and keeps a candida
 
 The decision (engine, every time measured, the steps off) is recorded on the node as an
 ``engine_choice`` decision, and cached per (module configuration, input shape and range
-class, output qparams class, engine, options) so repeated layers are measured once per
-process. Timings are noisy by nature: tests assert that a decision is recorded and that the
-output is within one step of the current engine's, never which engine won.
+class, output qparams class, engine, candidates, options) so repeated layers are measured
+once per process. Timings are noisy by nature: tests assert that a decision is recorded and
+that the output is within one step of the current engine's, never which engine won.
 
 Switch it off (or force an engine) with :func:`configure` / the :func:`options` context
 manager, e.g. ``with engine_choice.options(enabled=False): convert_fx(prepared)``; the
@@ -41,16 +42,23 @@ from fxquant.backends.base import LowerCtx
 
 @dataclass(frozen=True)
 class EngineChoiceOptions:
-    """``enabled``: measure at all. ``engines``: the backend engines whose convs are probed.
-    ``candidates``: engines to pack for instead, in order. ``min_speedup``: how much faster a
-    candidate must be. ``repeats``: timed runs per engine (interleaved). ``min_kernel_ms``:
-    kernels faster than this are not probed (nothing worth the convert time to win).
+    """The user's run-time knobs; which convs are probed, and for which engines, is the
+    backend's policy (``Backend.engine_candidates``).
+
+    ``enabled``: measure at all. ``min_speedup``: how much faster a candidate must be.
+    ``repeats``: timed runs per engine (interleaved). ``min_kernel_ms``: kernels faster than
+    this are not probed (nothing worth the convert time to win).
     ``force``: take this engine whenever it passes the numeric test, whatever the times (for
-    tests and benchmarks; timings are still measured and recorded)."""
+    tests and benchmarks; timings are still measured and recorded).
+
+    Overrides of the backend's policy (None: the backend's): ``engines``: probe the convs
+    lowered under these engines only, whatever their backend (a backend without candidates
+    then needs ``candidates`` too: it has none to try); ``candidates``: try these engines, in
+    order, on the convs probed."""
 
     enabled: bool = True
-    engines: tuple[str, ...] = ("x86", "fbgemm")
-    candidates: tuple[str, ...] = ("onednn", "qnnpack")
+    engines: Optional[tuple[str, ...]] = None
+    candidates: Optional[tuple[str, ...]] = None
     min_speedup: float = 1.5
     repeats: int = 5
     min_kernel_ms: float = 0.2
@@ -118,7 +126,8 @@ def choose(ctx: LowerCtx, own: nn.Module, build: Build) -> nn.Module:
     engine = str(torch.backends.quantized.engine)
     if opts.replay is not None:
         return _replay(ctx, own, build, dict(opts.replay), engine)
-    if not _applies(ctx, own, opts, engine):
+    candidates = _candidates(ctx, opts, engine)
+    if not _applies(ctx, own, opts, candidates):
         return own
     from fxquant.backends import kernel_check
 
@@ -126,12 +135,12 @@ def choose(ctx: LowerCtx, own: nn.Module, build: Build) -> nn.Module:
     if not specs or len(specs) != 1:
         return own
     key = (_config(ctx), tuple((s.shape, s.dtype, s.qrange) for s in specs.values()),
-           ctx.out_dtype, engine, opts)
+           ctx.out_dtype, engine, candidates, opts)
     choice = _CACHE.get(key)
     chosen = None
     if choice is None or choice.engine is not None:
-        choice, chosen = _measure(ctx, own, build, specs, opts, engine) if choice is None \
-            else (choice, _try_build(build, choice.engine))
+        choice, chosen = _measure(ctx, own, build, specs, opts, engine, candidates) \
+            if choice is None else (choice, _try_build(build, choice.engine))
         _CACHE[key] = choice
     _record(ctx, choice, engine)
     if choice.engine is None or chosen is None:
@@ -179,10 +188,26 @@ def saved_choices(gms: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((t, next(iter(e))) for t, e in seen.items() if len(e) == 1))
 
 
-def _applies(ctx: LowerCtx, own: nn.Module, opts: EngineChoiceOptions, engine: str) -> bool:
+def _candidates(ctx: LowerCtx, opts: EngineChoiceOptions, engine: str
+                ) -> Optional[tuple[str, ...]]:
+    """The engines to try for ``ctx``'s conv, None when it is not probed: the backend's
+    ``engine_candidates`` (not probed where it has none, or the lowering names no backend),
+    unless the options override which engines' convs are probed (``engines``) or what is
+    tried (``candidates``)."""
+    own = ctx.backend.engine_candidates if ctx.backend is not None else ()
+    if opts.engines is not None:
+        if engine not in opts.engines:
+            return None
+    elif not own:
+        return None
+    return own if opts.candidates is None else tuple(opts.candidates)
+
+
+def _applies(ctx: LowerCtx, own: nn.Module, opts: EngineChoiceOptions,
+             candidates: Optional[tuple[str, ...]]) -> bool:
     from fxquant.nn import quantized as q
 
-    return (opts.enabled and engine in opts.engines and ctx.pack_engine is None
+    return (opts.enabled and candidates is not None and ctx.pack_engine is None
             and isinstance(own, (q.Conv1d, q.Conv2d, q.Conv3d))
             and not isinstance(own, q._ConvTransposeNd))
 
@@ -201,7 +226,8 @@ def _try_build(build: Build, engine: Optional[str]) -> Optional[nn.Module]:
 
 
 def _measure(ctx: LowerCtx, own: nn.Module, build: Build, specs: Any,
-             opts: EngineChoiceOptions, engine: str) -> tuple[Choice, Optional[nn.Module]]:
+             opts: EngineChoiceOptions, engine: str, candidates: tuple[str, ...]
+             ) -> tuple[Choice, Optional[nn.Module]]:
     from fxquant.backends import kernel_check
     from fxquant.backends.engine import conv_unpack_unavailable, supported_engines
 
@@ -211,7 +237,7 @@ def _measure(ctx: LowerCtx, own: nn.Module, build: Build, specs: Any,
                          else torch.channels_last_3d)
     want = _reference_ints(ctx, x)
     mods: dict[str, nn.Module] = {engine: own}
-    for cand in opts.candidates:
+    for cand in candidates:
         if conv_unpack_unavailable(cand, x.dim() - 2):
             continue  # a qnnpack-packed Conv3d cannot be unpacked: state_dict / save fail
         if cand != engine and cand in supported_engines():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend, register_backend
-from fxquant.backends.names import FBGEMM
+from fxquant.backends.names import FBGEMM, ONEDNN, QNNPACK
 from fxquant.backends.native import native_rules
 
 BACKEND = register_backend(Backend(
@@ -11,4 +11,6 @@ BACKEND = register_backend(Backend(
     rules=native_rules(),
     description="Facebook GEneral Matrix Multiplication: the classic x86 server backend",
     per_tensor_conv_transpose=True,  # no per-channel transposed-conv kernel
+    # some fbgemm convs (depthwise 3x3, 58 / 116 channels) are many times slower than these
+    engine_candidates=(ONEDNN, QNNPACK),
 ))

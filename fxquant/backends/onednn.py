@@ -10,4 +10,5 @@ BACKEND = register_backend(Backend(
     engine=ONEDNN,
     rules=native_rules(),
     description="oneDNN (formerly MKL-DNN) kernels on x86",
+    engine_candidates=(),  # its convs are not timed against other engines'
 ))

@@ -11,5 +11,6 @@ BACKEND = register_backend(Backend(
     engine=QNNPACK,
     rules=native_rules(clamp_needs_contiguous=clamp_needs_contiguous(QNNPACK)),
     description="Quantized Neural Networks PACKage: the ARM / mobile backend",
+    engine_candidates=(),  # its convs are not timed against other engines'
     per_channel_weights=False,  # as torch.ao's default qnnpack qconfig
 ))

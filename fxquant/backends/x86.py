@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fxquant.backends.base import Backend, register_backend
-from fxquant.backends.names import X86
+from fxquant.backends.names import ONEDNN, QNNPACK, X86
 from fxquant.backends.native import native_rules
 
 BACKEND = register_backend(Backend(
@@ -11,4 +11,6 @@ BACKEND = register_backend(Backend(
     rules=native_rules(),
     description="torch's x86 engine: fbgemm and onednn kernels chosen per op (the default on x86 CPUs)",
     per_tensor_conv_transpose=True,  # packs transposed convs with fbgemm: per-tensor only
+    # some fbgemm convs (depthwise 3x3, 58 / 116 channels) are many times slower than these
+    engine_candidates=(ONEDNN, QNNPACK),
 ))
