@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from fxquant.meta import QNodeInfo, qinfo_or_none
 from fxquant.records import STATUS_COLORS, STATUS_DESCRIPTIONS, STATUSES, Role, Stage, Status
-from fxquant.status import (TensorOut, graph_stage, info_of, op_label, reason_of, status_of,
-                            tensor_out)
+from fxquant.status import (TensorOut, core_module, graph_stage, info_of, op_label, reason_of,
+                            status_of, tensor_out)
 
 __all__ = ["Report", "ReportRow", "TensorOut", "build", "rows", "summary", "text_report",
            "graph_stage", "status_of", "tensor_out", "info_of", "op_label", "reason_of",
@@ -78,15 +78,6 @@ def _first_input(node: fx.Node) -> Optional[fx.Node]:
 
 
 # ------------------------------------------------------------------------------------ MACs
-def core_module(module: nn.Module) -> nn.Module:
-    """The conv/linear inside a fused container (or the module itself)."""
-    if hasattr(module, "in_channels") or hasattr(module, "in_features"):
-        return module
-    if isinstance(module, nn.Sequential) and len(module):
-        return core_module(module[0])
-    return module
-
-
 def _is_conv_or_linear(info: QNodeInfo) -> bool:
     o = info.original
     if isinstance(o, type):

@@ -392,7 +392,7 @@ _MODULE_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "
 
 def _enc_modules(model: nn.Module) -> dict[str, Any]:
     """Type name and shape attributes of every module (what report / viz show of them)."""
-    from fxquant.report import core_module
+    from fxquant.status import core_module
 
     out, names = {}, _Names()
     for path, m in model.named_modules():

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch.fx as fx
+import torch.nn as nn
 
 from fxquant.meta import QNodeInfo, qinfo_or_none
 from fxquant.patterns import target_name
@@ -146,3 +147,12 @@ def reason_of(info: QNodeInfo) -> str:
             return d.reason
     last = info.last()
     return last.reason if last else ""
+
+
+def core_module(module: nn.Module) -> nn.Module:
+    """The conv/linear inside a fused container (or the module itself)."""
+    if hasattr(module, "in_channels") or hasattr(module, "in_features"):
+        return module
+    if isinstance(module, nn.Sequential) and len(module):
+        return core_module(module[0])
+    return module
