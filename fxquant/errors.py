@@ -158,3 +158,8 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " (did you mean " + ", ".join(repr(c) for c in close) + "?)"
+
+
+class OnnxExportError(FxQuantError):
+    """A node of the converted graph has no ONNX form in fxquant's exporter
+    (:func:`fxquant.export_onnx`; also importable from ``fxquant.backends.onnx``)."""

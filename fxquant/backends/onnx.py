@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from fxquant.compile import EngineUnavailable
-from fxquant.errors import FxQuantError
+from fxquant.errors import FxQuantError, OnnxExportError
 
 if TYPE_CHECKING:  # numpy and the graph builder load with the first export, not with fxquant
     import numpy as np
@@ -30,10 +30,6 @@ if TYPE_CHECKING:  # numpy and the graph builder load with the first export, not
     from fxquant.backends.onnx_export import GraphIO
 
 __all__ = ["export_onnx", "compile_onnxruntime", "OnnxExportError", "EngineModule"]
-
-
-class OnnxExportError(FxQuantError):
-    """A node of the converted graph has no ONNX form in fxquant's exporter."""
 
 
 def require(module: str, extra: str) -> Any:

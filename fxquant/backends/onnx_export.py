@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from fxquant.backends.onnx import OnnxExportError
+from fxquant.errors import OnnxExportError
 from fxquant.nn import fused
 from fxquant.nn import quantized as qnn
 
