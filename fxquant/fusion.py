@@ -67,9 +67,10 @@ def _clamp_fusable(node, modules) -> bool:
 
 # canonical spellings (normalize rewrites torch.clip / x.clamp() / x.clip() to torch.clamp),
 # in-place ones too: x.clamp_(0, 6) / torch.clamp_ / clip_ (which normalize keeps as written,
-# see fxquant.ops), F.hardtanh_ and nn.ReLU6(inplace=True) (kept as written when their tensor
-# has views): a chain's interior node has one user, so nothing else reads what they overwrite
-CLAMP = Op(nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clamp_,
+# see fxquant.ops), F.hardtanh_ and F.relu6 / F.hardtanh(inplace=True) (nn.ReLU6 / nn.Hardtanh
+# are rewritten into them, kept in place when their tensor has views): a chain's interior node
+# has one user, so nothing else reads what they overwrite
+CLAMP = Op(F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clamp_,
            torch.clip_, "clamp_", "clip_", name="clamp", check=_clamp_fusable)
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

@@ -23,7 +23,8 @@ class Spelling:
     first argument (later readers of that argument are re-pointed to the result).
     ``tensor_only``: only rewrite when the node produced a tensor (``x.size(0) + 1`` stays).
     ``module_args``: for module spellings, a function returning the extra args/kwargs the
-    module's configuration stands for. ``convert``: for call spellings whose arguments differ
+    module's configuration stands for, or None to keep that module as written (its function
+    form would change what it computes). ``convert``: for call spellings whose arguments differ
     from the canonical op's (order, varargs, an implied mode), ``(args, kwargs)`` of the
     written call to those of the canonical call, or None to leave the call as written.
     ``self_tensor``: a method spelling, rewritten only when it is called on a tensor
@@ -34,7 +35,8 @@ class Spelling:
     canonical: Callable[..., Any]
     inplace: bool = False
     tensor_only: bool = False
-    module_args: Optional[Callable[[nn.Module], tuple[tuple[Any, ...], dict[str, Any]]]] = None
+    module_args: Optional[Callable[[nn.Module],
+                                   Optional[tuple[tuple[Any, ...], dict[str, Any]]]]] = None
     convert: Optional[Callable[[tuple[Any, ...], dict[str, Any]],
                                Optional[tuple[tuple[Any, ...], dict[str, Any]]]]] = None
     self_tensor: bool = False
@@ -53,6 +55,55 @@ def _flatten_args(m: nn.Module) -> Args:
 
 def _relu_inplace(m: nn.Module) -> bool:
     return bool(getattr(m, "inplace", False))
+
+
+def _attrs(*names: str) -> Callable[[nn.Module], Args]:
+    """A stateless module's configuration as the positional arguments of its function, in the
+    order its ``forward`` passes them (``nn.ELU(alpha)`` → ``F.elu(x, alpha)``)."""
+    def read(m: nn.Module) -> Args:
+        return tuple(getattr(m, n) for n in names), {}
+    return read
+
+
+def _gelu_args(m: nn.Module) -> Args:
+    return (), ({"approximate": m.approximate} if m.approximate != "none" else {})
+
+
+def _softmax_module_args(m: nn.Module) -> Optional[Args]:
+    """``nn.Softmax(dim)`` → ``F.softmax(x, dim)``; ``nn.Softmax()`` (dim None: torch's legacy
+    dim chosen from the input's rank at each call) stays a module."""
+    if isinstance(m, nn.Softmax2d):
+        return (-3,), {}
+    return None if m.dim is None else ((m.dim,), {})
+
+
+def _upsample_args(m: nn.Module) -> Args:
+    """``nn.Upsample`` / ``nn.UpsamplingNearest2d`` / ``nn.UpsamplingBilinear2d`` →
+    ``F.interpolate`` with the module's size, scale_factor, mode and align_corners (and
+    recompute_scale_factor when set), as its forward passes them."""
+    kw = {"size": m.size, "scale_factor": m.scale_factor, "mode": m.mode,
+          "align_corners": m.align_corners}
+    if getattr(m, "recompute_scale_factor", None) is not None:
+        kw["recompute_scale_factor"] = m.recompute_scale_factor
+    return (), kw
+
+
+def _pad_args(mode: str) -> Callable[[nn.Module], Args]:
+    """``nn.ZeroPad2d`` / ``nn.ConstantPad2d`` / ``nn.ReflectionPad2d`` ... → ``F.pad(x,
+    padding, mode=..., value=...)``."""
+    def read(m: nn.Module) -> Args:
+        kw: dict[str, Any] = {"mode": mode}
+        if mode == "constant":
+            kw["value"] = float(m.value)
+        return (tuple(m.padding),), kw
+    return read
+
+
+def _modules(canonical: Callable[..., Any], module_args: Callable[[nn.Module], Any],
+             *names: str) -> tuple[Spelling, ...]:
+    """Stateless module classes of this torch build (by name) → ``canonical``."""
+    return tuple(Spelling(getattr(nn, n), canonical, module_args=module_args)
+                 for n in names if getattr(nn, n, None) is not None)
 
 
 # ---------------------------------------------------------------- argument converters
@@ -232,6 +283,36 @@ SPELLINGS: tuple[Spelling, ...] = (
     *_aliases(torch.movedim, "movedim"),
     *_methods("squeeze", "unsqueeze", "t", "narrow", "unflatten", "chunk", "split", "unbind",
               "tensor_split"),
+    # stateless modules → their function, the module's configuration as its arguments; the
+    # node keeps the module's path (module_name rules, reports) and its class (object_type
+    # rules: qinfo's ``original``). Modules with state (conv, linear, norms, prelu, embedding,
+    # rnn) stay modules, and so do pooling modules (no function form in the rule tables) and
+    # nn.Softmax() with dim None (implicit, rank-dependent dim).
+    *_modules(F.relu6, _no_args, "ReLU6"),
+    *_modules(F.hardtanh, _attrs("min_val", "max_val"), "Hardtanh"),
+    *_modules(F.hardswish, _no_args, "Hardswish"),
+    *_modules(F.elu, _attrs("alpha"), "ELU"),
+    *_modules(F.selu, _no_args, "SELU"),
+    *_modules(F.celu, _attrs("alpha"), "CELU"),
+    *_modules(F.leaky_relu, _attrs("negative_slope"), "LeakyReLU"),
+    *_modules(F.gelu, _gelu_args, "GELU"),
+    *_modules(F.silu, _no_args, "SiLU"),
+    *_modules(torch.sigmoid, _no_args, "Sigmoid"),
+    *_modules(F.hardsigmoid, _no_args, "Hardsigmoid"),
+    *_modules(torch.tanh, _no_args, "Tanh"),
+    *_modules(F.softmax, _softmax_module_args, "Softmax", "Softmax2d"),
+    *_modules(F.interpolate, _upsample_args, "Upsample", "UpsamplingNearest2d",
+              "UpsamplingBilinear2d"),
+    *_modules(F.pad, _pad_args("constant"), "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",
+              "ConstantPad1d", "ConstantPad2d", "ConstantPad3d"),
+    *_modules(F.pad, _pad_args("reflect"), "ReflectionPad1d", "ReflectionPad2d",
+              "ReflectionPad3d"),
+    *_modules(F.pad, _pad_args("replicate"), "ReplicationPad1d", "ReplicationPad2d",
+              "ReplicationPad3d"),
+    *_modules(F.pad, _pad_args("circular"), "CircularPad1d", "CircularPad2d", "CircularPad3d"),
+    *_modules(F.pixel_shuffle, _attrs("upscale_factor"), "PixelShuffle"),
+    *_modules(F.pixel_unshuffle, _attrs("downscale_factor"), "PixelUnshuffle"),
+    *_modules(torch.unflatten, _attrs("dim", "unflattened_size"), "Unflatten"),
 )
 
 # Ops that are the identity at inference: removed by normalize when the model is not training.

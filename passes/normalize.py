@@ -3,12 +3,15 @@
 ``x.relu()`` / ``F.relu`` / ``torch.relu`` / ``nn.ReLU`` become ``F.relu``; ``x + y`` /
 ``torch.add`` / ``x += y`` / ``x.add_(y)`` become ``torch.add`` (tensors only: ``x.size(0) + 1``
 stays Python); ``torch.concat`` becomes ``torch.cat``; ``nn.Flatten`` / ``x.flatten`` become
-``torch.flatten``; and so on for every op with several spellings (``x.sigmoid()`` →
+``torch.flatten``; stateless modules become their function (``nn.Sigmoid`` →
+``torch.sigmoid``, ``nn.ELU(alpha)`` → ``F.elu(x, alpha)``, ``nn.ZeroPad2d`` → ``F.pad``,
+``nn.Upsample`` → ``F.interpolate`` ...), keeping the module's path and class for qconfig rules
+and reports; and so on for every op with several spellings (``x.sigmoid()`` →
 ``torch.sigmoid``, ``torch.softmax`` → ``F.softmax``, ``x.reshape(2, -1)`` →
 ``torch.reshape(x, (2, -1))``, ``torch.bmm`` → ``torch.matmul``, ``torch.batch_norm`` →
 ``F.batch_norm`` ...): the table is :data:`fxquant.ops.SPELLINGS`, so every later table (fusion
-patterns, backend rules) names one canonical op. Modules with state or matched by type (conv,
-linear, norms, pooling, ...) stay modules. In-place spellings become out-of-place and every
+patterns, backend rules) names one canonical op. Modules with state (conv, linear,
+norms, prelu, ...), pooling modules and ``nn.Softmax()`` without a dim stay modules. In-place spellings become out-of-place and every
 later reader of the mutated tensor reads the result instead, which is what it saw in eager
 mode (one that has no out-of-place spelling stays, its readers re-pointed). Inference no-ops
 are removed when the model is not training: dropout in every spelling (``nn.Dropout*``,
@@ -189,24 +192,50 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, sp: Spelling, modules: dict[str,
     inplace = sp.inplace or _inplace_kwarg(node) or (
         node.op == "call_module" and module_is_inplace(modules.get(node.target)))
     if inplace and isinstance(node.args[0], fx.Node) and _has_alias(node.args[0], modules):
-        record(node, Normalize.name, Action.KEEP_INPLACE,
-               f"kept in place: {node.args[0].name} is a view of another tensor or has views, so "
+        why = (f"kept in place: {node.args[0].name} is a view of another tensor or has views, so "
                f"an out-of-place rewrite would lose the mutation they see")
+        if node.op == "call_module" and _takes_inplace(sp.canonical):
+            _replace(gm, node, sp.canonical, args, {**kwargs, "inplace": True}, Action.KEEP_INPLACE,
+                     f"{type(modules[node.target]).__name__}(inplace=True) rewritten as "
+                     f"{target_name(sp.canonical)}(..., inplace=True); {why}")
+            return True
+        record(node, Normalize.name, Action.KEEP_INPLACE, why)
         return False
     if node.op == "call_function" and node.target is sp.canonical and not inplace:
         node.args, node.kwargs = args, kwargs  # same op, only defaults dropped
         return False
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(sp.canonical, args, kwargs)
     written = (type(modules[node.target]).__name__ if node.op == "call_module"
                else target_name(node.target))
-    inherit(new, node, Normalize.name, Action.NORMALIZE,
-            f"{written} rewritten as {target_name(sp.canonical)}" + (" (out of place)" if inplace else ""))
+    _replace(gm, node, sp.canonical, args, kwargs, Action.NORMALIZE,
+             f"{written} rewritten as {target_name(sp.canonical)}"
+             + (" (out of place)" if inplace else ""), repoint=inplace)
+    return True
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple[Any, ...],
+             kwargs: dict[str, Any], action: Action, reason: str, repoint: bool = False
+             ) -> fx.Node:
+    """``node`` → ``target(*args, **kwargs)``, which keeps its record (a module call's path
+    and class, for module_name / object_type rules and reports); ``repoint``: later readers of
+    the tensor the old op mutated read the result instead."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args, kwargs)
+    inherit(new, node, Normalize.name, action, reason)
     node.replace_all_uses_with(new)
-    if inplace and isinstance(node.args[0], fx.Node):
+    if repoint and isinstance(node.args[0], fx.Node):
         _repoint_later_readers(gm.graph, node.args[0], new)
     gm.graph.erase_node(node)
-    return True
+    return new
+
+
+def _takes_inplace(fn: Any) -> bool:
+    """Does the function take ``inplace=`` (F.relu6, F.hardswish, F.elu ...)?"""
+    import inspect
+
+    try:
+        return "inplace" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _has_alias(value: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -262,7 +291,10 @@ def _canonical_args(node: fx.Node, sp: Spelling, modules: dict[str, nn.Module]
     if sp.canonical is torch.cat:
         return _cat_args(node)
     if node.op == "call_module":
-        extra, kw = sp.module_args(modules[node.target]) if sp.module_args else ((), {})
+        read = sp.module_args(modules[node.target]) if sp.module_args else ((), {})
+        if read is None:
+            return None  # this configuration of the module has no exact function form
+        extra, kw = read
         return (node.args[0], *extra, *node.args[1:]), {**kw, **kwargs}
     args = tuple(node.args)
     if sp.convert is not None:

@@ -110,8 +110,9 @@ def _object_types(node: fx.Node, modules: dict) -> list[Any]:
 
 
 def _scope_type(node: fx.Node) -> Optional[type]:
-    """Class of the module whose forward runs a function/method call (None at top level)."""
-    if node.op == "call_module":
+    """Class of the module whose forward runs a function/method call (None at top level, and
+    for a stateless module normalize rewrote into its function: that is a module call)."""
+    if node.op == "call_module" or isinstance(qinfo(node).original, type):
         return None
     stack = node.meta.get("nn_module_stack")
     if not stack:

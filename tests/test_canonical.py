@@ -48,9 +48,17 @@ def _table_targets() -> list[tuple[str, Any]]:
     return out
 
 
+# Module classes normalize rewrites only in some configurations, kept as modules (and listed in
+# the tables) in the others: nn.Softmax() with dim None picks its dim from the input's rank at
+# each call (torch's legacy implicit dim), which no F.softmax call states.
+KEPT_MODULES: dict[type, str] = {nn.Softmax: "dim None: implicit, rank-dependent dim"}
+
+
 def test_rule_tables_name_canonical_ops_only() -> None:
     bad = []
     for where, target in _table_targets():
+        if target in KEPT_MODULES:
+            continue
         rewrites = _rewrites(target)
         if any(not s.inplace for s in rewrites):
             bad.append(f"{where}: {spelling_label(target)} → "
@@ -65,7 +73,7 @@ def test_inplace_spellings_in_the_tables_sit_beside_their_canonical_op() -> None
         targets = [t for r in backend.rules for t in r.op.targets]
         for rule in backend.rules:
             for target in rule.op.targets:
-                for s in _rewrites(target):
+                for s in _rewrites(target) if target not in KEPT_MODULES else ():
                     assert s.inplace
                     assert any(_same(s.canonical, t) for t in targets), (
                         backend.name, rule.name, spelling_label(target))

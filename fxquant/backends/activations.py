@@ -58,40 +58,37 @@ def _present(*targets: Any) -> tuple[Any, ...]:
 
 # ---------------------------------------------------------------- spellings
 # Canonical spellings only (fxquant.ops: normalize rewrites F.sigmoid / x.sigmoid() /
-# torch.softmax / torch.batch_norm / F.upsample / x.clamp() ... into these). Modules stay
-# modules. The in-place spellings stay listed: normalize keeps an in-place op as written when
+# torch.softmax / torch.batch_norm / F.upsample / x.clamp() ... into these). Stateless modules
+# are rewritten into their function too (nn.Sigmoid → torch.sigmoid, nn.ELU → F.elu, nn.ZeroPad2d
+# → F.pad, nn.Upsample → F.interpolate ...); modules with state stay modules, and so does
+# nn.Softmax() without a dim (torch's implicit dim depends on the rank at each call), listed
+# beside F.softmax. The in-place spellings stay listed: normalize keeps an in-place op as written when
 # its tensor has views (a "keep_inplace" decision), and check_inplace rules on those; the
 # in-place clamps (clamp_ / clip_) are always kept as written (their rule checks the bounds).
-HARDSWISH = _present(nn.Hardswish, F.hardswish)
-ELU = _present(nn.ELU, F.elu, F.elu_)
-SELU = _present(nn.SELU, F.selu, torch.selu_)
-CELU = _present(nn.CELU, F.celu, torch.celu_)
-LEAKY_RELU = _present(nn.LeakyReLU, F.leaky_relu, F.leaky_relu_)
+HARDSWISH = _present(F.hardswish)
+ELU = _present(F.elu, F.elu_)
+SELU = _present(F.selu, torch.selu_)
+CELU = _present(F.celu, torch.celu_)
+LEAKY_RELU = _present(F.leaky_relu, F.leaky_relu_)
 PRELU = _present(nn.PReLU, F.prelu)
-GELU = _present(nn.GELU, F.gelu)
-SILU = _present(nn.SiLU, F.silu)
-SIGMOID = _present(nn.Sigmoid, torch.sigmoid, torch.sigmoid_, "sigmoid_")
-HARDSIGMOID = _present(nn.Hardsigmoid, F.hardsigmoid)  # (no Tensor method)
-TANH = _present(nn.Tanh, torch.tanh, torch.tanh_, "tanh_")
-SOFTMAX = _present(nn.Softmax, nn.Softmax2d, F.softmax)
+GELU = _present(F.gelu)
+SILU = _present(F.silu)
+SIGMOID = _present(torch.sigmoid, torch.sigmoid_, "sigmoid_")
+HARDSIGMOID = _present(F.hardsigmoid)  # (no Tensor method)
+TANH = _present(torch.tanh, torch.tanh_, "tanh_")
+SOFTMAX = _present(nn.Softmax, F.softmax)  # nn.Softmax: only with dim None
 LAYER_NORM = _present(nn.LayerNorm, F.layer_norm)
 GROUP_NORM = _present(nn.GroupNorm, F.group_norm)
 INSTANCE_NORM = _present(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
                          F.instance_norm)
 BATCH_NORM = _present(nn.BatchNorm1d, F.batch_norm)
-INTERPOLATE = _present(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
-                       F.interpolate)
-PAD = _present(F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-               nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-               nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-               nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-               getattr(nn, "CircularPad1d", None), getattr(nn, "CircularPad2d", None),
-               getattr(nn, "CircularPad3d", None))
+INTERPOLATE = _present(F.interpolate)
+PAD = _present(F.pad)
 CLAMP = _present(torch.clamp, torch.clamp_, torch.clip_, F.hardtanh_, "clamp_", "clip_")
 # the clamp spellings the native table's "clamp_family" rule runs as the same op on the
 # quantized tensor; the "clamp" rule here takes the rest of CLAMP (both clamp rules read
 # their spellings from here)
-CLAMP_FAMILY = (nn.ReLU6, nn.Hardtanh, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp)
+CLAMP_FAMILY = (F.relu6, F.hardtanh, F.hardtanh_, torch.clamp)
 
 
 # ---------------------------------------------------------------- reading a node's arguments

@@ -411,13 +411,12 @@ SHARED_FUNCTIONS = (F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten)
 # Ops that move or pick values without changing them: they run on the quantized tensor and
 # keep its scale/zero_point. Canonical spellings only (fxquant.ops): normalize rewrites
-# x.reshape / x.permute / torch.swapaxes / nn.Flatten ... into these; the methods listed have
-# no torch function.
+# x.reshape / x.permute / torch.swapaxes / nn.Flatten / nn.PixelShuffle / nn.Unflatten ... into
+# these; the methods listed have no torch function.
 RESHAPE_FAMILY = ("contiguous", "expand", "expand_as", "repeat", "detach",
                   torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                   torch.narrow, torch.flip, torch.t, torch.movedim, operator.getitem,
-                  nn.PixelShuffle, nn.PixelUnshuffle, F.pixel_shuffle, F.pixel_unshuffle,
-                  nn.Unflatten, torch.unflatten)
+                  F.pixel_shuffle, F.pixel_unshuffle, torch.unflatten)
 VIEW_FAMILY = ("view", "view_as")  # lowered as reshape: quantized convs return channels-last
 TUPLE_FAMILY = (torch.chunk, torch.split, torch.unbind, torch.tensor_split)
 MATMUL = (torch.matmul,)  # a @ b, x.matmul, torch.bmm are normalized to it

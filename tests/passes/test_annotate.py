@@ -107,7 +107,7 @@ def test_conv_transpose_positive_per_tensor_and_negative_per_channel():
      "call_module:AdaptiveAvgPool2d"),
     (lambda: Fn(lambda s, x: F.relu(x)), "call_function:F.relu"),
     (lambda: Fn(lambda s, x: torch.flatten(x, 1)), "call_function:torch.flatten"),
-    (lambda: Fn(lambda s, x: s.act(x), act=nn.ReLU6()), "call_module:ReLU6"),
+    (lambda: Fn(lambda s, x: s.act(x), act=nn.ReLU6()), "call_function:F.relu6"),
     (lambda: Fn(lambda s, x: F.hardtanh(x)), "call_function:F.hardtanh"),
 ], ids=["maxpool", "adaptive_avg_pool", "relu", "flatten", "relu6", "hardtanh"])
 def test_shared_positive(factory, kind):

@@ -140,7 +140,7 @@ def test_cleanup_of_full_convert_pipeline_on_a_model():
     low, _ = run_passes(gm, [Convert(), LowerToBackend()], opts, facts=CONVERT_FACTS)
     r = cleanup(low.gm, opts)
     assert structure(r.gm) == [P, Q, "call_module:ConvReLU2d", "call_module:MaxPool2d",
-                               "call_module:Conv2d", "call_module:MaxPool2d", "call_module:ReLU6",
+                               "call_module:Conv2d", "call_module:MaxPool2d", "call_function:F.relu6",
                                "call_module:AdaptiveAvgPool2d", "call_function:torch.flatten",
                                "call_module:Linear", DQ, O]
     # the DQ before each of the 8 lowered ops, and the scale / zero-point get_attr nodes of the

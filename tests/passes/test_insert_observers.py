@@ -174,7 +174,7 @@ def test_before_expected_on_a_model():
     before, r = observe(build(PlainCNN), torch.randn(2, 3, 16, 16))
     assert structure(r.gm) == [P, OBS, "call_module:ConvReLU2d", OBS, "call_module:MaxPool2d",
                                OBS, "call_module:Conv2d", OBS, "call_module:MaxPool2d", OBS,
-                               "call_module:ReLU6", OBS, "call_module:AdaptiveAvgPool2d", OBS,
+                               "call_function:F.relu6", OBS, "call_module:AdaptiveAvgPool2d", OBS,
                                "call_function:torch.flatten", OBS, "call_module:Linear", OBS, O]
     assert r.stats == {"observers": 4, "shared": 5}
 

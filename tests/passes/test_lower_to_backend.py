@@ -91,7 +91,7 @@ def test_binary_kernels(fn, kernel):
      "call_module:MaxPool2d"),
     (lambda: Fn(lambda s, x: s.act(s.conv(x)), conv=nn.Conv2d(3, 4, 1),
                 act=nn.Hardtanh(0.5, 2.0)),  # 0 outside [0.5, 2]: not fused into the conv
-     "call_module:Hardtanh"),
+     "call_function:F.hardtanh"),
     (lambda: Fn(lambda s, x: torch.flatten(s.conv(x), 1), conv=nn.Conv2d(3, 4, 1)),
      "call_function:torch.flatten"),
 ], ids=["maxpool", "relu6", "flatten"])

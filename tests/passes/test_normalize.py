@@ -89,9 +89,10 @@ def test_relu_negative_canonical_spelling_unchanged():
 
 
 def test_relu_negative_relu6_is_another_op():
+    """nn.ReLU6 becomes F.relu6 (its own op), never F.relu."""
     before, r = normalize(Fn(lambda s, x: s.act(x), act=nn.ReLU6()), X)
-    assert structure(r.gm) == before == [P, "call_module:ReLU6", O]
-    assert r.modified is False
+    assert before == [P, "call_module:ReLU6", O]
+    assert structure(r.gm) == [P, "call_function:F.relu6", O]
 
 
 # ------------------------------------------------------------------------------------ add, mul
@@ -542,6 +543,103 @@ def test_each_dropout_and_identity(name, factory, shape, training):
         same_output(model.eval(), r.gm, x)
 
 
+# ------------------------------------------------------------------ stateless modules → function
+IMG = torch.randn(2, 4, 6, 6)
+MODULE_CASES = [
+    # stateless module, canonical function, its arguments after x, input
+    (nn.ReLU6(), F.relu6, (), X),
+    (nn.Hardtanh(-0.5, 0.25), F.hardtanh, (-0.5, 0.25), X),
+    (nn.Hardswish(), F.hardswish, (), X),
+    (nn.ELU(0.5), F.elu, (0.5,), X),
+    (nn.SELU(), F.selu, (), X),
+    (nn.CELU(0.5), F.celu, (0.5,), X),
+    (nn.LeakyReLU(0.2), F.leaky_relu, (0.2,), X),
+    (nn.GELU(approximate="tanh"), F.gelu, (), X),
+    (nn.SiLU(), F.silu, (), X),
+    (nn.Sigmoid(), torch.sigmoid, (), X),
+    (nn.Hardsigmoid(), F.hardsigmoid, (), X),
+    (nn.Tanh(), torch.tanh, (), X),
+    (nn.Softmax(dim=0), F.softmax, (0,), X),
+    (nn.Softmax2d(), F.softmax, (-3,), IMG),
+    (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), F.interpolate, (), IMG),
+    (nn.Upsample(scale_factor=1.5, mode="nearest", recompute_scale_factor=True), F.interpolate,
+     (), IMG),
+    (nn.UpsamplingNearest2d(size=(9, 9)), F.interpolate, (), IMG),
+    (nn.UpsamplingBilinear2d(scale_factor=2), F.interpolate, (), IMG),
+    (nn.ZeroPad1d((1, 2)), F.pad, ((1, 2),), X),
+    (nn.ZeroPad2d((1, 0, 2, 1)), F.pad, ((1, 0, 2, 1),), IMG),
+    (nn.ZeroPad3d(1), F.pad, ((1,) * 6,), IMG),
+    (nn.ConstantPad1d(1, 0.5), F.pad, ((1, 1),), X),
+    (nn.ConstantPad2d((1, 2, 0, 1), -1.0), F.pad, ((1, 2, 0, 1),), IMG),
+    (nn.ConstantPad3d(1, 2.0), F.pad, ((1,) * 6,), IMG),
+    (nn.ReflectionPad1d(1), F.pad, ((1, 1),), IMG[0]),
+    (nn.ReflectionPad2d((1, 2, 0, 1)), F.pad, ((1, 2, 0, 1),), IMG),
+    (nn.ReflectionPad3d(1), F.pad, ((1,) * 6,), IMG),
+    (nn.ReplicationPad1d(1), F.pad, ((1, 1),), IMG[0]),
+    (nn.ReplicationPad2d(2), F.pad, ((2,) * 4,), IMG),
+    (nn.ReplicationPad3d(1), F.pad, ((1,) * 6,), IMG),
+    (nn.CircularPad1d(1), F.pad, ((1, 1),), IMG[0]),
+    (nn.CircularPad2d(1), F.pad, ((1,) * 4,), IMG),
+    (nn.CircularPad3d(1), F.pad, ((1,) * 6,), IMG),
+    (nn.PixelShuffle(2), F.pixel_shuffle, (2,), IMG),
+    (nn.PixelUnshuffle(2), F.pixel_unshuffle, (2,), IMG),
+    (nn.Unflatten(1, (2, 2)), torch.unflatten, (1, (2, 2)), X),
+]
+
+
+@pytest.mark.parametrize("module,canonical,extra,x", MODULE_CASES,
+                         ids=[repr(c[0]) for c in MODULE_CASES])
+def test_stateless_module_becomes_its_function(module, canonical, extra, x):
+    """The module's configuration becomes the call's arguments; the call keeps the module's
+    path (module_name rules, reports, nn_module_stack) and its class (object_type rules)."""
+    model = Fn(lambda s, x: s.act(x * 1), act=module)
+    before, r = normalize(model, x)
+    assert before[2] == f"call_module:{type(module).__name__}"
+    (call,) = [n for n in call_nodes(r.gm) if n.target is canonical]
+    assert tuple(call.args[1:]) == extra
+    assert qinfo(call).module_path == "act" and qinfo(call).original is type(module)
+    (d,) = decisions(call, "normalize", "normalize")
+    assert type(module).__name__ in d.reason
+    assert not any(n.op == "call_module" for n in r.gm.graph.nodes)
+    same_output(model, r.gm, x)
+
+
+def test_softmax_module_without_dim_stays_a_module():
+    """nn.Softmax() picks its dim from the input's rank at each call (torch's legacy implicit
+    dim): no F.softmax call states that, so the module stays as written."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        before, r = normalize(Fn(lambda s, x: s.act(x), act=nn.Softmax()), X)
+    assert structure(r.gm) == before == [P, "call_module:Softmax", O]
+
+
+@pytest.mark.parametrize("module,canonical", [(nn.Hardswish(inplace=True), F.hardswish),
+                                              (nn.ReLU6(inplace=True), F.relu6),
+                                              (nn.ELU(0.5, inplace=True), F.elu)])
+def test_inplace_module_on_a_view_becomes_its_inplace_function(module, canonical):
+    """An in-place module whose tensor has views stays in place, as its function with
+    ``inplace=True`` (which the rule tables list), so that the views see the mutation."""
+    class OnView(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.act = module
+
+        def forward(self, x):
+            x = x * 1
+            self.act(x[1:])
+            return x * 1
+
+    model = OnView()
+    _, r = normalize(model, X)
+    (call,) = [n for n in call_nodes(r.gm) if n.target is canonical]
+    assert call.kwargs.get("inplace") is True and qinfo(call).module_path == "act"
+    assert decisions(call, "normalize", "keep_inplace")
+    for x in (X, -X):
+        same_output(model, r.gm, x)
+
+
 def test_every_spelling_of_the_table_has_a_case():
     from fxquant.ops import DROPOUT_FUNCTIONS, DROPOUT_MODULES, IDENTITY_MODULES, SPELLINGS
 
@@ -550,6 +648,7 @@ def test_every_spelling_of_the_table_has_a_case():
                operator.mul, operator.imul, torch.mul, "mul", "mul_",
                torch.cat, torch.concat, torch.concatenate, nn.Flatten, torch.flatten, "flatten"}
     covered |= {c[1] for c in ALIAS_CASES}
+    covered |= {type(c[0]) for c in MODULE_CASES}
     assert {s.target for s in SPELLINGS} == covered
     dropouts = {nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                 nn.Identity, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,

@@ -67,6 +67,14 @@ def by_target(gm, target):
     return [n for n in call_nodes(gm) if n.target == target]
 
 
+def of_module(gm, path):
+    """The call of module ``path``: the module itself, or the function normalize rewrote a
+    stateless module into (nn.Sigmoid → torch.sigmoid), which keeps the module's path."""
+    return [n for n in call_nodes(gm) if n.target == path or (
+        n.op == "call_function" and qinfo(n).module_path == path
+        and isinstance(qinfo(n).original, type))]
+
+
 def reason(node):
     return qinfo(node).qconfig_reason
 
@@ -76,10 +84,10 @@ def test_before_expected_and_stats_with_global_only():
     # Before/Expected: structure identical (checked in propagate); every node got QC from global
     assert structure(r.gm) == ["placeholder", "placeholder", "call_module:Linear",
                                "call_function:torch.add", "call_module:Linear",
-                               "call_function:torch.cumsum", "call_module:ReLU6",
+                               "call_function:torch.cumsum", "call_function:F.relu6",
                                "call_function:F.relu",
                                "call_function:torch.add", "call_module:Linear",
-                               "call_module:Sigmoid", "call_function:torch.mul", "output"]
+                               "call_function:torch.sigmoid", "call_function:torch.mul", "output"]
     assert all(qinfo(n).qconfig is QC and reason(n) == "global" for n in call_nodes(r.gm))
     assert r.stats == {"quantizable": 10}
     assert "global → QConfig(activation=HistogramObserver(quint8" in \
@@ -103,7 +111,7 @@ def test_empty_mapping_leaves_everything_float():
 
 def test_module_name_wins_over_global_and_covers_children():
     r = propagate(QConfigMapping().set_global(QC).set_module_name("head", None))
-    lin, sig = by_target(r.gm, "head.0") + by_target(r.gm, "head.1")
+    lin, sig = of_module(r.gm, "head.0") + of_module(r.gm, "head.1")
     for n, child in ((lin, "head.0"), (sig, "head.1")):
         assert qinfo(n).qconfig is None
         assert reason(n) == f"module_name 'head' (parent of '{child}') → None"
@@ -142,7 +150,7 @@ def test_object_type_matches_written_and_canonical_spelling(key):
 
 
 def test_object_type_of_original_module_class_after_normalize():
-    """nn.ReLU6 stays a module; x.relu() is F.relu after normalize: "relu" (method) and F.relu
+    """x.relu() is F.relu after normalize: "relu" (method) and F.relu
     rules both reach it."""
     for key in ("relu", F.relu):
         r = propagate(QConfigMapping().set_global(QC).set_object_type(key, None))
@@ -167,10 +175,10 @@ def test_object_type_of_fused_module_is_its_first_module():
 
 def test_regex():
     r = propagate(QConfigMapping().set_global(QC).set_module_name_regex(r"sub\..*", QC2))
-    fc, act = by_target(r.gm, "sub.fc") + by_target(r.gm, "sub.act")
+    fc, act = of_module(r.gm, "sub.fc") + of_module(r.gm, "sub.act")
     assert qinfo(fc).qconfig is QC2 and reason(fc) == r"module_name_regex 'sub\\..*'"
     assert qinfo(act).qconfig is QC2
-    assert qinfo(by_target(r.gm, "fc")[0]).qconfig is QC
+    assert qinfo(of_module(r.gm, "fc")[0]).qconfig is QC
 
 
 def test_module_name_object_type_order_for_functions():
@@ -196,21 +204,21 @@ def test_precedence_module_name_over_regex_over_object_type():
     mapping = (QConfigMapping().set_global(QC).set_object_type(nn.Linear, None)
                .set_module_name_regex("sub.*", QC2).set_module_name("sub.fc", QC))
     r = propagate(mapping)
-    assert reason(by_target(r.gm, "sub.fc")[0]) == "module_name 'sub.fc'"
-    assert reason(by_target(r.gm, "sub.act")[0]) == "module_name_regex 'sub.*'"
-    assert reason(by_target(r.gm, "fc")[0]) == "object_type nn.Linear → None"
+    assert reason(of_module(r.gm, "sub.fc")[0]) == "module_name 'sub.fc'"
+    assert reason(of_module(r.gm, "sub.act")[0]) == "module_name_regex 'sub.*'"
+    assert reason(of_module(r.gm, "fc")[0]) == "object_type nn.Linear → None"
 
 
 def test_default_mapping_object_types():
     r = propagate(get_default_qconfig_mapping("x86"))
-    (sig,) = by_target(r.gm, "head.1")
+    (sig,) = of_module(r.gm, "head.1")
     assert reason(sig) == "object_type nn.Sigmoid"
     assert "FixedQParamsObserver" in decisions(sig, "propagate_qconfig")[0].reason
 
 
 def test_none_reason_says_none_once():
     r = propagate(QConfigMapping().set_global(QC).set_module_name("head", None))
-    d = decisions(by_target(r.gm, "head.0")[0], "propagate_qconfig")[0]
+    d = decisions(of_module(r.gm, "head.0")[0], "propagate_qconfig")[0]
     assert d.reason.count("→ None") == 1
 
 
