@@ -208,10 +208,11 @@ def _far_values(obs: nn.Module, limits: RangeLimits) -> Optional[str]:
 
 # A node whose output range lies inside its (first) input's: its own observer should not be
 # wider than the input's. The prepared graph went through normalize: canonical spellings only
-# (fxquant.ops; x.relu() / nn.ReLU / x.clamp() / x.reshape() ... are F.relu / torch.clamp /
-# torch.reshape there). Dropout stays in training mode (QAT), nn.Identity too; nn.ReLU(inplace=
-# True) stays as written when its input has views (normalize's keep_inplace).
-_NON_WIDENING_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+# (fxquant.ops; x.relu() / nn.ReLU / nn.ReLU6 / nn.Hardtanh / x.clamp() / x.reshape() ... are
+# F.relu / F.relu6 / F.hardtanh / torch.clamp / torch.reshape there, in place ones on a tensor
+# with views too, as F.relu(..., inplace=True) ...). Dropout stays in training mode (QAT),
+# nn.Identity too; pooling modules stay modules.
+_NON_WIDENING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                          nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                          nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Identity)

@@ -167,7 +167,7 @@ BEYOND_TORCH_AO = [
     ("prelu", 4, [lambda: nn.PReLU(8), nn.PReLU, lambda: Affine("prelu"),
                   lambda: Affine("x.prelu")], {"quantized::prelu": 4}, 28),
     ("gelu", 4, [nn.GELU, lambda: nn.GELU("tanh"), lambda: Fn(F.gelu)],
-     {"GELU": 2, "gelu": 1}, 25),
+     {"gelu": 3}, 25),  # nn.GELU: F.gelu after normalize
     ("silu", 4, [nn.SiLU, lambda: Fn(F.silu)],
      {"quantized::sigmoid": 2, "quantized::mul": 2}, 28),
     ("softmax_spellings", 4, [lambda: Fn(lambda x: F.softmax(x, -1)),
@@ -192,16 +192,16 @@ BEYOND_TORCH_AO = [
                      lambda: Fn(lambda x: F.interpolate(x, size=x.shape[2:],
                                                         mode="nearest-exact")),
                      lambda: Fn(lambda x: F.interpolate(x, size=(3, 5), mode="area"))],
-     {"Upsample": 2, "UpsamplingNearest2d": 1, "UpsamplingBilinear2d": 1, "interpolate": 3}, 25),
+     {"interpolate": 7}, 25),  # nn.Upsample* : F.interpolate after normalize
     ("upsample3d", 5, [lambda: Fn(lambda x: F.interpolate(x, scale_factor=2))],
      {"interpolate": 1}, 28),
     ("pad", 4, [lambda: nn.ZeroPad2d((1, 2, 0, 3)), lambda: nn.ConstantPad2d(2, 0.5),
                 lambda: Fn(lambda x: F.pad(x, (1, 1, 2, 2))),
                 lambda: Fn(lambda x: F.pad(x, (1, 1, 2, 2), mode="reflect")),
                 lambda: Fn(lambda x: torch.constant_pad_nd(x, (1, 1)))],
-     {"ZeroPad2d": 1, "ConstantPad2d": 1, "pad": 3}, 28),  # torch.constant_pad_nd: F.pad
+     {"pad": 5}, 28),  # nn.ZeroPad2d / nn.ConstantPad2d / torch.constant_pad_nd: F.pad
     ("pad1d", 3, [lambda: nn.ReflectionPad1d(2), lambda: nn.ConstantPad1d((0, 3), -1.0)],
-     {"ReflectionPad1d": 1, "ConstantPad1d": 1}, 28),
+     {"pad": 2}, 28),  # nn.ReflectionPad1d / nn.ConstantPad1d: F.pad after normalize
     # x.clamp_ right after the model's conv fuses into it (issue 10: the bound is in the
     # conv's output qparams, or clipped inside the quantized module): no separate clamp
     ("clamp_inplace", 4, [lambda: Fn(lambda x: x.clamp_(-0.5, 1.0))], {"clamp": 0}, 28),

@@ -92,7 +92,7 @@ def test_a_new_rule_shows_up_with_its_policy_kernel_and_notes():
     row = rows["test_sigmoid"]
     # the canonical op, then every spelling normalize rewrites into it
     assert row[1] == ("`torch.sigmoid`, `F.sigmoid`, `torch.special_expit`, `x.sigmoid()`, "
-                      "`torch.sigmoid_` (in place), `x.sigmoid_()` (in place)")
+                      "`torch.sigmoid_` (in place), `x.sigmoid_()` (in place), `nn.Sigmoid`")
     assert row[2:4] == ["—", "quantized::sigmoid"]  # only the second backend has it
     assert row[4] == "fixed: scale 1/256, zero_point 0" and row[5] == "output in [0, 1]"
     assert "quantized::max_pool2d \\| fast" in section  # a '|' does not break the table

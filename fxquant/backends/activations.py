@@ -599,6 +599,9 @@ def lower_pad(ctx: LowerCtx) -> Lowered:
         else:
             kwargs["pad"] = stand_in
         mode = _arg(node, 2, "mode", "constant")
+        written = qinfo(node).original  # nn.ZeroPad2d ... that normalize rewrote into F.pad
+        if isinstance(written, type):
+            mode = f"{mode}; nn.{written.__name__}"
     else:
         mode = type(ctx.module).__name__
     return _same_op(ctx, node.target, tuple(args), kwargs, f"pad ({mode})")

@@ -653,7 +653,10 @@ _ELEMENTWISE: dict[Any, Emitter] = {
     F.hardswish: _unary("HardSwish"), F.hardsigmoid: _hardsigmoid,
     F.silu: _silu, F.gelu: _gelu, F.elu: lambda b, n: b.add(
         "Elu", [b.x(n.args[0])], alpha=float(b.constant(arg(n, 1, "alpha", 1.0)))),
-    F.leaky_relu: _leaky_relu, torch.exp: _unary("Exp"), torch.sqrt: _unary("Sqrt"),
+    F.leaky_relu: _leaky_relu, F.selu: lambda b, n: b.add("Selu", [b.x(n.args[0])]),
+    F.celu: lambda b, n: b.add("Celu", [b.x(n.args[0])],
+                               alpha=float(b.constant(arg(n, 1, "alpha", 1.0)))),
+    torch.exp: _unary("Exp"), torch.sqrt: _unary("Sqrt"),
     F.softmax: _softmax("Softmax"), F.log_softmax: _softmax("LogSoftmax"),
     torch.log_softmax: _softmax("LogSoftmax"), "log_softmax": _softmax("LogSoftmax"),
 }
@@ -851,24 +854,11 @@ def _pool_module(b: Builder, n: fx.Node, mod: nn.Module) -> str:
 def _softmax_module(op: str) -> ModuleEmitter:
     def emit(b: Builder, n: fx.Node, mod: Any) -> str:
         rank = len(b.shape(n.args[0]))
-        dim = -3 if isinstance(mod, nn.Softmax2d) else mod.dim
+        dim = mod.dim
         if dim is None:
             dim = 0 if rank in (0, 1, 3) else 1
         return b.add(op, [b.x(n.args[0])], axis=int(dim) % rank)
     return emit
-
-
-def _upsample(b: Builder, n: fx.Node, mod: nn.Upsample) -> str:
-    mode = mod.mode
-    if mode == "nearest":
-        attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric",
-                     nearest_mode="floor")
-    elif mode in ("bilinear", "linear", "trilinear"):
-        attrs = dict(mode="linear", coordinate_transformation_mode="align_corners"
-                     if mod.align_corners else "pytorch_half_pixel")
-    else:
-        raise OnnxExportError(f"Upsample(mode={mode!r}) is not exported", n)
-    return b.add("Resize", [b.x(n.args[0]), "", "", b.i64(b.shape(n), "sizes")], **attrs)
 
 
 def _fused_float(b: Builder, n: fx.Node, mod: fused.FusedModule) -> str:
@@ -899,31 +889,21 @@ _MODULES: list[tuple[tuple[type, ...], ModuleEmitter]] = [
     ((nn.Linear,), _float_linear),
     ((nn.modules.conv._ConvNd,), _float_conv),
     ((fused.FusedModule,), _fused_float),
-    ((nn.ReLU, nn.ReLU6, nn.Hardtanh), lambda b, n, mod: clamp(b, n, mod)),
+    ((nn.ReLU,), lambda b, n, mod: clamp(b, n, mod)),
     ((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
      lambda b, n, mod: _identity(b, n)),
-    ((nn.Flatten, nn.Unflatten), _module_float(_reshape)),
+    ((nn.Flatten,), _module_float(_reshape)),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
       nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
       nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _pool_module),
-    ((nn.Sigmoid,), _module_float(_unary("Sigmoid"))),
-    ((nn.Tanh,), _module_float(_unary("Tanh"))),
-    ((nn.Hardswish,), _module_float(_unary("HardSwish"))),
-    ((nn.Hardsigmoid,), _module_float(_hardsigmoid)),
-    ((nn.SiLU,), _module_float(_silu)),
-    ((nn.GELU,), lambda b, n, mod: _gelu(b, n, mod.approximate)),
-    ((nn.ELU,), lambda b, n, mod: b.add("Elu", [b.x(n.args[0])], alpha=float(mod.alpha))),
-    ((nn.CELU,), lambda b, n, mod: b.add("Celu", [b.x(n.args[0])], alpha=float(mod.alpha))),
-    ((nn.SELU,), lambda b, n, mod: b.add("Selu", [b.x(n.args[0])])),
-    ((nn.LeakyReLU,), lambda b, n, mod: b.add("LeakyRelu", [b.x(n.args[0])],
-                                              alpha=float(mod.negative_slope))),
     ((nn.PReLU,), lambda b, n, mod: _prelu(b, n, mod.weight)),
-    ((nn.Softmax, nn.Softmax2d), _softmax_module("Softmax")),
+    ((nn.Softmax,), _softmax_module("Softmax")),  # dim None only: normalize keeps it a module
     ((nn.LogSoftmax,), _softmax_module("LogSoftmax")),
     ((nn.LayerNorm,), lambda b, n, mod: _layer_norm(b, n, mod.normalized_shape, mod.weight,
                                                     mod.bias, mod.eps)),
-    ((nn.Upsample,), _upsample),
 ]
+# (the stateless activation, resampling and reshaping modules, nn.ReLU6 / nn.Hardtanh included,
+# reach a converted graph as their function: normalize rewrites them, see fxquant.ops)
 
 
 def module_emitter(mod: nn.Module, node: fx.Node) -> ModuleEmitter:
@@ -939,7 +919,7 @@ _UNSUPPORTED_HINT = ("keep it out of the exported part, or run the model on the 
 
 
 # ------------------------------------------------------------------------ the driver
-_RAW_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d,
+_RAW_MODULES = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d,
                 nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
