@@ -6,7 +6,8 @@ target that normalize would rewrite can never be matched. The one exception is a
 spelling: normalize keeps it as written when its tensor has views (``keep_inplace``), so the
 tables list it beside its out-of-place form.
 
-(b) A model written in each alternate spelling converts to the same kernels as the same model
+(b) A model written in each alternate spelling (the stateless modules among them: nn.Sigmoid,
+nn.ReLU6, nn.Upsample, nn.ZeroPad2d ..., which normalize rewrites into their function) converts to the same kernels as the same model
 in the canonical spelling (op counts of the converted graphs are equal), within SQNR of float.
 """
 from __future__ import annotations
@@ -79,6 +80,27 @@ def test_inplace_spellings_in_the_tables_sit_beside_their_canonical_op() -> None
                         backend.name, rule.name, spelling_label(target))
 
 
+def test_stateless_modules_reach_the_tables_as_their_function() -> None:
+    """Every module class normalize rewrites (nn.Sigmoid, nn.ReLU6, nn.Upsample, nn.ZeroPad2d
+    ...) is in no table (but for KEPT_MODULES), and its function is in a rule of every built-in
+    backend; the modules left in the tables have state (conv, linear, norms, prelu, embedding,
+    rnn), are pooling modules, fused modules, or KEPT_MODULES."""
+    modules = [s for s in SPELLINGS if isinstance(s.target, type)]
+    assert {nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.Softmax, nn.Upsample, nn.ZeroPad2d,
+            nn.ReflectionPad2d, nn.PixelShuffle, nn.Unflatten} <= {s.target for s in modules}
+    tables = [t for _, t in _table_targets()]
+    for backend in builtin_backends():
+        targets = [t for r in backend.rules for t in r.op.targets]
+        for s in modules:
+            assert s.target in KEPT_MODULES or s.target not in tables, s.target
+            assert any(_same(s.canonical, t) for t in targets), (backend.name, s.target)
+    stateless = {type(m) for m in (nn.Sigmoid(), nn.Tanh(), nn.Hardswish(), nn.ELU(), nn.GELU())}
+    for target in tables:
+        if isinstance(target, type) and issubclass(target, nn.Module):
+            assert target not in stateless
+            assert target in KEPT_MODULES or not any(_same(s.target, target) for s in modules)
+
+
 def test_every_canonical_op_is_a_fixed_point() -> None:
     """The canonical target of a spelling is not itself rewritten into another op."""
     for s in SPELLINGS:
@@ -103,6 +125,7 @@ class Head(nn.Module):
         self.register_buffer("rm", torch.randn(8) * 0.1)
         self.register_buffer("rv", torch.rand(8) + 0.5)
         self.slope = nn.Parameter(torch.full((8,), 0.25))
+        self.m = nn.ModuleDict({k: f() for k, f in MODULES.items()})  # the module spellings
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(self, self.conv(x))
@@ -115,28 +138,59 @@ def _mm(f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Op:
     return op
 
 
+# stateless modules, called as s.m[name](t) by the cases below (normalize: their function)
+MODULES: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softmax": lambda: nn.Softmax(1),
+    "softmax2d": nn.Softmax2d, "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5), "relu6": nn.ReLU6,
+    "relu6_inplace": lambda: nn.ReLU6(inplace=True), "elu": lambda: nn.ELU(0.5),
+    "leaky_relu": lambda: nn.LeakyReLU(0.2), "selu": nn.SELU, "celu": lambda: nn.CELU(0.5),
+    "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "silu": nn.SiLU, "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU("tanh"), "upsample": lambda: nn.Upsample(scale_factor=2),
+    "upsample_nearest": lambda: nn.UpsamplingNearest2d(scale_factor=2),
+    "upsample_bilinear": lambda: nn.UpsamplingBilinear2d(scale_factor=2),
+    "constant_pad": lambda: nn.ConstantPad1d((1, 2), 0.5),
+    "zero_pad": lambda: nn.ZeroPad2d((1, 1, 2, 2)), "reflection_pad": lambda: nn.ReflectionPad2d(1),
+    "pixel_shuffle": lambda: nn.PixelShuffle(2), "pixel_unshuffle": lambda: nn.PixelUnshuffle(2),
+    "unflatten": lambda: nn.Unflatten(1, (2, 4)),
+}
+
+
+def _m(name: str) -> Op:
+    return lambda s, t: s.m[name](t)
+
+
 # name: (canonical spelling, alternate spellings)
 CASES: dict[str, tuple[Op, list[Op]]] = {
     "sigmoid": (lambda s, t: torch.sigmoid(t),
                 [lambda s, t: F.sigmoid(t), lambda s, t: t.sigmoid(),
                  lambda s, t: torch.special.expit(t), lambda s, t: t.sigmoid_(),
-                 lambda s, t: torch.sigmoid_(t)]),
+                 lambda s, t: torch.sigmoid_(t), _m("sigmoid")]),
     "tanh": (lambda s, t: torch.tanh(t),
              [lambda s, t: F.tanh(t), lambda s, t: t.tanh(), lambda s, t: t.tanh_(),
-              lambda s, t: torch.tanh_(t)]),
+              lambda s, t: torch.tanh_(t), _m("tanh")]),
     "softmax": (lambda s, t: F.softmax(t, 1),
                 [lambda s, t: torch.softmax(t, 1), lambda s, t: t.softmax(1),
-                 lambda s, t: torch.special.softmax(t, 1)]),
+                 lambda s, t: torch.special.softmax(t, 1), _m("softmax")]),
+    "softmax2d": (lambda s, t: F.softmax(t, -3), [_m("softmax2d")]),
     "clamp": (lambda s, t: torch.clamp(t, -0.5, 0.5),
               [lambda s, t: torch.clip(t, -0.5, 0.5), lambda s, t: t.clamp(-0.5, 0.5),
                lambda s, t: t.clip(-0.5, 0.5)]),
     "clamp_min": (lambda s, t: torch.clamp(t, min=0.1), [lambda s, t: t.clamp(min=0.1)]),
-    "hardtanh": (lambda s, t: F.hardtanh(t, -0.5, 0.5), [lambda s, t: F.hardtanh_(t, -0.5, 0.5)]),
-    "elu": (lambda s, t: F.elu(t, 0.5), [lambda s, t: F.elu_(t, 0.5)]),
-    "leaky_relu": (lambda s, t: F.leaky_relu(t, 0.2), [lambda s, t: F.leaky_relu_(t, 0.2)]),
-    "selu": (lambda s, t: F.selu(t), [lambda s, t: torch.selu(t), lambda s, t: torch.selu_(t)]),
+    "hardtanh": (lambda s, t: F.hardtanh(t, -0.5, 0.5),
+                 [lambda s, t: F.hardtanh_(t, -0.5, 0.5), _m("hardtanh")]),
+    "relu6": (lambda s, t: F.relu6(t), [_m("relu6"), _m("relu6_inplace")]),  # fuses into conv
+    "hardswish": (lambda s, t: F.hardswish(t), [_m("hardswish")]),
+    "hardsigmoid": (lambda s, t: F.hardsigmoid(t), [_m("hardsigmoid")]),
+    "silu": (lambda s, t: F.silu(t), [_m("silu")]),
+    "gelu": (lambda s, t: F.gelu(t), [_m("gelu")]),
+    "gelu_tanh": (lambda s, t: F.gelu(t, approximate="tanh"), [_m("gelu_tanh")]),
+    "elu": (lambda s, t: F.elu(t, 0.5), [lambda s, t: F.elu_(t, 0.5), _m("elu")]),
+    "leaky_relu": (lambda s, t: F.leaky_relu(t, 0.2),
+                   [lambda s, t: F.leaky_relu_(t, 0.2), _m("leaky_relu")]),
+    "selu": (lambda s, t: F.selu(t), [lambda s, t: torch.selu(t), lambda s, t: torch.selu_(t),
+                                      _m("selu")]),
     "celu": (lambda s, t: F.celu(t, 0.5),
-             [lambda s, t: torch.celu(t, 0.5), lambda s, t: torch.celu_(t, 0.5)]),
+             [lambda s, t: torch.celu(t, 0.5), lambda s, t: torch.celu_(t, 0.5), _m("celu")]),
     "prelu": (lambda s, t: F.prelu(t, s.slope), [lambda s, t: t.prelu(s.slope)]),
     "layer_norm": (lambda s, t: F.layer_norm(t, [8], s.w, s.b),
                    [lambda s, t: torch.layer_norm(t, [8], s.w, s.b, 1e-5, False)]),
@@ -150,12 +204,20 @@ CASES: dict[str, tuple[Op, list[Op]]] = {
                                                         False)]),
     "upsample_nearest": (lambda s, t: F.interpolate(t, scale_factor=2, mode="nearest"),
                          [lambda s, t: F.upsample(t, scale_factor=2),
-                          lambda s, t: F.upsample_nearest(t, scale_factor=2)]),
+                          lambda s, t: F.upsample_nearest(t, scale_factor=2),
+                          _m("upsample"), _m("upsample_nearest")]),
     "upsample_bilinear": (lambda s, t: F.interpolate(t, scale_factor=2, mode="bilinear",
                                                      align_corners=True),
-                          [lambda s, t: F.upsample_bilinear(t, scale_factor=2)]),
+                          [lambda s, t: F.upsample_bilinear(t, scale_factor=2),
+                           _m("upsample_bilinear")]),
     "pad": (lambda s, t: F.pad(t, [1, 2], mode="constant", value=0.5),
-            [lambda s, t: torch.constant_pad_nd(t, [1, 2], 0.5)]),
+            [lambda s, t: torch.constant_pad_nd(t, [1, 2], 0.5), _m("constant_pad")]),
+    "zero_pad": (lambda s, t: F.pad(t, [1, 1, 2, 2], mode="constant", value=0.0),
+                 [_m("zero_pad")]),
+    "reflection_pad": (lambda s, t: F.pad(t, [1, 1, 1, 1], mode="reflect"),
+                       [_m("reflection_pad")]),
+    "pixel_shuffle": (lambda s, t: F.pixel_shuffle(t, 2), [_m("pixel_shuffle")]),
+    "pixel_unshuffle": (lambda s, t: F.pixel_unshuffle(t, 2), [_m("pixel_unshuffle")]),
     "matmul": (_mm(torch.matmul), [_mm(lambda a, b: a @ b), _mm(lambda a, b: a.matmul(b)),
                                    _mm(torch.bmm), _mm(lambda a, b: a.bmm(b))]),
     "mean": (lambda s, t: torch.mean(t, (2, 3)), [lambda s, t: t.mean((2, 3))]),
@@ -175,7 +237,7 @@ CASES: dict[str, tuple[Op, list[Op]]] = {
     "narrow": (lambda s, t: torch.narrow(t, 1, 0, 4), [lambda s, t: t.narrow(1, 0, 4)]),
     "movedim": (lambda s, t: torch.movedim(t, 1, 3), [lambda s, t: t.movedim(1, 3)]),
     "unflatten": (lambda s, t: torch.unflatten(t, 1, (2, 4)),
-                  [lambda s, t: t.unflatten(1, (2, 4))]),
+                  [lambda s, t: t.unflatten(1, (2, 4)), _m("unflatten")]),
     "chunk": (lambda s, t: torch.chunk(t, 2, 1)[1], [lambda s, t: t.chunk(2, 1)[1]]),
     "split": (lambda s, t: torch.split(t, 4, 1)[0], [lambda s, t: t.split(4, 1)[0]]),
     "unbind": (lambda s, t: torch.unbind(t, 1)[2], [lambda s, t: t.unbind(1)[2]]),
