@@ -99,6 +99,36 @@ def _pad_args(mode: str) -> Callable[[nn.Module], Args]:
     return read
 
 
+def _max_pool_args(m: nn.Module) -> Args:
+    """``nn.MaxPool2d`` → ``F.max_pool2d(x, kernel_size, stride, padding, dilation,
+    ceil_mode=..., return_indices=...)``, as its forward passes them. ``return_indices=True``
+    is rewritten too: F.max_pool2d then returns the same (values, indices) tuple."""
+    return ((m.kernel_size, m.stride, m.padding, m.dilation),
+            {"ceil_mode": m.ceil_mode, "return_indices": m.return_indices})
+
+
+def _avg_pool_args(m: nn.Module) -> Args:
+    """``nn.AvgPool2d`` → ``F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode,
+    count_include_pad, divisor_override)`` (``nn.AvgPool1d`` has no divisor_override)."""
+    args = (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+    return (args + (m.divisor_override,) if hasattr(m, "divisor_override") else args), {}
+
+
+def _adaptive_max_pool_args(m: nn.Module) -> Args:
+    """``nn.AdaptiveMaxPool2d`` → ``F.adaptive_max_pool2d(x, output_size, return_indices)``:
+    the same tensor, or the same (values, indices) tuple."""
+    return (m.output_size, m.return_indices), {}
+
+
+def _pools(canonical: str, module_args: Callable[[nn.Module], Any], cls: str
+           ) -> tuple[Spelling, ...]:
+    """``nn.MaxPool1d/2d/3d`` ... → ``F.max_pool1d/2d/3d`` ... (``canonical``/``cls`` with
+    ``{d}`` for the rank)."""
+    return tuple(s for d in (1, 2, 3)
+                 for s in _modules(getattr(F, canonical.format(d=d)), module_args,
+                                   cls.format(d=d)))
+
+
 def _modules(canonical: Callable[..., Any], module_args: Callable[[nn.Module], Any],
              *names: str) -> tuple[Spelling, ...]:
     """Stateless module classes of this torch build (by name) → ``canonical``."""
@@ -286,8 +316,8 @@ SPELLINGS: tuple[Spelling, ...] = (
     # stateless modules → their function, the module's configuration as its arguments; the
     # node keeps the module's path (module_name rules, reports) and its class (object_type
     # rules: qinfo's ``original``). Modules with state (conv, linear, norms, prelu, embedding,
-    # rnn) stay modules, and so do pooling modules (no function form in the rule tables) and
-    # nn.Softmax() with dim None (implicit, rank-dependent dim).
+    # rnn) stay modules, and so do nn.Softmax() with dim None (implicit, rank-dependent dim)
+    # and nn.LPPool* (no table, quantized or float export, names lp_pool in either form).
     *_modules(F.relu6, _no_args, "ReLU6"),
     *_modules(F.hardtanh, _attrs("min_val", "max_val"), "Hardtanh"),
     *_modules(F.hardswish, _no_args, "Hardswish"),
@@ -313,6 +343,10 @@ SPELLINGS: tuple[Spelling, ...] = (
     *_modules(F.pixel_shuffle, _attrs("upscale_factor"), "PixelShuffle"),
     *_modules(F.pixel_unshuffle, _attrs("downscale_factor"), "PixelUnshuffle"),
     *_modules(torch.unflatten, _attrs("dim", "unflattened_size"), "Unflatten"),
+    *_pools("max_pool{d}d", _max_pool_args, "MaxPool{d}d"),
+    *_pools("avg_pool{d}d", _avg_pool_args, "AvgPool{d}d"),
+    *_pools("adaptive_avg_pool{d}d", _attrs("output_size"), "AdaptiveAvgPool{d}d"),
+    *_pools("adaptive_max_pool{d}d", _adaptive_max_pool_args, "AdaptiveMaxPool{d}d"),
 )
 
 # Ops that are the identity at inference: removed by normalize when the model is not training.

@@ -211,15 +211,13 @@ def _far_values(obs: nn.Module, limits: RangeLimits) -> Optional[str]:
 # (fxquant.ops; x.relu() / nn.ReLU / nn.ReLU6 / nn.Hardtanh / x.clamp() / x.reshape() ... are
 # F.relu / F.relu6 / F.hardtanh / torch.clamp / torch.reshape there, in place ones on a tensor
 # with views too, as F.relu(..., inplace=True) ...). Dropout stays in training mode (QAT),
-# nn.Identity too; pooling modules stay modules.
-_NON_WIDENING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                         nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout, nn.Identity)
+# nn.Identity too; pooling modules are F.max_pool2d / F.adaptive_avg_pool2d ... there.
+_NON_WIDENING_MODULES = (nn.Dropout, nn.Identity)
 _NON_WIDENING_FUNCTIONS = (F.relu, F.relu6, F.hardtanh, torch.clamp,
                            F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
                            F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                           F.adaptive_avg_pool3d, F.dropout, torch.flatten, torch.mean,
+                           F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                           F.adaptive_max_pool3d, F.dropout, torch.flatten, torch.mean,
                            torch.reshape, torch.permute, torch.transpose)
 _NON_WIDENING_METHODS = ("view", "contiguous")
 

@@ -5,18 +5,20 @@
 stays Python); ``torch.concat`` becomes ``torch.cat``; ``nn.Flatten`` / ``x.flatten`` become
 ``torch.flatten``; stateless modules become their function (``nn.Sigmoid`` →
 ``torch.sigmoid``, ``nn.ELU(alpha)`` → ``F.elu(x, alpha)``, ``nn.ZeroPad2d`` → ``F.pad``,
-``nn.Upsample`` → ``F.interpolate`` ...), keeping the module's path and class for qconfig rules
-and reports; and so on for every op with several spellings (``x.sigmoid()`` →
-``torch.sigmoid``, ``torch.softmax`` → ``F.softmax``, ``x.reshape(2, -1)`` →
+``nn.Upsample`` → ``F.interpolate``, ``nn.MaxPool2d(3, 2)`` → ``F.max_pool2d(x, 3, 2, ...)``,
+``nn.AdaptiveAvgPool2d(1)`` → ``F.adaptive_avg_pool2d(x, 1)`` ...), keeping the module's path
+and class for qconfig rules and reports; and so on for every op with several spellings
+(``x.sigmoid()`` → ``torch.sigmoid``, ``torch.softmax`` → ``F.softmax``, ``x.reshape(2, -1)`` →
 ``torch.reshape(x, (2, -1))``, ``torch.bmm`` → ``torch.matmul``, ``torch.batch_norm`` →
 ``F.batch_norm`` ...): the table is :data:`fxquant.ops.SPELLINGS`, so every later table (fusion
-patterns, backend rules) names one canonical op. Modules with state (conv, linear,
-norms, prelu, ...), pooling modules and ``nn.Softmax()`` without a dim stay modules. In-place spellings become out-of-place and every
-later reader of the mutated tensor reads the result instead, which is what it saw in eager
-mode (one that has no out-of-place spelling stays, its readers re-pointed). Inference no-ops
-are removed when the model is not training: dropout in every spelling (``nn.Dropout*``,
-``F.dropout*``, ``torch.dropout``, alpha / feature-alpha dropout), torchvision's stochastic depth
-(``stochastic_depth`` / ``StochasticDepth``, matched by name) and ``nn.Identity``.
+patterns, backend rules) names one canonical op. Modules with state (conv, linear, norms,
+prelu, ...), ``nn.LPPool*`` and ``nn.Softmax()`` without a dim stay modules. In-place spellings
+become out-of-place and every later reader of the mutated tensor reads the result instead,
+which is what it saw in eager mode (one that has no out-of-place spelling stays, its readers
+re-pointed). Inference no-ops are removed when the model is not training: dropout in every
+spelling (``nn.Dropout*``, ``F.dropout*``, ``torch.dropout``, alpha / feature-alpha dropout),
+torchvision's stochastic depth (``stochastic_depth`` / ``StochasticDepth``, matched by name)
+and ``nn.Identity``.
 """
 from __future__ import annotations
 

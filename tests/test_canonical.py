@@ -7,8 +7,9 @@ spelling: normalize keeps it as written when its tensor has views (``keep_inplac
 tables list it beside its out-of-place form.
 
 (b) A model written in each alternate spelling (the stateless modules among them: nn.Sigmoid,
-nn.ReLU6, nn.Upsample, nn.ZeroPad2d ..., which normalize rewrites into their function) converts to the same kernels as the same model
-in the canonical spelling (op counts of the converted graphs are equal), within SQNR of float.
+nn.ReLU6, nn.Upsample, nn.ZeroPad2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d ..., which normalize
+rewrites into their function) converts to the same kernels as the same model in the canonical
+spelling (op counts of the converted graphs are equal), within SQNR of float.
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def _table_targets() -> list[tuple[str, Any]]:
 # the tables) in the others: nn.Softmax() with dim None picks its dim from the input's rank at
 # each call (torch's legacy implicit dim), which no F.softmax call states.
 KEPT_MODULES: dict[type, str] = {nn.Softmax: "dim None: implicit, rank-dependent dim"}
+# Canonical functions no built-in backend quantizes (no rule, before the module was rewritten
+# either): the module runs float, and so does its function.
+FLOAT_ONLY: dict[Any, str] = {
+    f: "no quantized kernel rule in any backend; nn.AdaptiveMaxPool* was in none either"
+    for f in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)}
 
 
 def test_rule_tables_name_canonical_ops_only() -> None:
@@ -82,19 +88,27 @@ def test_inplace_spellings_in_the_tables_sit_beside_their_canonical_op() -> None
 
 def test_stateless_modules_reach_the_tables_as_their_function() -> None:
     """Every module class normalize rewrites (nn.Sigmoid, nn.ReLU6, nn.Upsample, nn.ZeroPad2d
-    ...) is in no table (but for KEPT_MODULES), and its function is in a rule of every built-in
-    backend; the modules left in the tables have state (conv, linear, norms, prelu, embedding,
-    rnn), are pooling modules, fused modules, or KEPT_MODULES."""
+    nn.MaxPool2d, nn.AdaptiveAvgPool2d ...) is in no table (but for KEPT_MODULES), and its
+    function is in a rule of every built-in backend (but for FLOAT_ONLY); the modules left in
+    the tables have state (conv, linear, norms, prelu, embedding, rnn), are fused modules, or
+    KEPT_MODULES."""
     modules = [s for s in SPELLINGS if isinstance(s.target, type)]
+    pools = {getattr(nn, f"{kind}{d}d") for d in (1, 2, 3)
+             for kind in ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool")}
     assert {nn.Sigmoid, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.Softmax, nn.Upsample, nn.ZeroPad2d,
-            nn.ReflectionPad2d, nn.PixelShuffle, nn.Unflatten} <= {s.target for s in modules}
+            nn.ReflectionPad2d, nn.PixelShuffle, nn.Unflatten} | pools \
+        <= {s.target for s in modules}
     tables = [t for _, t in _table_targets()]
     for backend in builtin_backends():
         targets = [t for r in backend.rules for t in r.op.targets]
         for s in modules:
             assert s.target in KEPT_MODULES or s.target not in tables, s.target
-            assert any(_same(s.canonical, t) for t in targets), (backend.name, s.target)
-    stateless = {type(m) for m in (nn.Sigmoid(), nn.Tanh(), nn.Hardswish(), nn.ELU(), nn.GELU())}
+            assert s.canonical in FLOAT_ONLY or any(_same(s.canonical, t) for t in targets), (
+                backend.name, s.target)
+            assert s.canonical not in FLOAT_ONLY or not any(_same(s.canonical, t)
+                                                            for t in targets)
+    stateless = {type(m) for m in (nn.Sigmoid(), nn.Tanh(), nn.Hardswish(), nn.ELU(), nn.GELU(),
+                                   nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1))}
     for target in tables:
         if isinstance(target, type) and issubclass(target, nn.Module):
             assert target not in stateless
@@ -152,6 +166,13 @@ MODULES: dict[str, Callable[[], nn.Module]] = {
     "zero_pad": lambda: nn.ZeroPad2d((1, 1, 2, 2)), "reflection_pad": lambda: nn.ReflectionPad2d(1),
     "pixel_shuffle": lambda: nn.PixelShuffle(2), "pixel_unshuffle": lambda: nn.PixelUnshuffle(2),
     "unflatten": lambda: nn.Unflatten(1, (2, 4)),
+    "max_pool": lambda: nn.MaxPool2d(2), "max_pool_cfg": lambda: nn.MaxPool2d(3, 2, 1, 2, ceil_mode=True),
+    "max_pool1d": lambda: nn.MaxPool1d(2), "avg_pool": lambda: nn.AvgPool2d(2),
+    "avg_pool_cfg": lambda: nn.AvgPool2d(3, 2, 1, True, False, 4),
+    "avg_pool1d": lambda: nn.AvgPool1d(3, 1, 1, count_include_pad=False),
+    "adaptive_avg_pool": lambda: nn.AdaptiveAvgPool2d(1),
+    "adaptive_avg_pool_none": lambda: nn.AdaptiveAvgPool2d((None, 2)),
+    "adaptive_max_pool": lambda: nn.AdaptiveMaxPool2d(2),
 }
 
 
@@ -218,6 +239,19 @@ CASES: dict[str, tuple[Op, list[Op]]] = {
                        [_m("reflection_pad")]),
     "pixel_shuffle": (lambda s, t: F.pixel_shuffle(t, 2), [_m("pixel_shuffle")]),
     "pixel_unshuffle": (lambda s, t: F.pixel_unshuffle(t, 2), [_m("pixel_unshuffle")]),
+    "max_pool": (lambda s, t: F.max_pool2d(t, 2), [_m("max_pool")]),
+    "max_pool_cfg": (lambda s, t: F.max_pool2d(t, 3, 2, 1, 2, ceil_mode=True),
+                     [_m("max_pool_cfg")]),
+    "max_pool1d": (lambda s, t: F.max_pool1d(t.flatten(2), 2),
+                   [lambda s, t: s.m["max_pool1d"](t.flatten(2))]),
+    "avg_pool": (lambda s, t: F.avg_pool2d(t, 2), [_m("avg_pool")]),
+    "avg_pool_cfg": (lambda s, t: F.avg_pool2d(t, 3, 2, 1, True, False, 4), [_m("avg_pool_cfg")]),
+    "avg_pool1d": (lambda s, t: F.avg_pool1d(t.flatten(2), 3, 1, 1, count_include_pad=False),
+                   [lambda s, t: s.m["avg_pool1d"](t.flatten(2))]),
+    "adaptive_avg_pool": (lambda s, t: F.adaptive_avg_pool2d(t, 1), [_m("adaptive_avg_pool")]),
+    "adaptive_avg_pool_none": (lambda s, t: F.adaptive_avg_pool2d(t, (None, 2)),
+                               [_m("adaptive_avg_pool_none")]),
+    "adaptive_max_pool": (lambda s, t: F.adaptive_max_pool2d(t, 2), [_m("adaptive_max_pool")]),
     "matmul": (_mm(torch.matmul), [_mm(lambda a, b: a @ b), _mm(lambda a, b: a.matmul(b)),
                                    _mm(torch.bmm), _mm(lambda a, b: a.bmm(b))]),
     "mean": (lambda s, t: torch.mean(t, (2, 3)), [lambda s, t: t.mean((2, 3))]),

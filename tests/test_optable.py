@@ -77,7 +77,8 @@ def test_spellings_and_policies_render():
         rule = next(r for b in optable.builtin_backends() for r in b.rules if r.name == name)
         assert row[-2].startswith(rule.qparams), (name, row[-2])
     assert rows["linear"][-2] == "weighted: quantized weight, own output qparams"
-    assert rows["shared_module"][-2] == "shared: output shares the input's qparams"
+    assert rows["shared_function"][-2] == "shared: output shares the input's qparams"
+    assert "`nn.MaxPool2d`" in rows["shared_function"][1]  # normalize: F.max_pool2d
 
 
 def test_a_new_rule_shows_up_with_its_policy_kernel_and_notes():

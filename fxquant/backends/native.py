@@ -404,8 +404,8 @@ _CLAMPED = (fused.ConvClamp1d, fused.ConvClamp2d, fused.ConvClamp3d, fused.Linea
 _RELU_OF = {fused.ConvClamp1d: fused.ConvReLU1d, fused.ConvClamp2d: fused.ConvReLU2d,
             fused.ConvClamp3d: fused.ConvReLU3d, fused.LinearClamp: fused.LinearReLU}
 
-SHARED_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                  nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+# Pooling in its function form: normalize rewrites nn.MaxPool2d / nn.AvgPool2d /
+# nn.AdaptiveAvgPool2d ... into these (fxquant.ops), keeping the module's path and class.
 SHARED_FUNCTIONS = (F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                     F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
                     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.flatten)
@@ -485,8 +485,6 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
         Rule("tuple_family", Op(*TUPLE_FAMILY), SHARED, "same op on the quantized tensor",
              None, notes="outputs a tuple; each item shares the input's qparams",
              multi_output=True),
-        Rule("shared_module", Op(*SHARED_MODULES), SHARED, "same op on the quantized tensor",
-             lower_same_op),
         Rule("shared_function", Op(*SHARED_FUNCTIONS), SHARED, "same op on the quantized tensor",
              lower_same_op),
         Rule("clamp_family", Op(*CLAMP_FAMILY), SHARED, "same op on the quantized tensor",

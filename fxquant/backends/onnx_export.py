@@ -835,22 +835,6 @@ def _batch_norm(b: Builder, n: fx.Node, mod: Any) -> str:
     return b.relu(y) if isinstance(mod, (qnn.BNReLU2d, qnn.BNReLU3d)) else y
 
 
-def _pool_module(b: Builder, n: fx.Node, mod: nn.Module) -> str:
-    dims = int(type(mod).__name__[-2])
-    if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-        if mod.return_indices:
-            raise OnnxExportError("MaxPool(return_indices=True) is not exported", n)
-        return _max_pool(b, n, dims, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                         mod.ceil_mode)
-    if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-        return _avg_pool(b, n, dims, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
-                         mod.count_include_pad, getattr(mod, "divisor_override", None))
-    op = "AveragePool" if "Avg" in type(mod).__name__ else "MaxPool"
-    if op == "MaxPool" and mod.return_indices:
-        raise OnnxExportError("AdaptiveMaxPool(return_indices=True) is not exported", n)
-    return _adaptive(b, n, dims, op)
-
-
 def _softmax_module(op: str) -> ModuleEmitter:
     def emit(b: Builder, n: fx.Node, mod: Any) -> str:
         rank = len(b.shape(n.args[0]))
@@ -893,17 +877,15 @@ _MODULES: list[tuple[tuple[type, ...], ModuleEmitter]] = [
     ((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
      lambda b, n, mod: _identity(b, n)),
     ((nn.Flatten,), _module_float(_reshape)),
-    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-      nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-      nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), _pool_module),
     ((nn.PReLU,), lambda b, n, mod: _prelu(b, n, mod.weight)),
     ((nn.Softmax,), _softmax_module("Softmax")),  # dim None only: normalize keeps it a module
     ((nn.LogSoftmax,), _softmax_module("LogSoftmax")),
     ((nn.LayerNorm,), lambda b, n, mod: _layer_norm(b, n, mod.normalized_shape, mod.weight,
                                                     mod.bias, mod.eps)),
 ]
-# (the stateless activation, resampling and reshaping modules, nn.ReLU6 / nn.Hardtanh included,
-# reach a converted graph as their function: normalize rewrites them, see fxquant.ops)
+# (the stateless activation, resampling, reshaping and pooling modules, nn.ReLU6 / nn.Hardtanh
+# / nn.MaxPool2d / nn.AdaptiveAvgPool2d included, reach a converted graph as their function:
+# normalize rewrites them, see fxquant.ops)
 
 
 def module_emitter(mod: nn.Module, node: fx.Node) -> ModuleEmitter:

@@ -102,9 +102,9 @@ def test_conv_transpose_positive_per_tensor_and_negative_per_channel():
 
 
 @pytest.mark.parametrize("factory,kind", [
-    (lambda: Fn(lambda s, x: s.pool(x), pool=nn.MaxPool2d(2)), "call_module:MaxPool2d"),
+    (lambda: Fn(lambda s, x: s.pool(x), pool=nn.MaxPool2d(2)), "call_function:F.max_pool2d"),
     (lambda: Fn(lambda s, x: s.pool(x), pool=nn.AdaptiveAvgPool2d(1)),
-     "call_module:AdaptiveAvgPool2d"),
+     "call_function:F.adaptive_avg_pool2d"),
     (lambda: Fn(lambda s, x: F.relu(x)), "call_function:F.relu"),
     (lambda: Fn(lambda s, x: torch.flatten(x, 1)), "call_function:torch.flatten"),
     (lambda: Fn(lambda s, x: s.act(x), act=nn.ReLU6()), "call_function:F.relu6"),
@@ -123,7 +123,7 @@ def test_shared_positive(factory, kind):
 def test_shared_negative_qconfig_none():
     mapping = get_default_qconfig_mapping("x86").set_object_type(nn.MaxPool2d, None)
     r = annotate(Fn(lambda s, x: s.pool(x), pool=nn.MaxPool2d(2)), X4, mapping=mapping)
-    pool = node_of(r.gm, "call_module:MaxPool2d")
+    pool = node_of(r.gm, "call_function:F.max_pool2d")
     assert ann(pool).action == "keep_float"
     assert ann(pool).reason == "qconfig is None (object_type nn.MaxPool2d → None)"
     assert qinfo(pool).output_spec is None and qinfo(pool).input_specs == {}
@@ -316,7 +316,7 @@ def test_before_expected_on_a_model():
         ("call_function:torch.add", "quantize_inputs"), ("call_function:F.relu", "quantize"),
         ("call_module:ConvReLU2d", "quantize"), ("call_module:Conv2d", "quantize"),
         ("call_function:torch.add", "quantize_inputs"), ("call_function:F.relu", "quantize"),
-        ("call_module:AdaptiveAvgPool2d", "share_qparams"),
+        ("call_function:F.adaptive_avg_pool2d", "share_qparams"),
         ("call_function:torch.flatten", "share_qparams"),
         ("call_module:Linear", "quantize"),
     ]

@@ -94,10 +94,10 @@ def test_dead_dequantize_after_lowering_is_removed():
     gm, opts = prepared(model, X4)
     low, _ = run_passes(gm, [Convert(), LowerToBackend()], opts, facts=CONVERT_FACTS)
     want = low.gm(X4)
-    assert structure(low.gm) == [P, Q, DQ, "call_module:Conv2d", DQ, "call_module:MaxPool2d",
+    assert structure(low.gm) == [P, Q, DQ, "call_module:Conv2d", DQ, "call_function:F.max_pool2d",
                                  DQ, O]
     r = cleanup(low.gm, opts)
-    assert structure(r.gm) == [P, Q, "call_module:Conv2d", "call_module:MaxPool2d", DQ, O]
+    assert structure(r.gm) == [P, Q, "call_module:Conv2d", "call_function:F.max_pool2d", DQ, O]
     # two dead DQs, and the scale / zero-point get_attr nodes of the two folded quantizes
     assert r.modified is True and r.stats == {"dead_removed": 2 + 2 * 2}
     assert_every_call_decided(r.gm)
@@ -139,9 +139,9 @@ def test_cleanup_of_full_convert_pipeline_on_a_model():
     gm, opts = prepared(model, x)
     low, _ = run_passes(gm, [Convert(), LowerToBackend()], opts, facts=CONVERT_FACTS)
     r = cleanup(low.gm, opts)
-    assert structure(r.gm) == [P, Q, "call_module:ConvReLU2d", "call_module:MaxPool2d",
-                               "call_module:Conv2d", "call_module:MaxPool2d", "call_function:F.relu6",
-                               "call_module:AdaptiveAvgPool2d", "call_function:torch.flatten",
+    assert structure(r.gm) == [P, Q, "call_module:ConvReLU2d", "call_function:F.max_pool2d",
+                               "call_module:Conv2d", "call_function:F.max_pool2d", "call_function:F.relu6",
+                               "call_function:F.adaptive_avg_pool2d", "call_function:torch.flatten",
                                "call_module:Linear", DQ, O]
     # the DQ before each of the 8 lowered ops, and the scale / zero-point get_attr nodes of the
     # 8 quantize nodes that lowering folded into the kernels

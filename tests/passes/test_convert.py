@@ -83,7 +83,7 @@ def test_decisions_and_qparams():
 def test_shared_observer_gives_identical_qparams():
     model = Fn(lambda s, x: s.pool(s.conv(x)), conv=nn.Conv2d(3, 4, 3), pool=nn.MaxPool2d(2))
     before, r = convert(model.eval(), X4)
-    assert structure(r.gm) == [P, Q, DQ, "call_module:Conv2d", Q, DQ, "call_module:MaxPool2d",
+    assert structure(r.gm) == [P, Q, DQ, "call_module:Conv2d", Q, DQ, "call_function:F.max_pool2d",
                                Q, DQ, O]
     qs = [n for n in call_nodes(r.gm) if n.target is torch.quantize_per_tensor]
     assert quantize_qparams(qs[1]) == quantize_qparams(qs[2])

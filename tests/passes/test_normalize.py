@@ -584,6 +584,25 @@ MODULE_CASES = [
     (nn.PixelShuffle(2), F.pixel_shuffle, (2,), IMG),
     (nn.PixelUnshuffle(2), F.pixel_unshuffle, (2,), IMG),
     (nn.Unflatten(1, (2, 2)), torch.unflatten, (1, (2, 2)), X),
+    # pooling: kernel_size, stride, padding, dilation (ceil_mode, return_indices as keywords);
+    # kernel_size, stride, padding, ceil_mode, count_include_pad(, divisor_override); output_size
+    (nn.MaxPool1d(2), F.max_pool1d, (2, 2, 0, 1), IMG[0]),
+    (nn.MaxPool2d(3, 2, 1, ceil_mode=True), F.max_pool2d, (3, 2, 1, 1), IMG),
+    (nn.MaxPool2d(2, dilation=2), F.max_pool2d, (2, 2, 0, 2), IMG),
+    (nn.MaxPool2d(2, return_indices=True), F.max_pool2d, (2, 2, 0, 1), IMG),
+    (nn.MaxPool3d(2), F.max_pool3d, (2, 2, 0, 1), IMG),
+    (nn.AvgPool1d(3, 1, 1, count_include_pad=False), F.avg_pool1d,
+     ((3,), (1,), (1,), False, False), IMG[0]),
+    (nn.AvgPool2d(3, 2, 1, True, False, 4), F.avg_pool2d, (3, 2, 1, True, False, 4), IMG),
+    (nn.AvgPool2d(2), F.avg_pool2d, (2, 2, 0, False, True, None), IMG),
+    (nn.AvgPool3d(2, 1), F.avg_pool3d, (2, 1, 0, False, True, None), IMG),
+    (nn.AdaptiveAvgPool1d(3), F.adaptive_avg_pool1d, (3,), IMG[0]),
+    (nn.AdaptiveAvgPool2d(1), F.adaptive_avg_pool2d, (1,), IMG),
+    (nn.AdaptiveAvgPool2d((None, 2)), F.adaptive_avg_pool2d, ((None, 2),), IMG),
+    (nn.AdaptiveAvgPool3d(1), F.adaptive_avg_pool3d, (1,), IMG),
+    (nn.AdaptiveMaxPool1d(2), F.adaptive_max_pool1d, (2, False), IMG[0]),
+    (nn.AdaptiveMaxPool2d(2, return_indices=True), F.adaptive_max_pool2d, (2, True), IMG),
+    (nn.AdaptiveMaxPool3d((1, 2, 3)), F.adaptive_max_pool3d, ((1, 2, 3), False), IMG),
 ]
 
 
@@ -602,6 +621,25 @@ def test_stateless_module_becomes_its_function(module, canonical, extra, x):
     assert type(module).__name__ in d.reason
     assert not any(n.op == "call_module" for n in r.gm.graph.nodes)
     same_output(model, r.gm, x)
+
+
+def test_max_pool_keywords_and_indices():
+    """nn.MaxPool2d's ceil_mode and return_indices reach F.max_pool2d as the keywords its
+    forward passes; with return_indices=True the call returns the same (values, indices)
+    tuple, so the rewrite is exact and the getitem readers are unchanged."""
+    model = Fn(lambda s, x: s.act(x * 1)[1], act=nn.MaxPool2d(3, 2, 1, return_indices=True,
+                                                             ceil_mode=True))
+    before, r = normalize(model, IMG)
+    (call,) = [n for n in call_nodes(r.gm) if n.target is F.max_pool2d]
+    assert call.kwargs == {"ceil_mode": True, "return_indices": True}
+    assert [u.target for u in call.users] == [operator.getitem]
+    same_output(model, r.gm, IMG)
+
+
+def test_lp_pool_stays_a_module():
+    """nn.LPPool2d has no rule in any table (quantized or export) in either spelling: kept."""
+    before, r = normalize(Fn(lambda s, x: s.act(x), act=nn.LPPool2d(2, 2)), IMG)
+    assert structure(r.gm) == before == [P, "call_module:LPPool2d", O]
 
 
 def test_softmax_module_without_dim_stays_a_module():
