@@ -70,8 +70,9 @@ def _gelu_args(m: nn.Module) -> Args:
 
 
 def _softmax_module_args(m: nn.Module) -> Optional[Args]:
-    """``nn.Softmax(dim)`` → ``F.softmax(x, dim)``; ``nn.Softmax()`` (dim None: torch's legacy
-    dim chosen from the input's rank at each call) stays a module."""
+    """``nn.Softmax(dim)`` → ``F.softmax(x, dim)`` (``nn.LogSoftmax``: ``F.log_softmax``);
+    ``nn.Softmax()`` (dim None: torch's legacy dim chosen from the input's rank at each call)
+    stays a module."""
     if isinstance(m, nn.Softmax2d):
         return (-3,), {}
     return None if m.dim is None else ((m.dim,), {})
@@ -283,6 +284,8 @@ SPELLINGS: tuple[Spelling, ...] = (
     *_aliases(torch.tanh, torch.tanh_, "tanh_", inplace=True),
     *_aliases(F.softmax, torch.softmax, getattr(torch.special, "softmax", None), "softmax",
               convert=_softmax),
+    *_aliases(F.log_softmax, torch.log_softmax, getattr(torch.special, "log_softmax", None),
+              "log_softmax", convert=_softmax),
     *_aliases(F.hardtanh, F.hardtanh_, inplace=True),
     # (x.clamp_ / torch.clamp_ / clip_ stay as written, their readers re-pointed: the backends'
     # rule for them checks at annotate time that the bounds are numbers, which the rule for
@@ -316,7 +319,8 @@ SPELLINGS: tuple[Spelling, ...] = (
     # stateless modules → their function, the module's configuration as its arguments; the
     # node keeps the module's path (module_name rules, reports) and its class (object_type
     # rules: qinfo's ``original``). Modules with state (conv, linear, norms, prelu, embedding,
-    # rnn) stay modules, and so do nn.Softmax() with dim None (implicit, rank-dependent dim)
+    # rnn) stay modules, and so do nn.Softmax() / nn.LogSoftmax() with dim None (implicit,
+    # rank-dependent dim)
     # and nn.LPPool* (no table, quantized or float export, names lp_pool in either form).
     *_modules(F.relu6, _no_args, "ReLU6"),
     *_modules(F.hardtanh, _attrs("min_val", "max_val"), "Hardtanh"),
@@ -331,6 +335,7 @@ SPELLINGS: tuple[Spelling, ...] = (
     *_modules(F.hardsigmoid, _no_args, "Hardsigmoid"),
     *_modules(torch.tanh, _no_args, "Tanh"),
     *_modules(F.softmax, _softmax_module_args, "Softmax", "Softmax2d"),
+    *_modules(F.log_softmax, _softmax_module_args, "LogSoftmax"),
     *_modules(F.interpolate, _upsample_args, "Upsample", "UpsamplingNearest2d",
               "UpsamplingBilinear2d"),
     *_modules(F.pad, _pad_args("constant"), "ZeroPad1d", "ZeroPad2d", "ZeroPad3d",

@@ -57,8 +57,9 @@ KEPT_MODULES: dict[type, str] = {nn.Softmax: "dim None: implicit, rank-dependent
 # Canonical functions no built-in backend quantizes (no rule, before the module was rewritten
 # either): the module runs float, and so does its function.
 FLOAT_ONLY: dict[Any, str] = {
-    f: "no quantized kernel rule in any backend; nn.AdaptiveMaxPool* was in none either"
-    for f in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)}
+    **{f: "no quantized kernel rule in any backend; nn.AdaptiveMaxPool* was in none either"
+       for f in (F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)},
+    F.log_softmax: "no quantized kernel rule in any backend (nn.LogSoftmax was in none either)"}
 
 
 def test_rule_tables_name_canonical_ops_only() -> None:
@@ -172,7 +173,7 @@ MODULES: dict[str, Callable[[], nn.Module]] = {
     "avg_pool1d": lambda: nn.AvgPool1d(3, 1, 1, count_include_pad=False),
     "adaptive_avg_pool": lambda: nn.AdaptiveAvgPool2d(1),
     "adaptive_avg_pool_none": lambda: nn.AdaptiveAvgPool2d((None, 2)),
-    "adaptive_max_pool": lambda: nn.AdaptiveMaxPool2d(2),
+    "adaptive_max_pool": lambda: nn.AdaptiveMaxPool2d(2), "log_softmax": lambda: nn.LogSoftmax(1),
 }
 
 
@@ -193,6 +194,9 @@ CASES: dict[str, tuple[Op, list[Op]]] = {
                 [lambda s, t: torch.softmax(t, 1), lambda s, t: t.softmax(1),
                  lambda s, t: torch.special.softmax(t, 1), _m("softmax")]),
     "softmax2d": (lambda s, t: F.softmax(t, -3), [_m("softmax2d")]),
+    "log_softmax": (lambda s, t: F.log_softmax(t, 1),
+                    [lambda s, t: torch.log_softmax(t, 1), lambda s, t: t.log_softmax(1),
+                     lambda s, t: torch.special.log_softmax(t, 1), _m("log_softmax")]),
     "clamp": (lambda s, t: torch.clamp(t, -0.5, 0.5),
               [lambda s, t: torch.clip(t, -0.5, 0.5), lambda s, t: t.clamp(-0.5, 0.5),
                lambda s, t: t.clip(-0.5, 0.5)]),

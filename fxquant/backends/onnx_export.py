@@ -658,7 +658,6 @@ _ELEMENTWISE: dict[Any, Emitter] = {
                                alpha=float(b.constant(arg(n, 1, "alpha", 1.0)))),
     torch.exp: _unary("Exp"), torch.sqrt: _unary("Sqrt"),
     F.softmax: _softmax("Softmax"), F.log_softmax: _softmax("LogSoftmax"),
-    torch.log_softmax: _softmax("LogSoftmax"), "log_softmax": _softmax("LogSoftmax"),
 }
 
 _ARITH: dict[Any, Emitter] = {
@@ -879,7 +878,7 @@ _MODULES: list[tuple[tuple[type, ...], ModuleEmitter]] = [
     ((nn.Flatten,), _module_float(_reshape)),
     ((nn.PReLU,), lambda b, n, mod: _prelu(b, n, mod.weight)),
     ((nn.Softmax,), _softmax_module("Softmax")),  # dim None only: normalize keeps it a module
-    ((nn.LogSoftmax,), _softmax_module("LogSoftmax")),
+    ((nn.LogSoftmax,), _softmax_module("LogSoftmax")),  # dim None only, as nn.Softmax
     ((nn.LayerNorm,), lambda b, n, mod: _layer_norm(b, n, mod.normalized_shape, mod.weight,
                                                     mod.bias, mod.eps)),
 ]

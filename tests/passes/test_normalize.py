@@ -312,6 +312,9 @@ ALIAS_CASES = [
     ("torch.softmax", torch.softmax, F.softmax, (A4,), _xs(1)),
     ("torch.special.softmax", torch.special.softmax, F.softmax, (A4,), _xs(-1, torch.float64)),
     ("x.softmax", "softmax", F.softmax, (A4,), _xs(1, torch.float64)),
+    ("torch.log_softmax", torch.log_softmax, F.log_softmax, (A4,), _xs(1)),
+    ("torch.special.log_softmax", torch.special.log_softmax, F.log_softmax, (A4,), _xs(-1)),
+    ("x.log_softmax", "log_softmax", F.log_softmax, (A4,), _xs(1, torch.float64)),
     ("F.hardtanh_", F.hardtanh_, F.hardtanh, (A4,), _xs(-0.5, 0.5)),
     ("torch.clip", torch.clip, torch.clamp, (A4,), _xs(-0.5, 0.5)),
     ("x.clamp", "clamp", torch.clamp, (A4,), _kw(min=0.0)),
@@ -561,6 +564,7 @@ MODULE_CASES = [
     (nn.Tanh(), torch.tanh, (), X),
     (nn.Softmax(dim=0), F.softmax, (0,), X),
     (nn.Softmax2d(), F.softmax, (-3,), IMG),
+    (nn.LogSoftmax(dim=1), F.log_softmax, (1,), X),
     (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), F.interpolate, (), IMG),
     (nn.Upsample(scale_factor=1.5, mode="nearest", recompute_scale_factor=True), F.interpolate,
      (), IMG),
@@ -651,6 +655,10 @@ def test_softmax_module_without_dim_stays_a_module():
         warnings.simplefilter("ignore", UserWarning)
         before, r = normalize(Fn(lambda s, x: s.act(x), act=nn.Softmax()), X)
     assert structure(r.gm) == before == [P, "call_module:Softmax", O]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        before, r = normalize(Fn(lambda s, x: s.act(x), act=nn.LogSoftmax()), X)
+    assert structure(r.gm) == before == [P, "call_module:LogSoftmax", O]
 
 
 @pytest.mark.parametrize("module,canonical", [(nn.Hardswish(inplace=True), F.hardswish),
