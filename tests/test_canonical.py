@@ -325,3 +325,40 @@ def test_every_spelling_converts_to_the_same_kernels(name: str) -> None:
         with torch.no_grad():
             assert torch.equal(alt(x.clone()), ref), (name, i)  # the same float model
             assert _sqnr(ref, quantized(x.clone())) >= SQNR_FLOOR, (name, i)
+
+
+def test_pooling_module_rules_reach_its_function() -> None:
+    """nn.MaxPool2d / nn.AdaptiveAvgPool2d become F.max_pool2d / F.adaptive_avg_pool2d, which keep
+    the module's path and class: object_type(nn.MaxPool2d) and module_name rules still apply, and
+    the converted pool runs float where a rule says None (int8 elsewhere, as before)."""
+    from fxquant.meta import qinfo
+
+    class Pools(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.pool, self.pool2 = nn.MaxPool2d(2), nn.MaxPool2d(2)
+            self.gap = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gap(self.pool2(self.pool(self.conv(x))))
+
+    def prepared(mapping: Any) -> torch.fx.GraphModule:
+        return fxquant.prepare_fx(Pools().eval(), mapping, (torch.randn(*SHAPE),), backend="x86")
+
+    def at(gm: torch.fx.GraphModule, path: str) -> torch.fx.Node:
+        (node,) = [n for n in gm.graph.nodes if n.op == "call_function"
+                   and qinfo(n).module_path == path]
+        return node
+
+    qc = fxquant.get_default_qconfig_mapping("x86")
+    gm = prepared(copy.deepcopy(qc).set_object_type(nn.MaxPool2d, None))
+    for path in ("pool", "pool2"):
+        node = at(gm, path)
+        assert node.target is F.max_pool2d and qinfo(node).original is nn.MaxPool2d
+        assert qinfo(node).qconfig is None and "MaxPool2d" in qinfo(node).qconfig_reason
+    assert qinfo(at(gm, "gap")).qconfig is not None
+    gm = prepared(copy.deepcopy(qc).set_module_name("pool2", None))
+    assert qinfo(at(gm, "pool2")).qconfig is None
+    assert qinfo(at(gm, "pool")).qconfig is not None
+    assert at(gm, "gap").target is F.adaptive_avg_pool2d
