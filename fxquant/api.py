@@ -59,7 +59,7 @@ def _example_tuple(example_inputs: Any) -> Optional[tuple[Any, ...]]:
 def _resolve_backend(backend: Union[str, Backend], qconfig_mapping: Any) -> Backend:
     """The one place a backend name is resolved: "auto" is the mapping's backend if it names
     one, else this CPU's default."""
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
     from fxquant.backends.names import AUTO
 
     if backend == AUTO and getattr(qconfig_mapping, "backend", None):

@@ -304,7 +304,7 @@ def check_quantize_outputs(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import fxquant
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
     from fxquant.backends.engine import engine
 
     check_quantize_outputs(args)

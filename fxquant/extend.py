@@ -14,12 +14,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY,
-                                   WEIGHTED, Backend, LowerCtx, Rule, get_backend,
-                                   register_backend, registered_backends, unregister_backend)
+                                   WEIGHTED, Backend, LowerCtx, Rule)
 from fxquant.backends.engine import engine as quantized_engine
 from fxquant.backends.engine import supported_engines
 from fxquant.backends.native import lower_same_op, lower_weighted
 from fxquant.backends.reference_ops import is_dequantize, is_quantize
+from fxquant.backends.registry import (get_backend, register_backend, registered_backends,
+                                       unregister_backend)
 from fxquant.errors import FxQuantError
 from fxquant.meta import qinfo
 from fxquant.options import QuantOptions

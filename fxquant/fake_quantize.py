@@ -521,7 +521,7 @@ def get_default_qat_qconfig(backend: str = DEFAULT_BACKEND, version: int = 1, *,
 
     All observe with moving-average min/max (averaging constant 0.01).
     """
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
     from fxquant.qconfig import activation_range, resolve_backend
 
     policy = get_backend(resolve_backend(backend))
@@ -552,7 +552,7 @@ def get_default_qat_qconfig_mapping(backend: str = AUTO, version: int = 1, *,
     a float weight, PReLU with :data:`~fxquant.qconfig.default_quint8_weight_qconfig` (as torch),
     and FixedQParamsFakeQuantize for sigmoid / hardsigmoid / softmax / tanh.
     ``mapping.backend`` records the resolved backend."""
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
     from fxquant.qconfig import activation_range, resolve_backend
 
     policy = get_backend(resolve_backend(backend))

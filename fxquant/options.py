@@ -56,7 +56,7 @@ class QuantOptions:
         default), a :class:`Backend` object, or None (passes that need one take "auto")."""
         if backend is None:
             return cls(**values)
-        from fxquant.backends.base import get_backend
+        from fxquant.backends.registry import get_backend
 
         resolved = get_backend(backend)
         return cls(backend_name=resolved.name, resolved_backend=resolved, **values)
@@ -81,7 +81,7 @@ class QuantOptions:
         """The Backend; looked up by name (once) only where a pickle or a user's options
         gave the name alone; "auto" where no backend was given."""
         if self.resolved_backend is None:
-            from fxquant.backends.base import get_backend
+            from fxquant.backends.registry import get_backend
             from fxquant.backends.names import AUTO
 
             object.__setattr__(self, "resolved_backend", get_backend(self.backend_name or AUTO))

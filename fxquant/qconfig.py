@@ -32,7 +32,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from fxquant.backends.names import AUTO, BUILTIN_BACKENDS, DEFAULT_BACKEND, resolve_backend_name
+from fxquant.backends.names import AUTO, BUILTIN_BACKENDS, DEFAULT_BACKEND
+from fxquant.backends.registry import resolve_backend_name
 from fxquant.errors import ConfigError, ConfigTypeError, did_you_mean
 from fxquant.records import QConfigRule, RuleReason
 from fxquant.observers import (
@@ -192,7 +193,7 @@ def resolve_backend(backend: str = AUTO) -> str:
 
 def _backend(name: str) -> Any:
     """The :class:`~fxquant.backends.base.Backend` whose policy a default qconfig follows."""
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
 
     return get_backend(resolve_backend(name))
 

@@ -10,6 +10,7 @@ retry with that submodule as a leaf.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import linecache
 import os
@@ -239,12 +240,11 @@ _LIBRARY_DIRS: list[str] = []
 
 
 def _library_dirs() -> list[str]:
-    if not _LIBRARY_DIRS:
-        import fxquant
-        import fxquant.passes
-
-        for module in (torch, fxquant, fxquant.passes):
-            _LIBRARY_DIRS.append(os.path.dirname(os.path.abspath(module.__file__)) + os.sep)
+    if not _LIBRARY_DIRS:  # torch's, fxquant's and the passes' folders (found, not imported)
+        for name in ("torch", "fxquant", "fxquant.passes"):
+            spec = importlib.util.find_spec(name)
+            assert spec is not None and spec.origin is not None, name
+            _LIBRARY_DIRS.append(os.path.dirname(os.path.abspath(spec.origin)) + os.sep)
     return _LIBRARY_DIRS
 
 

@@ -72,7 +72,8 @@ def _attention_defaults(gm: fx.GraphModule, mapping: Any, modules: dict, ctx: Pa
 def _default_mapping(mapping: Any, is_qat: bool) -> Any:
     """The default (QAT) mapping of ``mapping.backend`` (the default backend's for hand-made
     mappings)."""
-    from fxquant.backends.names import DEFAULT_BACKEND, known_backends
+    from fxquant.backends.names import DEFAULT_BACKEND
+    from fxquant.backends.registry import known_backends
     from fxquant.fake_quantize import get_default_qat_qconfig_mapping
     from fxquant.qconfig import get_default_qconfig_mapping
 

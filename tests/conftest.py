@@ -32,13 +32,13 @@ def _restore_engine():
 def _restore_backend_registry():
     """A test that registers a backend (an extension, a deliberately wrong rule) must not leak
     it into later tests: the op-table test checks every registered backend is a built-in one."""
-    from fxquant.backends import base
+    from fxquant.backends import registry
 
-    base.get_backend("x86")  # the built-ins are loaded before the snapshot
-    saved = dict(base._REGISTRY)
+    registry.registered_backends()  # the built-ins are loaded before the snapshot
+    saved = dict(registry._REGISTRY)
     yield
-    base._REGISTRY.clear()
-    base._REGISTRY.update(saved)
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.backends import engine as E
 from fxquant.backends import names as N
-from fxquant.backends.base import LowerCtx, get_backend, register_backend, unregister_backend
+from fxquant.backends.base import LowerCtx
+from fxquant.backends.registry import get_backend, register_backend, unregister_backend
 from fxquant.errors import ConfigError
 from fxquant.extend import Chain, GroupFusion, Op, compose_backend, with_fusions
 from fxquant.fake_quantize import get_default_qat_qconfig, get_default_qat_qconfig_mapping

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from fxquant.backends.base import unregister_backend
+from fxquant.backends.registry import unregister_backend
 from fxquant.meta import qinfo
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "custom_pass_and_rule.py")

@@ -32,7 +32,8 @@ from torch import nn
 
 import fxquant
 from fxquant.backends import kernel_check
-from fxquant.backends.base import SHARED, Rule, get_backend, register_backend, unregister_backend
+from fxquant.backends.base import SHARED, Rule
+from fxquant.backends.registry import get_backend, register_backend, unregister_backend
 from fxquant.backends.native import lower_same_op
 from fxquant.measure import sqnr_db
 from fxquant.meta import qinfo

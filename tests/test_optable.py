@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant import optable
-from fxquant.backends.base import FIXED, SHARED, Rule, get_backend, registered_backends
+from fxquant.backends.base import FIXED, SHARED, Rule
+from fxquant.backends.registry import get_backend, registered_backends
 from fxquant.fusion import default_group_fusions, default_module_fusions
 from fxquant.ops import SPELLINGS
 from fxquant.patterns import Op

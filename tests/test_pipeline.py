@@ -331,7 +331,7 @@ def test_a_missing_mapping_names_the_option_and_the_pass():
 
 
 def test_options_are_typed_frozen_and_hold_the_resolved_backend():
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
 
     prepared = fxquant.prepare_fx(Small().eval(), get_default_qconfig_mapping("x86"), (X,),
                                   backend="x86")
@@ -346,7 +346,7 @@ def test_options_are_typed_frozen_and_hold_the_resolved_backend():
 
 
 def test_an_options_dict_is_read_as_quant_options():
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
 
     ctx = PassContext(options={"backend": "x86", "is_qat": True, "example_inputs": None})
     assert isinstance(ctx.options, QuantOptions) and ctx.options.is_qat is True

@@ -20,7 +20,8 @@ from torch import nn
 import fxquant
 from fxquant import fake_quantize as fq
 from fxquant.backends.cpu import full_range_activations_safe
-from fxquant.backends.base import FIXED, Rule, get_backend, register_backend
+from fxquant.backends.base import FIXED, Rule
+from fxquant.backends.registry import get_backend, register_backend
 from fxquant.errors import FxQuantError
 from fxquant.meta import qinfo
 from fxquant.nn import qat

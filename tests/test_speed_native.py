@@ -105,7 +105,8 @@ def test_broadcast_kernel_refused_by_the_check_stays_float_with_reason():
     covers equal shapes only: broadcast shapes take the generic kernel), so a backend with a
     wrong broadcasting add shows the mechanism: the add stays float, with the check's
     numbers as the reason, and the model still matches float."""
-    from fxquant.backends.base import OWN, Rule, get_backend, register_backend, unregister_backend
+    from fxquant.backends.base import OWN, Rule
+    from fxquant.backends.registry import get_backend, register_backend, unregister_backend
     from fxquant.backends.native import check_two_tensors, lower_binary
     from fxquant.patterns import Op
 

@@ -219,38 +219,3 @@ class Backend:
     def extended(self, *rules: Rule, name: Optional[str] = None) -> "Backend":
         """A copy with extra rules tried first (how users add patterns and kernels)."""
         return replace(self, rules=tuple(rules) + self.rules, name=name or self.name)
-
-
-_REGISTRY: dict[str, Backend] = {}
-
-
-def register_backend(backend: Backend) -> Backend:
-    _REGISTRY[backend.name] = backend
-    return backend
-
-
-def unregister_backend(name: str) -> Optional[Backend]:
-    """Remove a backend registered under ``name`` (an extension's, or a built-in one) and
-    return it; ``None`` when none was. Built-ins come back only in a new process."""
-    return _REGISTRY.pop(name, None)
-
-
-def get_backend(name: Union[str, Backend]) -> Backend:
-    if isinstance(name, Backend):
-        return name
-    _load_builtin()
-    if name == AUTO:
-        name = machine_backend()
-    if name not in _REGISTRY:
-        raise FxQuantError(f"unknown backend '{name}'",
-                           hint=f"use one of {sorted(_REGISTRY)} or register_backend(...) your own")
-    return _REGISTRY[name]
-
-
-def registered_backends() -> tuple[str, ...]:
-    _load_builtin()
-    return tuple(sorted(_REGISTRY))
-
-
-def _load_builtin() -> None:
-    from fxquant.backends import fbgemm, onednn, qnnpack, x86  # noqa: F401 - registers

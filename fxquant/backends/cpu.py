@@ -236,7 +236,7 @@ class ActivationRange:
 def engine_of(backend: str) -> str:
     """The torch quantized engine a backend runs on (a registered backend's ``engine``; the
     built-in backends are named after theirs)."""
-    from fxquant.backends.base import get_backend
+    from fxquant.backends.registry import get_backend
 
     try:
         return get_backend(backend).engine

@@ -1,7 +1,7 @@
 """The built-in backend names, the default backend, and which backend ``"auto"`` means here.
 
 The rest of the library never spells or compares a backend name: it passes names through
-:func:`resolve_backend_name` and asks the :class:`~fxquant.backends.base.Backend` object
+:func:`fxquant.backends.registry.resolve_backend_name` and asks the :class:`~fxquant.backends.base.Backend` object
 (``get_backend(name)``) for its policy (tests/test_layering.py checks this).
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import platform
 from typing import Optional
 
-from fxquant.errors import ConfigError, did_you_mean
+from fxquant.errors import ConfigError
 
 __all__ = ["AUTO", "BUILTIN_BACKENDS", "DEFAULT_BACKEND", "FBGEMM", "ONEDNN", "QNNPACK", "X86",
-           "known_backends", "machine_backend", "resolve_backend_name"]
+           "machine_backend"]
 
 AUTO = "auto"  # the user-facing "pick by this machine's CPU"
 FBGEMM = "fbgemm"
@@ -41,22 +41,3 @@ def machine_backend(machine: Optional[str] = None) -> str:
             f"pass backend= one of {list(BUILTIN_BACKENDS)}"
         )
     return chosen
-
-
-def known_backends() -> tuple[str, ...]:
-    """The built-in backend names (in their documented order), then any others registered."""
-    from fxquant.backends.base import registered_backends
-
-    return BUILTIN_BACKENDS + tuple(n for n in registered_backends() if n not in BUILTIN_BACKENDS)
-
-
-def resolve_backend_name(name: str = AUTO, machine: Optional[str] = None) -> str:
-    """A concrete backend name: ``"auto"`` resolved for ``machine`` (default: this one), any
-    other name checked against :func:`known_backends` and returned as given."""
-    if name == AUTO:
-        return machine_backend(machine)
-    known = known_backends()
-    if name not in known:
-        raise ConfigError(f"unknown quantization backend {name!r}{did_you_mean(str(name), known)}; "
-                          f"use one of {list(known)} or {AUTO!r}")
-    return name

@@ -1,14 +1,14 @@
 """The onednn backend: oneDNN (formerly MKL-DNN) kernels on x86."""
 from __future__ import annotations
 
-from fxquant.backends.base import Backend, register_backend
+from fxquant.backends.base import Backend
 from fxquant.backends.names import ONEDNN
 from fxquant.backends.native import native_rules
 
-BACKEND = register_backend(Backend(
+BACKEND = Backend(
     name=ONEDNN,
     engine=ONEDNN,
     rules=native_rules(),
     description="oneDNN (formerly MKL-DNN) kernels on x86",
     engine_candidates=(),  # its convs are not timed against other engines'
-))
+)

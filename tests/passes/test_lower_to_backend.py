@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxquant.backends.base import FIXED, Rule, get_backend
+from fxquant.backends.base import FIXED, Rule
+from fxquant.backends.registry import get_backend
 from fxquant.errors import PassFailed
 from fxquant.meta import qinfo
 from fxquant.passes import Convert, LowerToBackend
