@@ -12,7 +12,7 @@ import torch.nn as nn
 from fxquant.errors import FxQuantError
 from fxquant.options import OPTIONS_KEY, QuantOptions, options_of
 from fxquant.pipeline import Instrument, Pass, PassContext, PassManager
-from fxquant.serialize import keep_meta_when_pickled, restore_pickled_meta
+from fxquant.pickling import keep_meta_when_pickled, restore_pickled_meta
 from fxquant.trace import TraceConfig, record_values, trace
 from fxquant.validate import eval_modes, label_observers, validate_calibrated, validate_prepare
 

@@ -38,7 +38,6 @@ import json
 import operator
 import os
 import pickle
-import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -47,11 +46,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant.errors import FxQuantError
+from fxquant.pickling import (PREPARED_STATE_KEY, _PickledMeta,  # noqa: F401 - old pickles
+                              keep_meta_when_pickled, qualname, remember_prepared,
+                              restore_pickled_meta, target_text)
 from fxquant.options import OPTIONS_KEY, QuantOptions, options_of
 
 FORMAT = "fxquant/1"
-PREPARED_STATE_KEY = "fxquant_prepared_state"
-PICKLE_ATTR = "_fxquant_pickled_meta"
 _SAVE_HINT = "write it with fxquant.save(quantized, path) or `fxquant quantize ... --out path`"
 
 
@@ -80,10 +80,6 @@ class _Unsaveable(Exception):
 
 
 # ---------------------------------------------------------------------------------- registries
-def _qualname(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
-
-
 def _torch_constants(kind: type) -> dict[str, Any]:
     return {str(v).replace("torch.", ""): v for v in vars(torch).values() if isinstance(v, kind)}
 
@@ -98,7 +94,7 @@ def _library_classes() -> dict[str, type]:
     import importlib
 
     spaces = [vars(nn)] + [vars(importlib.import_module(f"fxquant.{m}")) for m in _FXQUANT_MODULES]
-    return {_qualname(v): v for space in spaces for v in space.values()
+    return {qualname(v): v for space in spaces for v in space.values()
             if isinstance(v, type) and issubclass(v, nn.Module)}
 
 
@@ -135,7 +131,7 @@ class _Names:
     def __init__(self, model: Optional[nn.Module] = None, user_classes: bool = False) -> None:
         self.classes = dict(_library_classes())
         if model is not None:
-            self.classes.update({_qualname(type(m)): type(m) for m in model.modules()})
+            self.classes.update({qualname(type(m)): type(m) for m in model.modules()})
         self.functions = _functions()
         self.user_classes = user_classes
         self._class_names = {id(v): k for k, v in self.classes.items()}
@@ -146,7 +142,7 @@ class _Names:
         if name is not None and self.classes[name] is cls:
             return name
         if self.user_classes and issubclass(cls, nn.Module) and not _is_observer_class(cls):
-            return _qualname(cls)
+            return qualname(cls)
         return None
 
     def function_name(self, fn: Any) -> Optional[str]:
@@ -358,18 +354,9 @@ def _freeze(k: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- graphs
-def _target_text(node: fx.Node) -> str:
-    """What a node runs, as text that does not depend on node names."""
-    t = node.target
-    if node.op != "call_function":
-        return str(t)
-    qualified = getattr(t, "_qualified_op_name", None)
-    return qualified if isinstance(qualified, str) else _qualname(t)
-
-
 def graph_signature(gm: fx.GraphModule) -> list[list[str]]:
     """[op, target] of every node, in order: what :func:`load` compares."""
-    return [[n.op, _target_text(n)] for n in gm.graph.nodes]
+    return [[n.op, target_text(n)] for n in gm.graph.nodes]
 
 
 def _enc_graph(gm: fx.GraphModule, names: _Names) -> list[dict[str, Any]]:
@@ -379,7 +366,7 @@ def _enc_graph(gm: fx.GraphModule, names: _Names) -> list[dict[str, Any]]:
     out = []
     for n in gm.graph.nodes:
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: _NodeRef(a.name))
-        out.append({"name": n.name, "op": n.op, "target": _target_text(n),
+        out.append({"name": n.name, "op": n.op, "target": target_text(n),
                     "label": target_name(n.target) if n.op == "call_function" else str(n.target),
                     "args": _enc_plain(args, names), "kwargs": _enc_plain(kwargs, names),
                     "record": _enc_plain(qinfo_or_none(n), names)})
@@ -444,7 +431,7 @@ def _options_json(units: list[tuple[str, fx.GraphModule]], model: nn.Module) -> 
         "backend": opts.backend_name, "is_qat": bool(opts.is_qat),
         "kind": "converted" if "lower_to_backend" in units[0][1].meta.get("fxquant_timings", {})
         else "reference",
-        "leaf_classes": [_qualname(c) for c in getattr(config, "leaf_classes", ())],
+        "leaf_classes": [qualname(c) for c in getattr(config, "leaf_classes", ())],
         "leaf_names": [n for n in getattr(config, "leaf_names", ()) if n not in auto_leaves],
         "concrete_args": None, "qconfig_mapping": None, "qconfig_mapping_unsaved": None,
         "engine_choices": [list(c) for c in _engine_choices(units)]}
@@ -614,11 +601,10 @@ def load(float_model: nn.Module, path: Any, example_inputs: Any = None, *,
     kwargs = {**_saved_trace_options(art, names, float_model), **prepare_kwargs}
     prepared = _reprepare(float_model, mapping, example_inputs, opts, kwargs, art)
     _load_prepared_state(prepared, art)
-    import fxquant
-
+    from fxquant import api
     from fxquant.backends import engine_choice
 
-    convert = fxquant.convert_fx if opts["kind"] == "converted" else fxquant.convert_to_reference_fx
+    convert = api.convert_fx if opts["kind"] == "converted" else api.convert_to_reference_fx
     saved_choices = tuple((str(t), str(e)) for t, e in opts.get("engine_choices") or ())
     with engine_choice.options(replay=saved_choices):  # the saved packing, not new timings
         converted = convert(prepared)
@@ -657,15 +643,15 @@ def _saved_trace_options(art: Artifact, names: _Names, model: nn.Module) -> dict
 
 def _reprepare(model: nn.Module, mapping: Any, example_inputs: Any, opts: dict[str, Any],
                kwargs: dict[str, Any], art: Artifact) -> nn.Module:
-    import fxquant
+    from fxquant import api
 
     was_training = model.training
     try:
         if opts["is_qat"]:
-            return fxquant.prepare_qat_fx(model.train(), mapping, example_inputs,
-                                          backend=opts["backend"], **kwargs)
-        return fxquant.prepare_fx(model.eval(), mapping, example_inputs,
-                                  backend=opts["backend"], **kwargs)
+            return api.prepare_qat_fx(model.train(), mapping, example_inputs,
+                                      backend=opts["backend"], **kwargs)
+        return api.prepare_fx(model.eval(), mapping, example_inputs,
+                              backend=opts["backend"], **kwargs)
     except FxQuantError as e:
         raise ArtifactMismatch(
             f"{art.path!r}: preparing the given {type(model).__name__} with the file's options "
@@ -891,92 +877,3 @@ def _checked_target(op: str, target: str) -> str:
     if not all(p.replace("_", "a").isalnum() for p in parts):
         raise ArtifactError(f"bad {op} target {target!r} in the model file")
     return target
-
-
-# ---------------------------------------------------------------------------------- convert hook
-def remember_prepared(gm: fx.GraphModule) -> None:
-    """Called by ``convert`` on the prepared model it starts from: keep its state (weights,
-    observer / fake-quant statistics: plain tensors) in ``gm.meta`` for :func:`save`."""
-    gm.meta[PREPARED_STATE_KEY] = {k: v.detach().clone() for k, v in gm.state_dict().items()}
-
-
-# ---------------------------------------------------------------------------------- pickling
-class _PickledMeta:
-    """Rides in a GraphModule's ``__dict__``. torch.fx pickles a GraphModule as its code and
-    its ``__dict__`` and rebuilds the graph by tracing the code, which loses ``node.meta`` (the
-    decision records) and ``gm.meta`` (the options convert needs). When the module is pickled
-    this takes a snapshot of both; :func:`restore_pickled_meta` puts them back."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self._gm: Optional[Callable[[], Any]] = weakref.ref(gm)
-        self.snapshot: Optional[dict[str, Any]] = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        gm = self._gm() if self._gm is not None else None
-        return {"snapshot": _snapshot(gm) if gm is not None else self.snapshot}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._gm, self.snapshot = None, state["snapshot"]
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_PickledMeta":
-        new = _PickledMeta.__new__(_PickledMeta)
-        new._gm, new.snapshot = None, self.snapshot  # deepcopy of a GraphModule keeps node.meta
-        return new
-
-
-def _picklable(obj: Any) -> bool:
-    try:
-        pickle.dumps(obj)
-        return True
-    except Exception:  # noqa: BLE001 - lambdas, local classes, open handles ...
-        return False
-
-
-def _snapshot(gm: fx.GraphModule) -> dict[str, Any]:
-    from fxquant.meta import qinfo_or_none
-
-    records = [(n.op, _target_text(n), qinfo_or_none(n)) for n in gm.graph.nodes]
-    bad = [n.name for n, (_, _, info) in zip(gm.graph.nodes, records) if not _picklable(info)]
-    bad += [k for k, v in gm.meta.items() if k != PREPARED_STATE_KEY and not _picklable(v)]
-    meta = {k: v for k, v in gm.meta.items() if k not in bad}  # shared with the pickled
-    return {"records": records if not bad else None, "meta": meta, "unpicklable": bad}
-
-
-def keep_meta_when_pickled(gm: fx.GraphModule) -> None:
-    """Make ``torch.save(gm)`` keep the records and options (see :class:`_PickledMeta`)."""
-    setattr(gm, PICKLE_ATTR, _PickledMeta(gm))
-
-
-def restore_pickled_meta(model: Any) -> None:
-    """Put back the records and options of every GraphModule in ``model`` that went through
-    pickling (``torch.save`` / ``torch.load`` of a trusted file of your own)."""
-    if not isinstance(model, nn.Module):
-        return
-    for m in model.modules():
-        carrier = vars(m).get(PICKLE_ATTR)
-        if isinstance(m, fx.GraphModule) and isinstance(carrier, _PickledMeta) \
-                and carrier.snapshot is not None and OPTIONS_KEY not in m.meta:
-            _restore(m, carrier.snapshot)
-            keep_meta_when_pickled(m)
-
-
-def _restore(gm: fx.GraphModule, snap: dict[str, Any]) -> None:
-    from fxquant.meta import META_KEY
-
-    records = snap["records"]
-    if records is None:
-        raise FxQuantError(
-            f"this {type(gm).__name__} was pickled with decision records or options that do "
-            f"not pickle ({', '.join(snap['unpicklable'][:3])}): convert cannot go on from it",
-            hint="use module-level observer classes / factories (no lambdas) in the qconfig, "
-                 "or convert before saving and write the result with fxquant.save")
-    nodes = list(gm.graph.nodes)
-    same = len(nodes) == len(records) and all(
-        n.op == op and _target_text(n) == t for n, (op, t, _) in zip(nodes, records))
-    if not same:
-        raise FxQuantError(f"the pickled {type(gm).__name__}'s graph no longer matches its "
-                           f"records", hint="pickle the prepared model as fxquant returned it")
-    for node, (_, _, info) in zip(nodes, records):
-        if info is not None:
-            node.meta[META_KEY] = info
-    gm.meta.update(snap["meta"])

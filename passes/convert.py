@@ -42,7 +42,7 @@ class Convert:
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from fxquant.range_check import check_ranges
-        from fxquant.serialize import remember_prepared
+        from fxquant.pickling import remember_prepared
 
         remember_prepared(gm)
         install_kernel_qparams_hooks(gm)

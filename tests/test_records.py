@@ -336,9 +336,9 @@ def _every_import(path: Path, module: str, modules: set[str]) -> set[str]:
 
 def test_no_import_cycles_through_lazy_imports():
     """No cycle either among the imports made inside functions (they only postpone a cycle).
-    Not counted: ``import fxquant`` of the package root (loaded before any submodule; the
-    serialize module reaches the public prepare / convert through it, noted in the note) and
-    the registry's loading of the built-in backend files by name, which do not import it."""
+    Not counted: ``import fxquant`` of the package root (loaded before any submodule, which
+    re-exports the API; used by the CLI, which nothing imports, and for ``__version__``). Counted as
+    edges: the registry's loading of the built-in backend files by name."""
     paths = {_module_name(p): p for p in _library_files()}
     graph = nx.DiGraph()
     for module, path in paths.items():
