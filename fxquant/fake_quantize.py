@@ -55,9 +55,12 @@ from fxquant.observers import (
     WithArgs,
 )
 from fxquant.qconfig import (
+    CONV_TRANSPOSE_TYPES,
     FIXED_QPARAMS_OP_TO_OBSERVER,
     QConfig,
     QConfigMapping,
+    activation_range,
+    backend_policy,
     default_quint8_weight_qconfig,
     default_reuse_input_qconfig,
 )
@@ -521,10 +524,7 @@ def get_default_qat_qconfig(backend: str = DEFAULT_BACKEND, version: int = 1, *,
 
     All observe with moving-average min/max (averaging constant 0.01).
     """
-    from fxquant.backends.registry import get_backend
-    from fxquant.qconfig import activation_range, resolve_backend
-
-    policy = get_backend(resolve_backend(backend))
+    policy = backend_policy(backend)
     if version not in (0, 1):
         raise ValueError(f"get_default_qat_qconfig: version must be 0 or 1, got {version!r}")
     fused = version == 1
@@ -536,13 +536,6 @@ def get_default_qat_qconfig(backend: str = DEFAULT_BACKEND, version: int = 1, *,
     return QConfig(activation=_act_fake_quant(fused, reduce_range), weight=weight)
 
 
-_CONV_TRANSPOSE_TYPES: tuple[Any, ...] = (
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
-    torch.nn.functional.conv_transpose3d,
-)
-
-
 def get_default_qat_qconfig_mapping(backend: str = AUTO, version: int = 1, *,
                                     reduce_range: bool | None = None) -> QConfigMapping:
     """The default QAT QConfigMapping of a backend, as torch.ao builds it: global
@@ -552,16 +545,13 @@ def get_default_qat_qconfig_mapping(backend: str = AUTO, version: int = 1, *,
     a float weight, PReLU with :data:`~fxquant.qconfig.default_quint8_weight_qconfig` (as torch),
     and FixedQParamsFakeQuantize for sigmoid / hardsigmoid / softmax / tanh.
     ``mapping.backend`` records the resolved backend."""
-    from fxquant.backends.registry import get_backend
-    from fxquant.qconfig import activation_range, resolve_backend
-
-    policy = get_backend(resolve_backend(backend))
+    policy = backend_policy(backend)
     backend = policy.name
     qconfig = get_default_qat_qconfig(backend, version, reduce_range=reduce_range)
     transpose = QConfig(qconfig.activation, default_weight_fake_quant) if policy.per_tensor_conv_transpose else qconfig
     layernorm = QConfig(qconfig.activation, default_placeholder_observer)
     mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
-    for op in _CONV_TRANSPOSE_TYPES:
+    for op in CONV_TRANSPOSE_TYPES:
         mapping.set_object_type(op, transpose)
     mapping.set_object_type(torch.nn.functional.layer_norm, layernorm).set_object_type(nn.LayerNorm, layernorm)
     mapping.set_object_type(nn.PReLU, default_quint8_weight_qconfig)

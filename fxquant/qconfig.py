@@ -80,6 +80,8 @@ __all__ = [
     "per_channel_dynamic_qconfig",
     "qconfig_equals",
     "resolve_backend",
+    "backend_policy",
+    "CONV_TRANSPOSE_TYPES",
 ]
 
 BACKENDS: tuple[str, ...] = BUILTIN_BACKENDS  # the built-in backend names
@@ -191,8 +193,9 @@ def resolve_backend(backend: str = AUTO) -> str:
     return resolve_backend_name(backend, machine=platform.machine())
 
 
-def _backend(name: str) -> Any:
-    """The :class:`~fxquant.backends.base.Backend` whose policy a default qconfig follows."""
+def backend_policy(name: str) -> Any:
+    """The :class:`~fxquant.backends.base.Backend` whose policy a default (QAT) qconfig
+    follows: ``name`` resolved ("auto" included) and looked up."""
     from fxquant.backends.registry import get_backend
 
     return get_backend(resolve_backend(name))
@@ -231,7 +234,7 @@ def get_default_qconfig(backend: str = DEFAULT_BACKEND, *, reduce_range: bool | 
     ``calibration`` picks the activation observer (docs/calibration.md): "histogram"
     (default), "minmax", "moving_average", "percentile" (99.99%), "mse" or "entropy" (KL).
     """
-    policy = _backend(backend)
+    policy = backend_policy(backend)
     act = activation_range(policy.name, reduce_range)
     weight = default_per_channel_weight_observer if policy.per_channel_weights else default_weight_observer
     observer = calibration_observer(calibration)
@@ -269,7 +272,8 @@ FIXED_QPARAMS_OP_TO_OBSERVER: Mapping[Callable | str, ObserverFactory] = types.M
 )
 """Ops with a fixed output range and the observer giving their fixed qparams."""
 
-_CONV_TRANSPOSE_TYPES: tuple[Callable, ...] = (
+# the transposed convs, whose weights the default mappings may quantize per tensor
+CONV_TRANSPOSE_TYPES: tuple[Callable, ...] = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
@@ -296,13 +300,13 @@ def get_default_qconfig_mapping(backend: str = AUTO, *, reduce_range: bool | Non
       * sigmoid / hardsigmoid / softmax / tanh: fixed qparams (see FIXED_QPARAMS_OP_TO_OBSERVER).
     ``mapping.backend`` records the resolved backend.
     """
-    policy = _backend(backend)
+    policy = backend_policy(backend)
     backend = policy.name
     qconfig = get_default_qconfig(backend, reduce_range=reduce_range, calibration=calibration)
     transpose = QConfig(qconfig.activation, default_weight_observer) if policy.per_tensor_conv_transpose else qconfig
     layernorm = QConfig(qconfig.activation, default_placeholder_observer)
     mapping = QConfigMapping().set_global(qconfig).set_object_type("reshape", default_reuse_input_qconfig)
-    for op in _CONV_TRANSPOSE_TYPES:
+    for op in CONV_TRANSPOSE_TYPES:
         mapping.set_object_type(op, transpose)
     mapping.set_object_type(F.layer_norm, layernorm).set_object_type(nn.LayerNorm, layernorm)
     mapping.set_object_type(nn.PReLU, default_quint8_weight_qconfig)
