@@ -38,7 +38,7 @@ import json
 import operator
 import os
 import pickle
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -46,9 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant.errors import FxQuantError
-from fxquant.pickling import (PREPARED_STATE_KEY, _PickledMeta,  # noqa: F401 - old pickles
-                              keep_meta_when_pickled, qualname, remember_prepared,
-                              restore_pickled_meta, target_text)
+# _PickledMeta: pickles of prepared models made before fxquant.pickling name it here
+from fxquant.pickling import _PickledMeta  # noqa: F401
+from fxquant.pickling import PREPARED_STATE_KEY, qualname, target_text
 from fxquant.options import OPTIONS_KEY, QuantOptions, options_of
 
 FORMAT = "fxquant/1"

@@ -7,15 +7,13 @@ function; the passes never change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxquant.backends.names import AUTO, machine_backend
-from fxquant.errors import FxQuantError
 from fxquant.patterns import NoMatch, Op
 
 # qparams policies
