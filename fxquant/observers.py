@@ -3,7 +3,11 @@
 Every observer has the constructor arguments, attributes, buffers and numerics of the
 PyTorch observer of the same name (``calculate_qparams`` is bit-identical on
 the same inputs); the arithmetic itself lives in :mod:`fxquant.qmath`. Observers never change
-data: ``forward(x)`` returns ``x`` itself.
+data: ``forward(x)`` returns ``x`` itself. One difference in calling them: the arguments all
+uniform observers share (:class:`UniformObserverArgs`: dtype, qscheme, reduce_range, ...) are
+keyword-only after an observer's own leading ones (``ch_axis``, ``bins``,
+``averaging_constant``), where torch also takes them by position
+(:class:`UniformQuantizationObserverBase` says why).
 
 Bad data is refused where torch would silently compute garbage: a batch with NaN (every
 observer) or with infinities (min/max observers; the histogram observer ignores them, as torch
@@ -50,13 +54,16 @@ import functools
 import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import torch
 from torch import nn
 
 from fxquant import qmath
 from fxquant.errors import CalibrationDataError, CalibrationWarning
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "FixedQParamsObserver",
@@ -74,6 +81,7 @@ __all__ = [
     "PerChannelMinMaxObserver",
     "PlaceholderObserver",
     "ReuseInputObserver",
+    "UniformObserverArgs",
     "UniformQuantizationObserverBase",
     "default_dynamic_quant_observer",
     "default_fixed_qparams_range_0to1_observer",
@@ -346,6 +354,23 @@ def _reject_symmetric_reduced_quint8(observer: str, qscheme: Any, dtype: Any, re
         )
 
 
+class UniformObserverArgs(TypedDict, total=False):
+    """The keyword arguments every uniform observer shares (torch's names and meanings):
+    declared here once, so that the subclasses take ``**kwargs: Unpack[UniformObserverArgs]``
+    after their own leading parameters and stay typed. The defaults are
+    :class:`UniformQuantizationObserverBase`'s (per-channel observers default ``qscheme`` to
+    ``per_channel_affine``)."""
+
+    dtype: torch.dtype
+    qscheme: torch.qscheme
+    reduce_range: bool
+    quant_min: int | None
+    quant_max: int | None
+    factory_kwargs: dict[str, Any] | None
+    eps: float
+    is_dynamic: bool
+
+
 class UniformQuantizationObserverBase(ObserverBase):
     """Base of the observers with a uniform integer grid: holds qscheme, the effective
     [quant_min, quant_max] (see :func:`fxquant.qmath.quant_range`) and ``eps``, the floor of
@@ -354,9 +379,16 @@ class UniformQuantizationObserverBase(ObserverBase):
 
     Subclasses say which qschemes they take (``_QSCHEMES``) and whether they allow
     ``is_dynamic=True`` (``_DYNAMIC``), and register their statistics in ``_init_statistics``.
-    Each subclass still spells out its own constructor parameters: they are torch's, whose
-    positional order differs between the observers (``factory_kwargs`` before or after
-    ``eps``, a leading ``ch_axis`` / ``bins`` / ``averaging_constant``)."""
+
+    The constructor parameters shared by all uniform observers (:class:`UniformObserverArgs`)
+    are spelled out, with their defaults, only here. A subclass declares its own leading
+    parameters (``ch_axis``, ``bins``, ``averaging_constant``, ``percentile``) and forwards
+    the rest as ``**kwargs``: there the shared ones are keyword-only. torch also lets them be
+    passed by position, in an order that differs between its observers (``factory_kwargs``
+    before or after ``eps``); keyword-only avoids that trap, and every factory
+    (``with_args``) passes keywords anyway. :class:`MinMaxObserver` uses this constructor
+    as is, so its parameters keep torch's positional order. An unknown keyword raises
+    ``TypeError`` naming it (this constructor takes no ``**kwargs``)."""
 
     eps: torch.Tensor
     _version = 3  # torch.ao's state-dict version for these buffers: state dicts interoperate
@@ -475,17 +507,13 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     """Per-tensor exponential moving average of min / max:
     ``v <- v + averaging_constant * (current - v)`` after the first batch."""
 
-    def __init__(self, averaging_constant: float = 0.01, dtype: torch.dtype = torch.quint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
-                 quant_min: int | None = None, quant_max: int | None = None,
-                 eps: float = _FLOAT32_EPS, is_dynamic: bool = False,
-                 factory_kwargs: dict[str, Any] | None = None) -> None:
-        if is_dynamic and averaging_constant != 1:
+    def __init__(self, averaging_constant: float = 0.01, **kwargs: Unpack[UniformObserverArgs]) -> None:
+        if kwargs.get("is_dynamic", False) and averaging_constant != 1:
             raise ValueError(
                 "MovingAverageMinMaxObserver supports is_dynamic=True only with "
                 f"averaging_constant=1, got {averaging_constant}"
             )
-        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        super().__init__(**kwargs)
         self.averaging_constant = averaging_constant
 
     def _combine(self, cur_min: torch.Tensor, cur_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,14 +558,9 @@ class PerChannelMinMaxObserver(SavedShapeBuffers, UniformQuantizationObserverBas
     _DYNAMIC = False
     _SAVED_SHAPE_BUFFERS = ("min_val", "max_val")  # empty until the first batch
 
-    # the parameter list is torch's (positional order included), as HistogramObserver's after
-    # its leading argument: the base cannot declare it for them (see its docstring)
-    def __init__(self, ch_axis: int = 0, dtype: torch.dtype = torch.quint8,
-                 qscheme: torch.qscheme = torch.per_channel_affine, reduce_range: bool = False,
-                 quant_min: int | None = None, quant_max: int | None = None,
-                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
-                 is_dynamic: bool = False) -> None:
-        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+    def __init__(self, ch_axis: int = 0, **kwargs: Unpack[UniformObserverArgs]) -> None:
+        kwargs.setdefault("qscheme", torch.per_channel_affine)  # torch's per-channel default
+        super().__init__(**kwargs)
         self.ch_axis = ch_axis
 
     def _init_statistics(self, fk: dict[str, Any]) -> None:
@@ -594,11 +617,8 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
     """Per-channel exponential moving average of min / max."""
 
     def __init__(self, averaging_constant: float = 0.01, ch_axis: int = 0,
-                 dtype: torch.dtype = torch.quint8, qscheme: torch.qscheme = torch.per_channel_affine,
-                 reduce_range: bool = False, quant_min: int | None = None,
-                 quant_max: int | None = None, eps: float = _FLOAT32_EPS, is_dynamic: bool = False,
-                 factory_kwargs: dict[str, Any] | None = None) -> None:
-        super().__init__(ch_axis, dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+                 **kwargs: Unpack[UniformObserverArgs]) -> None:
+        super().__init__(ch_axis, **kwargs)
         self.averaging_constant = averaging_constant
 
     _combine = _moving_average
@@ -628,20 +648,16 @@ class HistogramObserver(UniformQuantizationObserverBase):
     _QSCHEMES = qmath.PER_TENSOR_QSCHEMES
     _DYNAMIC = False
 
-    def __init__(self, bins: int = 2048, dtype: torch.dtype = torch.quint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
-                 quant_min: int | None = None, quant_max: int | None = None,
-                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
-                 is_dynamic: bool = False) -> None:
-        super().__init__(dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+    def __init__(self, bins: int = 2048, **kwargs: Unpack[UniformObserverArgs]) -> None:
+        super().__init__(**kwargs)
         if int(bins) < 1:
             raise ValueError(f"HistogramObserver needs bins >= 1, got {bins}")
-        fk = torch.nn.factory_kwargs(factory_kwargs)
+        fk = torch.nn.factory_kwargs(kwargs.get("factory_kwargs"))
         self.bins = int(bins)
         self.register_buffer("histogram", torch.zeros(self.bins, **fk))
         self.register_buffer("min_val", torch.tensor(float("inf"), **fk))
         self.register_buffer("max_val", torch.tensor(float("-inf"), **fk))
-        self.dst_nbins = qmath.dst_nbins(dtype)
+        self.dst_nbins = qmath.dst_nbins(self.dtype)
         self.upsample_rate = 16
         # how many infinite values were dropped (not in the state_dict): the range check of
         # convert keeps such a tensor (a -inf mask) float, as quantizing would clamp them
@@ -752,14 +768,11 @@ class PercentileObserver(HistogramObserver):
     calibration). Buffers, state_dict, NaN / infinity handling: as :class:`HistogramObserver`.
     """
 
-    def __init__(self, percentile: float = 99.99, bins: int = 2048, dtype: torch.dtype = torch.quint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
-                 quant_min: int | None = None, quant_max: int | None = None,
-                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
-                 is_dynamic: bool = False) -> None:
+    def __init__(self, percentile: float = 99.99, bins: int = 2048,
+                 **kwargs: Unpack[UniformObserverArgs]) -> None:
         if not 50.0 < float(percentile) <= 100.0:
             raise ValueError(f"PercentileObserver needs 50 < percentile <= 100, got {percentile}")
-        super().__init__(bins, dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+        super().__init__(bins, **kwargs)
         self.percentile = float(percentile)
 
     def _search_range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -789,12 +802,9 @@ class EntropyObserver(HistogramObserver):
     grid's levels on the side of 0 the data covers: 128 of 256 for signed data).
     Use it for long-tailed activations (post-ReLU conv outputs of CNNs)."""
 
-    def __init__(self, bins: int = 2048, dtype: torch.dtype = torch.quint8,
-                 qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
-                 quant_min: int | None = None, quant_max: int | None = None,
-                 factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
-                 is_dynamic: bool = False, levels: int | None = None) -> None:
-        super().__init__(bins, dtype, qscheme, reduce_range, quant_min, quant_max, factory_kwargs, eps, is_dynamic)
+    def __init__(self, bins: int = 2048, *, levels: int | None = None,
+                 **kwargs: Unpack[UniformObserverArgs]) -> None:
+        super().__init__(bins, **kwargs)
         if levels is not None and int(levels) < 2:
             raise ValueError(f"EntropyObserver needs levels >= 2, got {levels}")
         self.levels = None if levels is None else int(levels)

@@ -397,6 +397,38 @@ def test_observer_configuration_errors(make, message):
         make()
 
 
+@pytest.mark.parametrize(
+    ("make", "leading"),
+    [
+        (lambda *a, **k: O.MovingAverageMinMaxObserver(*a, **k), {"averaging_constant": 0.5}),
+        (lambda *a, **k: O.PerChannelMinMaxObserver(*a, **k), {"ch_axis": 1}),
+        (lambda *a, **k: O.MovingAveragePerChannelMinMaxObserver(*a, **k), {"averaging_constant": 0.5, "ch_axis": 1}),
+        (lambda *a, **k: O.HistogramObserver(*a, **k), {"bins": 64}),
+        (lambda *a, **k: O.PercentileObserver(*a, **k), {"percentile": 99.0, "bins": 64}),
+        (lambda *a, **k: O.EntropyObserver(*a, **k), {"bins": 64}),
+    ],
+)
+def test_subclass_takes_leading_arguments_by_position_and_shared_ones_by_keyword(make, leading):
+    # the shared arguments (UniformObserverArgs) are declared once, in the base; a subclass
+    # takes its own leading ones by position, forwards the shared ones as keywords
+    obs = make(*leading.values(), dtype=torch.qint8, quant_min=-100, quant_max=100, eps=2**-12)
+    assert {k: getattr(obs, k) for k in leading} == leading
+    assert (obs.dtype, obs.quant_min, obs.quant_max, obs.eps.item()) == (torch.qint8, -100, 100, 2**-12)
+    with pytest.raises(TypeError, match="positional"):
+        make(*leading.values(), torch.qint8)
+    with pytest.raises(TypeError, match="'quant_mni'"):
+        make(quant_mni=-100)
+
+
+def test_minmax_keeps_torch_positional_order():
+    x = torch.randn(64, generator=torch.Generator().manual_seed(3)) * 5 + 1
+    ours = O.MinMaxObserver(torch.qint8, torch.per_tensor_symmetric, False, -127, 127, None, 2**-12)
+    ref = tq.MinMaxObserver(torch.qint8, torch.per_tensor_symmetric, False, -127, 127, None, 2**-12)
+    ours(x), ref(x)
+    for got, expected in zip(ours.calculate_qparams(), ref.calculate_qparams()):
+        assert_bit_identical(got, expected)
+
+
 def test_placeholder_has_no_qparams():
     obs = O.PlaceholderObserver(dtype=torch.float16)
     with pytest.raises(RuntimeError, match="has no qparams"):
