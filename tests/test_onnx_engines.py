@@ -15,6 +15,7 @@ on the machine.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -87,21 +88,29 @@ def _convert(model: nn.Module, shape: tuple[int, ...], mapping: fxquant.QConfigM
     return fxquant.convert_fx(prepared), example
 
 
+def _seeded(make: Callable[[], nn.Module], seed: int = 0) -> nn.Module:
+    """The model built under a fixed seed: its Linear layers keep their default init, and an
+    unseeded head made the agreement figures differ from run to run (0.76-1.00 before the
+    OpenVINO sum rounding was kept)."""
+    torch.manual_seed(seed)
+    return make()
+
+
 @pytest.fixture(scope="module")
 def cnn() -> tuple[nn.Module, torch.Tensor]:
-    return _convert(SmallCNN(), (2, 3, 16, 16), fxquant.get_default_qconfig_mapping("x86"))
+    return _convert(_seeded(SmallCNN), (2, 3, 16, 16), fxquant.get_default_qconfig_mapping("x86"))
 
 
 @pytest.fixture(scope="module")
 def cnn_no_residual() -> tuple[nn.Module, torch.Tensor]:
-    return _convert(SmallCNN(residual=False), (2, 3, 16, 16),
+    return _convert(_seeded(lambda: SmallCNN(residual=False)), (2, 3, 16, 16),
                     fxquant.get_default_qconfig_mapping("x86"))
 
 
 @pytest.fixture(scope="module")
 def mlp() -> tuple[nn.Module, torch.Tensor]:
     mapping = fxquant.get_default_qconfig_mapping("x86").set_module_name("head", None)
-    return _convert(MLP(), (2, 6, 16), mapping)
+    return _convert(_seeded(MLP), (2, 6, 16), mapping)
 
 
 def _agree_within_one_step(native: torch.Tensor, other: torch.Tensor, scale: float) -> float:
@@ -111,25 +120,11 @@ def _agree_within_one_step(native: torch.Tensor, other: torch.Tensor, scale: flo
     return float((steps <= 1).float().mean())
 
 
-# OpenVINO does not round every intermediate tensor the way the native kernels do: it fuses a
-# conv and the residual add after it (oneDNN's sum post-op) and skips the quantization of the
-# conv's output in between (its add output equals Q(conv_float + other): 0.05% of elements
-# differ, against 21% differing by one step from the native add), and its other fusions round
-# a few elements differently too. Every intermediate tensor is within one step when it is an
-# output of the graph; the small heads here then turn one step of the pooled features into ~2
-# steps of the logits: 96.5% (residual) / 98.8% (no residual) of the CNN logits are within one
-# native step (AMD AVX2, OpenVINO 2026.4), short of the issue's 99%. Documented in
-# docs/onnx.md; test_openvino_close_to_native pins what does hold.
-_OV_ROUNDING = pytest.mark.xfail(
-    reason="OpenVINO's fused int8 kernels round intermediate tensors differently from the native "
-           "ones (conv+add sum post-op skips the conv's output quantization): 96-99% of the CNN "
-           "logits within one native step", strict=False)
 CASES = [
     pytest.param("onnxruntime", "onnxruntime", "cnn", id="onnxruntime-cnn"),
     pytest.param("onnxruntime", "onnxruntime", "mlp", id="onnxruntime-mlp"),
-    pytest.param("openvino", "openvino", "cnn", id="openvino-cnn", marks=_OV_ROUNDING),
-    pytest.param("openvino", "openvino", "cnn_no_residual", id="openvino-cnn_no_residual",
-                 marks=_OV_ROUNDING),
+    pytest.param("openvino", "openvino", "cnn", id="openvino-cnn"),
+    pytest.param("openvino", "openvino", "cnn_no_residual", id="openvino-cnn_no_residual"),
     pytest.param("openvino", "openvino", "mlp", id="openvino-mlp"),
 ]
 
@@ -159,20 +154,67 @@ def test_engine_agrees_with_native(backend: str, package: str, which: str,
     assert torch.allclose(native, other, atol=8 * scale), (native - other).abs().max() / scale
 
 
-@pytest.mark.parametrize("which", ["cnn", "cnn_no_residual"])
-def test_openvino_close_to_native(which: str, request: pytest.FixtureRequest) -> None:
-    """What OpenVINO does guarantee on the CNNs (see _OV_ROUNDING): >= 95% of the logits
-    within one native step, none further than 4 steps."""
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_openvino_residual_add_keeps_native_rounding(seed: int) -> None:
+    """OpenVINO's CPU plugin fuses a residual Add into the conv before it (oneDNN's sum
+    post-op) and then skips the rounding of the conv's output to its uint8 grid, which the
+    native quantized add sees: 3-24% of this CNN's logits were more than one native step
+    away (seeds 0-5 of the head). The OpenVINO export repeats the QDQ pair on the conv
+    operand (exact), and the fused sum keeps the rounding: the issue's 99% on other heads."""
     pytest.importorskip("onnx")
     pytest.importorskip("openvino")
-    qmodel, example = request.getfixturevalue(which)
+    qmodel, example = _convert(_seeded(SmallCNN, seed), (2, 3, 16, 16),
+                               fxquant.get_default_qconfig_mapping("x86"))
     engine = fxquant.compile(qmodel, (example,), backend="openvino", threads=1)
-    torch.manual_seed(1)
+    torch.manual_seed(seed + 100)
     x = torch.randn((32, *example.shape[1:])) * 2
     native, other = qmodel(x), engine(x)
-    scale = output_scale(qmodel)
-    assert _agree_within_one_step(native, other, scale) >= 0.95
-    assert float(((native - other) / scale).round().abs().max()) <= 4
+    assert _agree_within_one_step(native, other, output_scale(qmodel)) >= 0.99
+
+
+def test_sum_rounding_only_in_the_openvino_graph(cnn: tuple[nn.Module, torch.Tensor]) -> None:
+    """The repeated QDQ pair is in the OpenVINO graph only (export_onnx and ONNX Runtime get
+    the plain QDQ form), on both operands of the residual add: conv3's output and conv1's
+    (through its ReLU's uint8 Clip), the two convs OpenVINO could fuse the sum into."""
+    onnx = pytest.importorskip("onnx")
+    from fxquant.backends.onnx import build
+
+    qmodel, example = cnn
+    plain, _ = build(qmodel, (example,))
+    rounded, _ = build(qmodel, (example,), round_sum_inputs=True)
+
+    def add_operand_chains(model: "onnx.ModelProto") -> list[list[str]]:
+        producer = {o: node for node in model.graph.node for o in node.output}
+        chains = []
+        for add in (n for n in model.graph.node if n.op_type == "Add"):
+            for name in add.input:
+                ops, node = [], producer.get(name)
+                while node is not None and node.op_type in ("DequantizeLinear", "QuantizeLinear"):
+                    ops.append(node.op_type)
+                    node = producer.get(node.input[0])
+                chains.append(ops)
+        return chains
+
+    assert add_operand_chains(plain) == [["DequantizeLinear", "QuantizeLinear"],
+                                         ["DequantizeLinear"]]
+    assert add_operand_chains(rounded) == [["DequantizeLinear", "QuantizeLinear"] * 2,
+                                           ["DequantizeLinear", "QuantizeLinear", "DequantizeLinear"]]
+    assert len(rounded.graph.node) == len(plain.graph.node) + 4
+
+
+def test_openvino_fuse_sums_opt_out(cnn: tuple[nn.Module, torch.Tensor]) -> None:
+    """fuse_sums=True (speed over agreement) runs the plain QDQ graph; the default the rounded
+    one, and both compute the same model within a few steps."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("openvino")
+    qmodel, example = cnn
+    exact = fxquant.compile(qmodel, (example,), backend="openvino", threads=1)
+    fused = fxquant.compile(qmodel, (example,), backend="openvino", threads=1, fuse_sums=True)
+    assert len(exact.onnx_model().graph.node) == len(fused.onnx_model().graph.node) + 4
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0].startswith("add_")
+                   for n in fused.onnx_model().graph.node if "dequantizelinear" in n.input[0])
+    x = torch.randn(8, *example.shape[1:]) * 2
+    assert float(((exact(x) - fused(x)) / output_scale(qmodel)).round().abs().max()) <= 4
 
 
 def _model_qparams(qmodel: nn.Module) -> set[tuple[float, int]]:

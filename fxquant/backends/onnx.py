@@ -65,13 +65,15 @@ def _example_tuple(example_inputs: Any) -> tuple:
         else (example_inputs,)
 
 
-def build(qmodel: nn.Module, example_inputs: Any, bias: str = "int32") -> tuple[Any, GraphIO]:
-    """(onnx ModelProto, GraphIO) of a converted model at the example inputs' shapes."""
+def build(qmodel: nn.Module, example_inputs: Any, bias: str = "int32",
+          round_sum_inputs: bool = False) -> tuple[Any, GraphIO]:
+    """(onnx ModelProto, GraphIO) of a converted model at the example inputs' shapes
+    (``round_sum_inputs``: see ``Builder.sum_input`` in :mod:`fxquant.backends.onnx_export`)."""
     onnx = require("onnx", "onnx")
     from fxquant.backends.onnx_export import build_model
 
     gm = _check_converted(qmodel)
-    model, io = build_model(gm, _example_tuple(example_inputs), onnx, bias)
+    model, io = build_model(gm, _example_tuple(example_inputs), onnx, bias, round_sum_inputs)
     meta = {"output_qparams": [None if q is None else [q.scale, q.zero_point, str(q.dtype)]
                                for q in io.output_q]}
     onnx.helper.set_model_props(model, {"fxquant": json.dumps(meta)})
@@ -113,6 +115,7 @@ class EngineModule(nn.Module):
     """
 
     engine = "engine"
+    round_sum_inputs = False  # True where the engine fuses an Add into a conv (OpenVINO)
 
     def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int],
                  bias: str = "int32") -> None:
@@ -129,12 +132,13 @@ class EngineModule(nn.Module):
 
     def onnx_model(self, *inputs: Any) -> Any:
         """The ONNX ModelProto run for inputs of these shapes (the example inputs' if none)."""
-        return build(self._qmodel[0], inputs or self._example, self.bias)[0]
+        return build(self._qmodel[0], inputs or self._example, self.bias,
+                     self.round_sum_inputs)[0]
 
     def _runner_for(self, inputs: tuple) -> tuple[Runner, GraphIO]:
         key = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
         if key not in self._runners:
-            model, io = build(self._qmodel[0], inputs, self.bias)
+            model, io = build(self._qmodel[0], inputs, self.bias, self.round_sum_inputs)
             self._runners[key] = (self._make_runner(model), io)
         return self._runners[key]
 

@@ -130,6 +130,7 @@ class Builder:
     node: Optional[fx.Node] = None  # the fx node being written
     float_bias: bool = False  # conv / linear bias as float instead of int32 (see _bias_initializer)
     relu_after_quantize: bool = False  # set by relu(): a uint8 Clip at the zero point follows
+    round_sum_inputs: bool = False  # see sum_input(): for engines that fuse an Add into a conv
 
     def relu(self, y: str) -> str:
         """The ReLU of a fused kernel (conv-relu, linear-relu, add-relu). Where the node's
@@ -226,6 +227,29 @@ class Builder:
         q = self.qinfo(arg) if isinstance(arg, fx.Node) else None
         return self.dequantize(name, q) if q is not None else name
 
+    def sum_input(self, arg: Any) -> str:
+        """The float ONNX name of an Add operand. With ``round_sum_inputs`` (OpenVINO), an
+        operand a conv / linear produced gets a second QuantizeLinear/DequantizeLinear pair
+        with its own qparams: exact (the values are on that grid already), but it keeps
+        OpenVINO's CPU plugin from fusing the Add into the producer as oneDNN's sum post-op,
+        which drops the rounding of the producer's output to its grid (the native add rounds
+        it): on a residual CNN that fusion put 3-24% of the logits more than one native step
+        away; with the pair none (tests/test_onnx_engines.py)."""
+        name = self.x(arg)
+        q = self.qinfo(arg) if isinstance(arg, fx.Node) else None
+        if q is None or not self.round_sum_inputs or not self._weighted_producer(self.raw(arg)):
+            return name
+        return self.dequantize(self.quantize(name, q), q)
+
+    def _weighted_producer(self, name: str) -> bool:
+        """Whether ONNX value ``name`` is a conv / linear output, through its quantization and
+        the ReLU / Clip / Reshape an engine fuses into the producer."""
+        producers = {out: node for node in self.nodes for out in node.output}
+        node = producers.get(name)
+        while node is not None and node.op_type in ("QuantizeLinear", "Clip", "Relu", "Reshape"):
+            node = producers.get(node.input[0])
+        return node is not None and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
     def tensor_constant(self, t: torch.Tensor, base: str) -> str:
         t = t.detach()
         if t.is_quantized:
@@ -300,7 +324,8 @@ def _binary(op: str, relu: bool = False) -> Emitter:
         alpha = n.kwargs.get("alpha", 1)
         if alpha != 1:
             raise OnnxExportError(f"{op} with alpha={alpha} is not exported", n)
-        y = b.add(op, [b.x(n.args[0]), b.x(n.args[1])])
+        read = b.sum_input if op == "Add" else b.x
+        y = b.add(op, [read(n.args[0]), read(n.args[1])])
         return b.relu(y) if relu else y
     return emit
 
@@ -990,14 +1015,16 @@ def _elem_type(onnx: Any, val: TensorVal) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(np_dtype)
 
 
-def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any, bias: str = "int32"
-                ) -> tuple[Any, GraphIO]:
+def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any, bias: str = "int32",
+                round_sum_inputs: bool = False) -> tuple[Any, GraphIO]:
     """The ONNX ModelProto of a converted GraphModule run on ``example_inputs``; ``bias``:
-    "int32" (what ONNX Runtime's QLinearConv / QGemm fusion needs) or "float"."""
+    "int32" (what ONNX Runtime's QLinearConv / QGemm fusion needs) or "float";
+    ``round_sum_inputs``: see :meth:`Builder.sum_input` (for OpenVINO)."""
     if bias not in ("int32", "float"):
         raise OnnxExportError(f"bias={bias!r}: use 'int32' or 'float'")
     values = record(gm, example_inputs)
-    b = Builder(gm, values, onnx.helper, onnx.numpy_helper, float_bias=bias == "float")
+    b = Builder(gm, values, onnx.helper, onnx.numpy_helper, float_bias=bias == "float",
+                round_sum_inputs=round_sum_inputs)
     inputs, positions, shapes, names = [], [], [], []
     live = _live(gm)
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
