@@ -43,8 +43,17 @@ class LowerToBackend:
                 if info.rule == TUPLE_ITEM_RULE:
                     continue  # lowered with its tuple op
                 stats[_lower_one(gm, backend, node, self.check_kernels)] += 1
+            _forget_first_calls(gm)
         gm.recompile()
         return PassResult(gm, stats["lowered"] > 0, dict(stats))
+
+
+def _forget_first_calls(gm: fx.GraphModule) -> int:
+    """Lowering ran the new modules at the example inputs' shape (probe, kernel check, engine
+    choice); kernels that keep what their first call built (``forget_first_call``, oneDNN's
+    primitive) are reset so that the user's first call sets it, as in a module nobody ran."""
+    return sum(bool(m.forget_first_call()) for m in gm.modules()
+               if callable(getattr(m, "forget_first_call", None)))
 
 
 def _group_nodes(gm: fx.GraphModule, root: fx.Node) -> tuple[fx.Node, ...]:

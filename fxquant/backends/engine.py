@@ -15,7 +15,7 @@ import torch
 __all__ = ["KNOWN_ENGINES", "clamp_needs_contiguous", "conv_unpack_unavailable",
            "current_engine", "deconv_packing_engine", "dynamic_reduce_range", "engine",
            "fp16_packing_available", "has_per_channel_deconv", "is_deconv3d_wrong",
-           "supported_engines"]
+           "keeps_first_call_primitive", "supported_engines"]
 
 KNOWN_ENGINES: tuple[str, ...] = ("fbgemm", "x86", "qnnpack", "onednn")
 
@@ -29,6 +29,17 @@ _DECONV_FALLBACK = "fbgemm"  # ... so their transposed convs are packed with thi
 _PER_CHANNEL_DECONV = frozenset({"qnnpack"})  # per-channel transposed-conv weights
 _WRONG_DECONV3D = frozenset({"qnnpack"})  # conv_transpose3d nondeterministic, wrong
 _FULL_RANGE_DYNAMIC = frozenset({"qnnpack"})  # dynamic linear: 8-bit activations, not 7-bit
+# packed weights that keep oneDNN's primitive of their first call's input shape and rebuild it
+# on every call of another shape (x86 hands convs to oneDNN on VNNI CPUs)
+_FIRST_CALL_PRIMITIVE = frozenset({"x86", "onednn"})
+
+
+def keeps_first_call_primitive(engine_name: str) -> bool:
+    """Whether weights packed for ``engine_name`` may cache the kernel of the first input shape
+    they run on: a call with another shape then builds the kernel again, every time (torch
+    2.13's oneDNN conv; ResNet-18 at batch 1 after a first call at batch 4: 1.3x the time,
+    AVX-512 VNNI CPU). Modules run during convert repack so that the user's first call sets it."""
+    return engine_name in _FIRST_CALL_PRIMITIVE
 
 
 def supported_engines() -> tuple[str, ...]:

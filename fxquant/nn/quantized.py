@@ -37,7 +37,8 @@ from torch import nn
 
 from fxquant.backends.engine import (conv_unpack_unavailable, current_engine,
                                      deconv_packing_engine, has_per_channel_deconv,
-                                     is_deconv3d_wrong, supported_engines)
+                                     is_deconv3d_wrong, keeps_first_call_primitive,
+                                     supported_engines)
 from fxquant.backends.engine import engine as use_engine
 from fxquant.nn import fused, reference
 from fxquant.nn.common import WeightQParams
@@ -253,6 +254,18 @@ class _PackedWeighted(_QuantizedBase):
         # qnnpack's Conv3d runs but cannot be unpacked: keep a copy for weight(), state_dict
         keep = conv_unpack_unavailable(packing, self._SPATIAL_DIMS)
         self._unpacked_copy = (w, b) if keep else None
+
+    def forget_first_call(self) -> bool:
+        """Repack the weights when their packed form keeps the kernel built for the first
+        input shape it ran on (oneDNN: ``keeps_first_call_primitive``), so that the next call
+        sets it. Convert runs the new modules at the example inputs' shape (probe, kernel
+        check, engine choice); without this a model prepared with a batch-4 example ran at
+        batch 1 rebuilt its oneDNN conv kernels on every call. True when repacked."""
+        if not keeps_first_call_primitive(self.packed_engine):
+            return False
+        with use_engine(self.packed_engine):
+            self.set_weight_bias(*self._weight_bias())
+        return True
 
     def _check_weight(self, w: torch.Tensor) -> None:
         if not isinstance(w, torch.Tensor) or not w.is_quantized or w.dtype != torch.qint8:
