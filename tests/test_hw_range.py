@@ -190,3 +190,33 @@ def test_the_default_never_needs_a_replacement_kernel_here() -> None:
     assert not any("packed with qnnpack" in r for r in lowered), lowered
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)) * 3
     assert _sqnr(reference(x), quantized(x)) >= 30.0
+
+
+@pytest.mark.parametrize("backend", ["x86", "fbgemm"])
+def test_saturating_depthwise_conv_is_repacked_not_kept_float(backend: str) -> None:
+    """fbgemm's depthwise conv (the x86 engine's kernel past 100 groups) adds int16 pair sums
+    on every CPU, VNNI included: with full-range activations (the VNNI default, forced here so
+    both kinds of CPU run it) lowering's check refuses it and packs the weights for onednn
+    (exact where the CPU has VNNI, and faster than qnnpack there) or else qnnpack. The conv
+    stays int8 and agrees with the reference graph."""
+    from fxquant.nn.quantized import _PackedWeighted
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(144, 144, 3, padding=1, groups=144), nn.ReLU6()).eval()
+    with torch.no_grad():
+        model[0].weight.uniform_(-0.5, 0.5)
+    mapping = fxquant.get_default_qconfig_mapping(backend, reduce_range=False)
+    prepared = fxquant.prepare_fx(model, mapping, (torch.randn(1, 144, 14, 14),), backend=backend)
+    for _ in range(3):  # ReLU6-like inputs that use the whole 0..255 range
+        prepared((torch.rand(1, 144, 14, 14) * 7).clamp(max=6))
+    quantized, reference = fxquant.convert_fx(prepared), fxquant.convert_to_reference_fx(prepared)
+    (conv,) = [m for m in quantized.modules() if isinstance(m, _PackedWeighted)]
+    x = (torch.rand(2, 144, 14, 14) * 7).clamp(max=6)
+    step = float(conv.scale)
+    assert float((quantized(x) - reference(x)).abs().max()) <= step * 1.01
+    if getattr(conv, "pack_engine", None):  # the backend's own kernel was refused
+        # onednn is tried first: its depthwise kernel sums no channel pairs, so it passes on
+        # AVX2 too (and on VNNI it is the fastest); qnnpack only if onednn was refused as well
+        assert conv.packed_engine in ("onednn", "qnnpack"), conv.packed_engine
+        reasons = " ".join(d.reason for n in quantized.graph.nodes for d in qinfo(n).decisions)
+        assert conv.packed_engine == "onednn" or "onednn" in reasons, reasons

@@ -9,7 +9,11 @@ VNNI (``vpdpbusd``: AVX512_VNNI, AVX_VNNI; AMX) accumulates the products straigh
 
 Which kernel runs depends on the engine:
 
-* fbgemm has VNNI kernels for AVX512_VNNI only (an AVX_VNNI-only CPU runs its AVX2 kernels);
+* fbgemm has VNNI kernels for AVX512_VNNI only (an AVX_VNNI-only CPU runs its AVX2 kernels),
+  and not for its depthwise convs (groups = channels), which add int16 pair sums on every CPU
+  (torch 2.13: up to 74 steps off with full-range activations on an AVX-512 VNNI + AMX Xeon;
+  lowering's numeric check catches them and packs those convs for onednn or qnnpack,
+  ``fxquant.backends.native``);
 * onednn uses AVX512_VNNI, AVX_VNNI or AMX;
 * x86 runs fbgemm, and onednn for some convolutions on Linux with AVX512_VNNI
   (:func:`x86_engine_uses_onednn`, after torch's ``should_use_onednn_quant``);

@@ -18,6 +18,7 @@ from fxquant.backends.activations import CLAMP_FAMILY, activation_rules
 from fxquant.backends.base import (DYNAMIC, FIXED, OWN, SHARED, SHARED_ALL, WEIGHT_ONLY,
                                    WEIGHTED, LowerCtx, Lowered, Rule)
 from fxquant.backends.reference_ops import weighted_core
+from fxquant.backends.names import ONEDNN, QNNPACK
 from fxquant.nn import dynamic as dyn
 from fxquant.nn import embedding as emb
 from fxquant.nn import fused
@@ -490,23 +491,28 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
         Rule("clamp_family", Op(*CLAMP_FAMILY), SHARED, "same op on the quantized tensor",
              lower_same_op_contiguous if clamp_needs_contiguous else lower_same_op),
     ]
-    rules = [_qnnpack_fallback(r) for r in rules]
+    rules = [_alt_engine_fallback(r) for r in rules]
     rules += activation_rules(clamp_needs_contiguous)
     rules += dynamic_rules()
     return tuple(rules)
 
 
-def _qnnpack_fallback(rule: Rule) -> Rule:
+def _alt_engine_fallback(rule: Rule) -> Rule:
     """A weighted kernel that fails lowering's numeric check is retried with its weights
-    packed for qnnpack, which accumulates in int32 on every CPU: fbgemm / onednn saturate
-    int16 pair sums on full-range activations without VNNI, and fbgemm's transposed conv with
-    kernel 2, stride 2 is wrong on any CPU (torch 2.13). Not 3-d convs: qnnpack's
-    ConvTranspose3d is wrong, and a qnnpack-packed Conv3d cannot be unpacked (state_dict,
-    TorchScript save fail: "QNNPACK only supports conv2d_unpack"). Lowering tries an
-    alternative engine only where this torch build has it."""
+    packed for another engine, in order: onednn, exact with full-range activations where the
+    CPU has VNNI / AMX and the fastest there (its weights run under the x86 / fbgemm engine),
+    then qnnpack, which accumulates in int32 on every CPU. What fails: fbgemm / onednn add
+    int16 pair sums on full-range activations without VNNI; fbgemm's depthwise convs (the x86
+    engine's kernel for more than 100 groups) do so even on AVX512_VNNI (up to 74 steps off,
+    torch 2.13: MobileNetV2's depthwise convs under the 8-bit VNNI default), and its transposed
+    conv with kernel 2, stride 2 is wrong on any CPU. Each alternative passes the same check
+    or is refused. Not 3-d convs: qnnpack's ConvTranspose3d is wrong, and a qnnpack-packed
+    Conv3d cannot be unpacked (state_dict, TorchScript save fail: "QNNPACK only supports
+    conv2d_unpack"). Lowering tries an alternative engine only where this torch build has it
+    and it is not the current one."""
     if rule.lower is not lower_weighted or "3d" in rule.name or rule.alt_engines:
         return rule
-    return replace(rule, alt_engines=("qnnpack",))
+    return replace(rule, alt_engines=(ONEDNN, QNNPACK))
 
 
 def dynamic_rules() -> list[Rule]:
