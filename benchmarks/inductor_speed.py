@@ -4,12 +4,14 @@ Times, interleaved in one process on 1 thread (round-robin over the paths, media
 rounds, plus process CPU time per call because shared machines are noisy):
 
   fp32 eager | fxquant native int8 (quantized:: kernels) | int representation eager |
-  int representation + Inductor (freezing) | AOTInductor .pt2 (with --aoti)
+  int representation + Inductor (freezing) | AOTInductor .pt2 (with --aoti) |
+  Inductor as it was before post-op fusion, the C++ wrapper and guard skipping (with --baseline:
+  fuse_post_ops=False, cpp_wrapper=False, skip_guards=False)
 
 and the agreement of every int8 path with the native model in output steps. Inductor compiles
 C++ (g++): minutes on a busy 2-core machine.
 
-    python benchmarks/inductor_speed.py [--blocks 7] [--size 96] [--rounds 30] [--aoti]
+    python benchmarks/inductor_speed.py [--blocks 7] [--size 96] [--rounds 30] [--aoti] [--baseline]
 """
 from __future__ import annotations
 
@@ -103,6 +105,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--backend", default="x86")
     ap.add_argument("--aoti", action="store_true", help="also build and time an AOTInductor .pt2")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also time Inductor without post-op fusion, C++ wrapper, guard skipping")
     ap.add_argument("--json", default="", help="write the figures here")
     args = ap.parse_args()
 
@@ -130,6 +134,12 @@ def main() -> None:
         "int repr + inductor": lambda: compiled(x),
     }
     extra: dict[str, float] = {"inductor_compile_s": compile_s}
+    if args.baseline:
+        t0 = time.perf_counter()
+        baseline = fxquant.compile(integer, example, backend="inductor", fuse_post_ops=False,
+                                   skip_guards=False, cpp_wrapper=False)
+        extra["baseline_compile_s"] = time.perf_counter() - t0
+        paths["inductor baseline"] = lambda: baseline(x)
     if args.aoti:
         from fxquant.backends import inductor
 

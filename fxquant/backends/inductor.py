@@ -14,6 +14,20 @@ ops into their ``quantized_decomposed`` twins (same schemas, same math) to Induc
 constants; Inductor keeps ``dequantize_per_channel`` of int8 weights unfolded so its quantized
 conv/linear patterns can match), under ``torch.no_grad()``.
 
+What makes it fast (MobileNetV3 / EfficientNet-B0 / MobileNetV2 at batch 1, 1 thread):
+
+* every conv / linear becomes one onednn int8 kernel (Inductor's x86 quantization passes match
+  ``dequantize_per_tensor -> conv -> quantize_per_tensor`` with ``dequantize_per_channel``
+  int8 weights). Its activation (hardswish, SiLU, ReLU) is fused into that kernel as a
+  post-op only when it reads the conv's float output, so :func:`drop_requantize_before_post_ops`
+  removes the conv output's quantize / dequantize pair there (the native kernels have no such
+  post-ops and round in between);
+* ops with no int8 kernel (squeeze-excite's pool, sigmoid / hardsigmoid gate and broadcasting
+  mul, standalone activations) run as fused C++ loops that read and write uint8;
+* the wrapper that calls the kernels is C++ (``cpp_wrapper``, :data:`DEFAULT_OPTIONS`), and
+  :class:`InductorModule` skips Dynamo's per-call guard evaluation for inputs it has already
+  seen pass the guards.
+
 Compiles need a C++ compiler (``g++``); :func:`inductor_available` says whether this machine can.
 """
 from __future__ import annotations
@@ -25,7 +39,9 @@ import shutil
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxquant.errors import FxQuantError
 
@@ -83,15 +99,15 @@ def register_inductor_decompositions() -> None:
                                                  quant_max, dtype)
 
 
-def inductor_model(model: nn.Module) -> nn.Module:
+def inductor_model(model: nn.Module, fuse_post_ops: bool = True) -> nn.Module:
     """A copy of the int-representation ``model`` whose graph-level activation q/dq calls are
     ``quantized_decomposed`` ops with the scale / zero point as Python numbers (read from the
     QParams buffers): Inductor's int8 conv/linear lowerings assert float qparams, and
     freezing would make them constants anyway. Weight dequantizes (inside the int8-weight
-    modules) go through the registered decompositions."""
+    modules) go through the registered decompositions. ``fuse_post_ops``: also
+    :func:`drop_requantize_before_post_ops`, so that activations fuse into the int8 convs
+    (False keeps every rounding of the native model)."""
     import copy
-
-    import torch.fx as fx
 
     import fxquant.backends.integer as integer
 
@@ -111,9 +127,68 @@ def inductor_model(model: nn.Module) -> nn.Module:
             zero_point = int(gm.get_buffer(str(z.target)).item())
             node.target = spelled[node.target]
             node.args = (x, scale, zero_point, *rest)
+        if fuse_post_ops:
+            drop_requantize_before_post_ops(gm)
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return model
+
+
+# Float ops that Inductor's x86 int8 passes fold into a onednn conv as a unary post-op when they
+# read the conv's float output directly (torch/_inductor/fx_passes/quantization.py: relu /
+# hardtanh / hardswish / swish).
+_CONV_UNARY_POST_OPS = frozenset({F.relu, torch.relu, F.relu6, F.hardtanh, F.hardswish, F.silu})
+
+
+def drop_requantize_before_post_ops(gm: fx.GraphModule) -> int:
+    """Remove the quantize -> dequantize pair between an int8-weight conv and the activation
+    (ReLU, ReLU6 / hardtanh, hardswish, SiLU) that reads it, so that Inductor fuses the
+    activation into the onednn int8 conv (one kernel, uint8 out) instead of running the conv
+    with a uint8 output, then a separate dequantize -> activation -> quantize loop.
+
+    Why this is allowed: the activation's own output quantization is kept, so the only rounding
+    removed is the conv's (half a conv output step, below one activation output step); the
+    outputs stay within one step of the native model (tests/test_inductor_fusion.py). The
+    native model rounds there because its kernels have no such post-ops. Only single-use pairs
+    are removed (a conv output that other ops read as integers keeps its quantization).
+
+    Residual adds are left alone, though onednn has a ``sum`` post-op: it accumulates into the
+    shortcut's uint8 tensor, which the next block reads too, so Inductor copies it first; that
+    was no faster than the fused add loop (MobileNetV2 / V3, EfficientNet-B0, 224x224, batch 1)
+    and the removed rounding cost agreement with the native model. Returns how many pairs were
+    removed."""
+    from fxquant.backends.integer import QUANTIZE, DEQUANTIZE, IntWeighted
+
+    qd = torch.ops.quantized_decomposed
+    quantizes = {QUANTIZE, qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor}
+    dequantizes = {DEQUANTIZE, qd.dequantize_per_tensor.default,
+                   qd.dequantize_per_tensor.tensor}
+
+    def is_conv(n: Any) -> bool:
+        if not (isinstance(n, fx.Node) and n.op == "call_module"):
+            return False
+        m = gm.get_submodule(str(n.target))
+        return isinstance(m, IntWeighted) and m.kind == "conv"
+
+    removed = 0
+    for q in list(gm.graph.nodes):
+        if q.op != "call_function" or q.target not in quantizes or not is_conv(q.args[0]):
+            continue
+        conv = q.args[0]
+        if len(conv.users) != 1 or len(q.users) != 1:
+            continue
+        dq = next(iter(q.users))
+        if dq.op != "call_function" or dq.target not in dequantizes or len(dq.users) != 1:
+            continue
+        act = next(iter(dq.users))
+        if act.op != "call_function" or act.target not in _CONV_UNARY_POST_OPS or \
+                not act.args or act.args[0] is not dq:
+            continue
+        dq.replace_all_uses_with(conv)
+        gm.graph.erase_node(dq)
+        gm.graph.erase_node(q)
+        removed += 1
+    return removed
 
 
 def int_representation(qmodel: nn.Module) -> nn.Module:
@@ -161,29 +236,89 @@ def _frozen() -> Iterator[None]:
 class InductorModule(nn.Module):
     """What :func:`compile_inductor` returns: calls the compiled model under ``no_grad`` with
     Inductor's freezing on (a recompile for new shapes freezes too). ``original`` is the
-    integer-representation model it compiled."""
+    integer-representation model it compiled.
 
-    def __init__(self, original: nn.Module, compiled: Any) -> None:
+    ``skip_guards``: a call whose inputs have the shapes, strides, dtypes and devices of a
+    call that already ran through Dynamo's full guard check (and with no autocast, no torch
+    function / dispatch mode and the default compiler stance, as then) runs with Dynamo's
+    guard evaluation skipped (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``).
+    Why: the frozen graph has its weights as constants, so the guards Dynamo checks per call
+    (hundreds, on every weight and qparam buffer of the module) can only fail on an input
+    change, which the signature check catches; they cost ~5% of a MobileNetV3's int8 time at
+    batch 1 (0.28 of 5.4 ms, 112x112). Anything else (kwargs, non-tensor or subclass inputs, a new signature) takes the
+    guarded path, which recompiles where needed."""
+
+    def __init__(self, original: nn.Module, compiled: Any, skip_guards: bool = True) -> None:
         super().__init__()
         self.original = original
         self._compiled = compiled
+        self.skip_guards = skip_guards
+        self._checked: set[tuple] = set()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        sig = _signature(args, kwargs) if self.skip_guards else None
+        if sig is not None and sig in self._checked and _plain_state():
+            # no recompile can happen here: Inductor's config patch (~30 us) is not needed
+            with torch.no_grad(), torch.compiler.set_stance("default",
+                                                            skip_guard_eval_unsafe=True):
+                return self._compiled(*args)
         with _frozen():
-            return self._compiled(*args, **kwargs)
+            out = self._compiled(*args, **kwargs)
+        if sig is not None and _plain_state():
+            self._checked.add(sig)
+        return out
+
+
+def _signature(args: tuple, kwargs: dict) -> Optional[tuple]:
+    """What the compiled graph's guards depend on among the inputs, or None when the inputs
+    are not plain tensors only."""
+    if kwargs or not args:
+        return None
+    sig = []
+    for a in args:
+        if type(a) is not torch.Tensor:
+            return None
+        sig.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+    if len(args) > 1 and len({a.untyped_storage().data_ptr() for a in args}) < len(args):
+        return None  # aliased inputs: Dynamo guards on aliasing
+    return tuple(sig)
+
+
+def _plain_state() -> bool:
+    """No autocast, no torch function / dispatch mode, the default compiler stance: the global
+    state under which a guarded call may vouch for later unguarded ones."""
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    return (torch._C._len_torch_function_stack() == 0 and
+            torch._C._len_torch_dispatch_stack() == 0 and
+            not torch.is_autocast_enabled("cpu") and
+            (stance is None or (getattr(stance, "stance", "default") == "default" and
+                                not getattr(stance, "skip_guard_eval_unsafe", False) and
+                                getattr(stance, "backend", None) is None)))
+
+
+# ``cpp_wrapper``: the compiled graph's wrapper (the code that allocates buffers and calls each
+# onednn kernel and fused C++ loop in turn) is C++ instead of Python. A MobileNetV3 at batch 1
+# makes ~150 such calls: the Python wrapper was ~18% of its int8 time (measured 5.9 -> 4.8 ms,
+# 112x112, 1 thread, AVX-512 VNNI CPU). Pass cpp_wrapper=False to get the Python wrapper back.
+DEFAULT_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
 
 def compile_inductor(qmodel: nn.Module, example_inputs: tuple, *, mode: Optional[str] = None,
-                     dynamic: Optional[bool] = None, **options: Any) -> nn.Module:
+                     dynamic: Optional[bool] = None, fuse_post_ops: bool = True,
+                     skip_guards: bool = True, **options: Any) -> nn.Module:
     """``torch.compile`` (Inductor, freezing on) of ``qmodel``'s integer representation;
     compiled here on ``example_inputs`` so that a failure surfaces now, not at the first call.
-    ``options`` go to ``torch.compile(options=...)`` (Inductor config keys)."""
+    ``fuse_post_ops``: see :func:`inductor_model`; ``skip_guards``: see
+    :class:`InductorModule`. ``options`` go to ``torch.compile(options=...)`` (Inductor
+    config keys) over :data:`DEFAULT_OPTIONS`."""
     _require_inductor()
     register_inductor_decompositions()
-    model = inductor_model(int_representation(qmodel)).eval()
+    model = inductor_model(int_representation(qmodel), fuse_post_ops).eval()
     compiled = torch.compile(model, backend="inductor", mode=mode, dynamic=dynamic,
-                             options=options or None)
-    out = InductorModule(model, compiled)
+                             options={**DEFAULT_OPTIONS, **options})
+    out = InductorModule(model, compiled, skip_guards)
     out(*example_inputs)
     return out
 
@@ -195,7 +330,8 @@ def export(qmodel: nn.Module, example_inputs: tuple) -> Any:
         return torch.export.export(model, tuple(example_inputs))
 
 
-def package(qmodel: nn.Module, example_inputs: tuple, path: str) -> str:
+def package(qmodel: nn.Module, example_inputs: tuple, path: str, fuse_post_ops: bool = True
+            ) -> str:
     """AOTInductor: export ``qmodel``'s integer representation and compile it into a ``.pt2``
     package at ``path`` (returned); run it with :func:`load_package`. The package holds
     compiled C++ and constants, no pickled Python."""
@@ -204,7 +340,7 @@ def package(qmodel: nn.Module, example_inputs: tuple, path: str) -> str:
     if not str(path).endswith(".pt2"):
         raise FxQuantError(f"AOTInductor packages end in .pt2, got '{path}'",
                            hint="pass a path like 'model.pt2'")
-    model = inductor_model(int_representation(qmodel)).eval()
+    model = inductor_model(int_representation(qmodel), fuse_post_ops).eval()
     with torch.no_grad():
         ep = torch.export.export(model, tuple(example_inputs))
         return torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
