@@ -131,6 +131,9 @@ def test_signature_fast_path_only_for_plain_tensor_calls() -> None:
     assert _signature((x,), {}) == _signature((torch.randn(1, 3, 4, 4),), {})
     assert _signature((x,), {}) != _signature((torch.randn(1, 3, 4, 5),), {})
     assert _signature((x,), {}) != _signature((x.transpose(2, 3),), {})  # strides count
+    with torch.inference_mode():
+        y = torch.randn(1, 3, 4, 4)
+    assert _signature((x,), {}) != _signature((y,), {})  # so do inference-mode tensors
     assert _signature((x,), {"y": x}) is None
     assert _signature((x, 3), {}) is None
     assert _signature((x, x[0]), {}) is None  # aliased inputs

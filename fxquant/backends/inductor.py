@@ -238,15 +238,16 @@ class InductorModule(nn.Module):
     Inductor's freezing on (a recompile for new shapes freezes too). ``original`` is the
     integer-representation model it compiled.
 
-    ``skip_guards``: a call whose inputs have the shapes, strides, dtypes and devices of a
-    call that already ran through Dynamo's full guard check (and with no autocast, no torch
-    function / dispatch mode and the default compiler stance, as then) runs with Dynamo's
-    guard evaluation skipped (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``).
-    Why: the frozen graph has its weights as constants, so the guards Dynamo checks per call
-    (hundreds, on every weight and qparam buffer of the module) can only fail on an input
-    change, which the signature check catches; they cost ~5% of a MobileNetV3's int8 time at
-    batch 1 (0.28 of 5.4 ms, 112x112). Anything else (kwargs, non-tensor or subclass inputs, a new signature) takes the
-    guarded path, which recompiles where needed."""
+    ``skip_guards``: a call whose inputs have the shapes, strides, dtypes, devices and
+    dispatch keys of a call that already ran through Dynamo's full guard check (and with no
+    autocast, no torch function / dispatch mode and the default compiler stance, as then) runs
+    with Dynamo's guard evaluation skipped (``torch.compiler.set_stance(
+    skip_guard_eval_unsafe=True)``). Why: the frozen graph has its weights as constants, so the
+    guards Dynamo checks per call (hundreds, on every weight and qparam buffer of the module)
+    can only fail on an input change, which the signature check catches; they cost ~5% of a
+    MobileNetV3's int8 time at batch 1 (0.28 of 5.4 ms, 112x112). Anything else (kwargs,
+    non-tensor or subclass inputs, a new signature) takes the guarded path, which recompiles
+    where needed."""
 
     def __init__(self, original: nn.Module, compiled: Any, skip_guards: bool = True) -> None:
         super().__init__()
@@ -278,7 +279,8 @@ def _signature(args: tuple, kwargs: dict) -> Optional[tuple]:
     for a in args:
         if type(a) is not torch.Tensor:
             return None
-        sig.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+        sig.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad,
+                    torch._C._dispatch_keys(a).raw_repr()))  # inference-mode tensors differ
     if len(args) > 1 and len({a.untyped_storage().data_ptr() for a in args}) < len(args):
         return None  # aliased inputs: Dynamo guards on aliasing
     return tuple(sig)
