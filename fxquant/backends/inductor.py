@@ -28,6 +28,12 @@ What makes it fast (MobileNetV3 / EfficientNet-B0 / MobileNetV2 at batch 1, 1 th
   :class:`InductorModule` skips Dynamo's per-call guard evaluation for inputs it has already
   seen pass the guards.
 
+Where it is not fast: on CPUs without AVX-512 VNNI, onednn's int8 convs are slower than its fp32
+convs (measured with ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX-512 VNNI Xeon, 1 thread: 1x1 convs
+1.1-1.4x, depthwise 3x3 / 5x5 1.3-1.9x the fp32 time), so MobileNetV3 / EfficientNet-B0 run at
+1.1-1.2x fp32 eager there; the native ``quantized::`` path (fbgemm) is the faster int8 path on
+such CPUs.
+
 Compiles need a C++ compiler (``g++``); :func:`inductor_available` says whether this machine can.
 """
 from __future__ import annotations
