@@ -33,7 +33,7 @@ test: setup
 
 # The Inductor compile / AOTInductor package tests (minutes each: not in `make test`).
 test-inductor: setup
-	FXQUANT_INDUCTOR_TESTS=1 $(VPY) -m pytest -q tests/test_integer_repr.py $(PYTEST_ARGS)
+	FXQUANT_INDUCTOR_TESTS=1 $(VPY) -m pytest -q tests/test_integer_repr.py tests/test_inductor_fusion.py $(PYTEST_ARGS)
 
 bench: setup
 	$(VPY) benchmarks/run.py

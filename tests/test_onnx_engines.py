@@ -120,11 +120,27 @@ def _agree_within_one_step(native: torch.Tensor, other: torch.Tensor, scale: flo
     return float((steps <= 1).float().mean())
 
 
+def _ov_avx2_mark() -> pytest.MarkDecorator:
+    """On CPUs without VNNI (AVX2: the x86 default is 7-bit there) OpenVINO's int8 convs round
+    differently from fbgemm's in a way ONNX Runtime's do not: one conv of the test CNN (conv2,
+    whose input step is 5x its output step) is up to 4 steps off on 0.25% of its outputs and
+    98.8% of the logits stay within one native step (AMD AVX2 and an AVX-512 VNNI machine
+    under ONEDNN_MAX_CPU_ISA=AVX2, OpenVINO 2026.4). Not met there; docs/onnx.md."""
+    from fxquant.backends import cpu
+
+    return pytest.mark.xfail(
+        condition=not cpu.full_range_activations_safe("x86"), strict=False,
+        reason="OpenVINO's AVX2 int8 convs: 98.8% of the test CNN's logits within one native "
+               "step (one conv up to 4 steps off on 0.25% of its outputs)")
+
+
+_OV_AVX2 = _ov_avx2_mark()
 CASES = [
     pytest.param("onnxruntime", "onnxruntime", "cnn", id="onnxruntime-cnn"),
     pytest.param("onnxruntime", "onnxruntime", "mlp", id="onnxruntime-mlp"),
-    pytest.param("openvino", "openvino", "cnn", id="openvino-cnn"),
-    pytest.param("openvino", "openvino", "cnn_no_residual", id="openvino-cnn_no_residual"),
+    pytest.param("openvino", "openvino", "cnn", id="openvino-cnn", marks=_OV_AVX2),
+    pytest.param("openvino", "openvino", "cnn_no_residual", id="openvino-cnn_no_residual",
+                 marks=_OV_AVX2),
     pytest.param("openvino", "openvino", "mlp", id="openvino-mlp"),
 ]
 
@@ -154,6 +170,7 @@ def test_engine_agrees_with_native(backend: str, package: str, which: str,
     assert torch.allclose(native, other, atol=8 * scale), (native - other).abs().max() / scale
 
 
+@_OV_AVX2
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_openvino_residual_add_keeps_native_rounding(seed: int) -> None:
     """OpenVINO's CPU plugin fuses a residual Add into the conv before it (oneDNN's sum
