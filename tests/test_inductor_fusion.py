@@ -12,10 +12,8 @@
 from __future__ import annotations
 
 import operator
-import os
 import re
 
-import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 import fxquant
 from fxquant.backends.integer import IntWeighted
 from tests.models import build, calibration_batches
-from tests.util import output_scale
+from tests.util import inductor_or_skip, output_scale
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -141,19 +139,8 @@ def test_signature_fast_path_only_for_plain_tensor_calls() -> None:
 
 
 # ------------------------------------------------------------------------------ compiled
-def _inductor_or_skip() -> None:
-    if os.environ.get("FXQUANT_INDUCTOR_TESTS") != "1":
-        pytest.skip("Inductor compiles take minutes on a busy 2-core machine: set "
-                    "FXQUANT_INDUCTOR_TESTS=1")
-    from fxquant.backends.inductor import inductor_available
-
-    why = inductor_available()
-    if why:
-        pytest.skip(why)
-
-
 def test_compiled_runs_post_ops_in_onednn_and_agrees_with_native() -> None:
-    _inductor_or_skip()
+    inductor_or_skip()
     from torch._inductor.utils import run_and_get_code
 
     ours, native = _converted()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from typing import Iterator
 
 import pytest
@@ -31,7 +30,7 @@ from fxquant.backends.integer import (QUANTIZED_DTYPES, IntRepresentationError, 
                                       is_int_representation, quantize_weight_int)
 from fxquant.errors import FxQuantError
 from tests.models import PlainCNN, TinyResNet, build, calibration_batches
-from tests.util import output_scale
+from tests.util import inductor_or_skip, output_scale
 
 
 # ----------------------------------------------------------------------------- test models
@@ -341,17 +340,6 @@ def test_export_round_trip_dynamic_lstm() -> None:
 
 
 # ------------------------------------------------------------------------------ Inductor
-def _inductor_or_skip() -> None:
-    if os.environ.get("FXQUANT_INDUCTOR_TESTS") != "1":
-        pytest.skip("Inductor compiles take minutes on a busy 2-core machine: set "
-                    "FXQUANT_INDUCTOR_TESTS=1")
-    from fxquant.backends.inductor import inductor_available
-
-    why = inductor_available()
-    if why:
-        pytest.skip(why)
-
-
 def test_inductor_refuses_native_model_with_the_fix() -> None:
     from fxquant.backends.inductor import int_representation
 
@@ -362,7 +350,7 @@ def test_inductor_refuses_native_model_with_the_fix() -> None:
 
 
 def test_inductor_compile_and_package_agree_with_native(tmp_path) -> None:
-    _inductor_or_skip()
+    inductor_or_skip()
     from fxquant.backends import inductor
 
     shape = (1, 3, 8, 8)

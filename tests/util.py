@@ -1,6 +1,7 @@
 """Test helpers: op counting, output quantum, torch.ao oracle access, int16 saturation bounds."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import pytest
@@ -115,3 +116,16 @@ def _linear_op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torc
     if isinstance(module, nn.modules.conv._ConvNd):
         return module._conv_forward(x, weight, None)
     raise TypeError(f"no linear map for {type(module).__name__}")
+
+
+def inductor_or_skip() -> None:
+    """Skip unless FXQUANT_INDUCTOR_TESTS=1 (``make test-inductor``) and Inductor can compile
+    here: its C++ compiles take minutes on a busy 2-core machine."""
+    if os.environ.get("FXQUANT_INDUCTOR_TESTS") != "1":
+        pytest.skip("Inductor compiles take minutes on a busy 2-core machine: set "
+                    "FXQUANT_INDUCTOR_TESTS=1")
+    from fxquant.backends.inductor import inductor_available
+
+    why = inductor_available()
+    if why:
+        pytest.skip(why)
