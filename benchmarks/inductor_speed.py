@@ -1,4 +1,5 @@
-"""Speed of the integer representation and Inductor on a MobileNetV2-style CNN (not a test).
+"""Speed of the integer representation and Inductor on a MobileNetV2-style CNN, or on a bench
+model (``--model mobilenet_v3``, benchmarks/models.py) (not a test).
 
 Times, interleaved in one process on 1 thread (round-robin over the paths, median of the
 rounds, plus process CPU time per call because shared machines are noisy):
@@ -6,16 +7,22 @@ rounds, plus process CPU time per call because shared machines are noisy):
   fp32 eager | fxquant native int8 (quantized:: kernels) | int representation eager |
   int representation + Inductor (freezing) | AOTInductor .pt2 (with --aoti) |
   Inductor as it was before post-op fusion, the C++ wrapper and guard skipping (with --baseline:
-  fuse_post_ops=False, cpp_wrapper=False, skip_guards=False)
+  fuse_post_ops=False, cpp_wrapper=False, skip_guards=False) |
+  Inductor with int8 convs and linears, with fp32 convs, with fp32 convs and linears (with
+  --float-convs: float_convs / float_linears forced; the one this CPU's "auto" picks is marked;
+  otherwise the one Inductor path is "auto")
 
 and the agreement of every int8 path with the native model in output steps. Inductor compiles
 C++ (g++): minutes on a busy 2-core machine.
 
     python benchmarks/inductor_speed.py [--blocks 7] [--size 96] [--rounds 30] [--aoti] [--baseline]
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/inductor_speed.py \
+        --model mobilenet_v3 --size 224 --float-convs --inductor-only   # a CPU without VNNI
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -81,6 +88,18 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
+def _model(name: str, blocks: int, size: int) -> nn.Module:
+    if name == "mobilenet_v2ish":
+        return _randomize_bn(MobileNetV2ish(blocks)).eval()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import models as bench_models  # benchmarks/models.py
+
+    if name not in bench_models.MODELS or bench_models.MODELS[name].kind != "static":
+        raise SystemExit(f"--model: mobilenet_v2ish or a static model of benchmarks/models.py, "
+                         f"got {name!r}")
+    return bench_models.build(name, size)
+
+
 def _time(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict[str, float]]:
     wall: dict[str, list[float]] = {k: [] for k in paths}
     cpu: dict[str, list[float]] = {k: [] for k in paths}
@@ -99,6 +118,9 @@ def _time(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mobilenet_v2ish",
+                    help="mobilenet_v2ish (this file's, default) or a static model of "
+                         "benchmarks/models.py (mobilenet_v3, efficientnet_b0, ...)")
     ap.add_argument("--blocks", type=int, default=7)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--batch", type=int, default=1)
@@ -107,13 +129,18 @@ def main() -> None:
     ap.add_argument("--aoti", action="store_true", help="also build and time an AOTInductor .pt2")
     ap.add_argument("--baseline", action="store_true",
                     help="also time Inductor without post-op fusion, C++ wrapper, guard skipping")
+    ap.add_argument("--float-convs", action="store_true",
+                    help="time Inductor with int8 convs, fp32 convs, fp32 convs and linears "
+                         "(float_convs / float_linears forced) instead of the one 'auto' path")
+    ap.add_argument("--inductor-only", action="store_true",
+                    help="time fp32 eager and the Inductor paths only (no native / eager int)")
     ap.add_argument("--json", default="", help="write the figures here")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
     torch.backends.quantized.engine = args.backend
     torch.manual_seed(0)
-    model = _randomize_bn(MobileNetV2ish(args.blocks)).eval()
+    model = _model(args.model, args.blocks, args.size)
     shape = (args.batch, 3, args.size, args.size)
     example = (torch.randn(*shape),)
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(args.backend),
@@ -123,20 +150,31 @@ def main() -> None:
             prepared(torch.randn(*shape))
     native = fxquant.convert_fx(prepared)
     integer = fxquant.convert_fx(prepared, representation="int")
-    t0 = time.perf_counter()
-    compiled = fxquant.compile(integer, example, backend="inductor")
-    compile_s = time.perf_counter() - t0
     x = torch.randn(*shape)
-    paths: dict[str, Callable[[], object]] = {
-        "fp32 eager": lambda: model(x),
-        "fxquant native int8": lambda: native(x),
-        "int repr eager": lambda: integer(x),
-        "int repr + inductor": lambda: compiled(x),
-    }
-    extra: dict[str, float] = {"inductor_compile_s": compile_s}
+    paths: dict[str, Callable[[], object]] = {"fp32 eager": lambda: model(x)}
+    if not args.inductor_only:
+        paths["fxquant native int8"] = lambda: native(x)
+        paths["int repr eager"] = lambda: integer(x)
+    extra: dict[str, float] = {}
+    from fxquant.backends.inductor import float_conv_plan
+
+    auto = float_conv_plan("auto")
+    print(f"float_convs / float_linears = 'auto' on this CPU: {auto.enabled} ({auto.reason})")
+    variants = {"inductor int8 convs": (False, False), "inductor fp32 convs": (True, False),
+                "inductor fp32 convs+linears": (True, True)} if args.float_convs \
+        else {"int repr + inductor": ("auto", "auto")}
+    for name, (float_convs, float_linears) in variants.items():
+        if float_convs is auto.enabled and float_linears is auto.enabled:
+            name += " (auto)"
+        t0 = time.perf_counter()
+        compiled = fxquant.compile(integer, example, backend="inductor", float_convs=float_convs,
+                                   float_linears=float_linears)
+        extra[f"{name} compile_s"] = time.perf_counter() - t0
+        paths[name] = functools.partial(compiled, x)
     if args.baseline:
         t0 = time.perf_counter()
         baseline = fxquant.compile(integer, example, backend="inductor", fuse_post_ops=False,
+                                   float_convs=False, float_linears=False,
                                    skip_guards=False, cpp_wrapper=False)
         extra["baseline_compile_s"] = time.perf_counter() - t0
         paths["inductor baseline"] = lambda: baseline(x)
@@ -159,12 +197,14 @@ def main() -> None:
                  for k, fn in paths.items() if k != "fp32 eager"}
         figures = _time(paths, args.rounds)
     base = figures["fp32 eager"]["wall_ms"]
-    print(f"MobileNetV2-ish ({args.blocks} blocks), input {shape}, 1 thread, "
+    what = f"MobileNetV2-ish ({args.blocks} blocks)" if args.model == "mobilenet_v2ish" \
+        else args.model
+    print(f"{what}, input {shape}, 1 thread, "
           f"{args.rounds} interleaved rounds, median")
-    print(f"{'path':24s} {'wall ms':>9s} {'cpu ms':>9s} {'vs fp32':>8s} {'<=1 step':>9s}")
+    print(f"{'path':31s} {'wall ms':>9s} {'cpu ms':>9s} {'x fp32 time':>11s} {'<=1 step':>9s}")
     for k, v in figures.items():
         a = f"{agree[k]:.2%}" if k in agree else "-"
-        print(f"{k:24s} {v['wall_ms']:9.2f} {v['cpu_ms']:9.2f} {base / v['wall_ms']:7.2f}x "
+        print(f"{k:31s} {v['wall_ms']:9.2f} {v['cpu_ms']:9.2f} {v['wall_ms'] / base:10.2f}x "
               f"{a:>9s}")
     print(", ".join(f"{k}={v:.2f}" for k, v in extra.items()))
     if args.json:

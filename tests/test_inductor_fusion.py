@@ -4,16 +4,22 @@
   before an activation that onednn fuses into the int8 conv: checked on the graph
   (which pairs go, which stay) and numerically, eagerly, within one output step of the native
   model on >= 99% of elements (no C++ compile: fast);
+* ``float_convs=True`` / ``float_linears=True`` (what "auto" picks where onednn's int8 kernels
+  are slower than fp32) give every int8-weight conv / linear a precomputed float weight:
+  checked on the model (which modules change, the graph does not), eagerly equal to the
+  int8-weight model, and the "auto" decision follows the CPU policy;
 * compiled (``FXQUANT_INDUCTOR_TESTS=1``: C++ compiles take minutes on a busy 2-core machine):
   the generated code runs the activations as onednn post-ops, agrees with native, and the
   guard-skipping fast path of :class:`InductorModule` gives the guarded call's result, while a
-  new input shape takes the guarded path (a recompile) and is still right.
+  new input shape takes the guarded path (a recompile) and is still right; with float convs and
+  linears, no int8 conv / linear is left in the generated code and it still agrees with native.
 """
 from __future__ import annotations
 
 import operator
 import re
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -138,6 +144,72 @@ def test_signature_fast_path_only_for_plain_tensor_calls() -> None:
     assert _signature((), {}) is None
 
 
+def _graph_ops(gm: fx.GraphModule) -> list[tuple[str, object]]:
+    return [(n.op, n.target) for n in gm.graph.nodes]
+
+
+def test_float_convs_replace_every_int8_conv_weight_and_nothing_else() -> None:
+    from fxquant.backends.inductor import FloatWeighted, inductor_model
+
+    ours, native = _converted()
+    kept = inductor_model(ours, fuse_post_ops=True, float_convs=False)
+    fl = inductor_model(ours, fuse_post_ops=True, float_convs=True)
+    both = inductor_model(ours, fuse_post_ops=True, float_convs=True, float_linears=True)
+    int_convs = {name for name, m in kept.named_modules()
+                 if isinstance(m, IntWeighted) and m.kind == "conv"}
+    # stem, expand, dw, se1 (inside ConvReLU2d), se2, project, tail (inside a ConvClamp2d)
+    assert len(int_convs) == 7
+    assert fl.fxquant_float_convs.enabled and set(fl.fxquant_float_convs.modules) == int_convs
+    assert not kept.fxquant_float_convs.enabled and kept.fxquant_float_convs.modules == ()
+    assert not fl.fxquant_float_linears.enabled and fl.fxquant_float_linears.modules == ()
+    assert both.fxquant_float_linears.modules == ("head",)
+    for name in int_convs | {"head"}:
+        m, old = both.get_submodule(name), kept.get_submodule(name)
+        assert isinstance(m, FloatWeighted) and m.weight.dtype == torch.float32
+        assert old.weight.weight_int.dtype == torch.int8
+        torch.testing.assert_close(m.weight, old.weight.dequantized(), rtol=0, atol=0)
+        assert m.weight.abs().max() > 0
+    # float_convs alone: the linear head keeps its int8 weight
+    assert isinstance(fl.head, IntWeighted) and fl.head.kind == "linear"
+    assert not any(isinstance(m, IntWeighted) and m.kind == "conv" for m in fl.modules())
+    assert not any(isinstance(m, IntWeighted) for m in both.modules())
+    # the graph itself (q/dq, activations) is unchanged; the model given was copied, not changed
+    assert _graph_ops(fl) == _graph_ops(both) == _graph_ops(kept)
+    assert not any(isinstance(m, FloatWeighted) for m in ours.modules())
+    scale = output_scale(native)
+    with torch.no_grad():
+        for seed in range(3):
+            x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(20 + seed))
+            ref = kept(x)
+            assert ref.abs().max() > 10 * scale  # real outputs, not zeros
+            # the same float weights the int8 dequantize computes, the same ops: equal outputs
+            torch.testing.assert_close(fl(x), ref, rtol=0, atol=0)
+            torch.testing.assert_close(both(x), ref, rtol=0, atol=0)
+            _assert_within_one_step(both(x), native(x), scale)
+
+
+def test_float_convs_auto_follows_the_cpu_policy(monkeypatch) -> None:
+    import fxquant.backends.cpu as cpu
+    from fxquant.backends.inductor import float_conv_plan, inductor_model
+    from fxquant.errors import FxQuantError
+
+    for kind in ("conv", "linear"):
+        assert float_conv_plan(True, kind).enabled and not float_conv_plan(False, kind).enabled
+        assert float_conv_plan("auto", kind).enabled == \
+            (not cpu.full_range_activations_safe("onednn"))
+    ours, _ = _converted()
+    for int32_accumulation in (True, False):  # VNNI / AMX, then AVX2-only (or an ISA cap)
+        monkeypatch.setattr(cpu, "full_range_activations_safe",
+                            lambda engine, v=int32_accumulation: v if engine == "onednn" else 1 / 0)
+        plan = float_conv_plan("auto")
+        assert plan.enabled is (not int32_accumulation) and plan.reason.startswith("auto:")
+        model = inductor_model(ours, float_convs="auto", float_linears="auto")
+        assert len(model.fxquant_float_convs.modules) == (0 if int32_accumulation else 7)
+        assert len(model.fxquant_float_linears.modules) == (0 if int32_accumulation else 1)
+    with pytest.raises(FxQuantError, match="float_convs"):
+        float_conv_plan("yes")
+
+
 # ------------------------------------------------------------------------------ compiled
 def test_compiled_runs_post_ops_in_onednn_and_agrees_with_native() -> None:
     inductor_or_skip()
@@ -149,6 +221,8 @@ def test_compiled_runs_post_ops_in_onednn_and_agrees_with_native() -> None:
     code = "\n".join(code)  # Python or C++ wrapper: quote and separator spellings differ
     for post_op in ("hardswish", "swish"):  # onednn post-ops of the int8 convs
         assert re.search(rf"""["']{post_op}["']""", code), post_op
+    if not compiled.float_convs.enabled:  # "auto" on a VNNI / AMX CPU keeps the int8 convs
+        assert "qconv" in code and not compiled.float_convs.modules
     scale = output_scale(native)
     with torch.no_grad():
         x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(3))
@@ -162,3 +236,26 @@ def test_compiled_runs_post_ops_in_onednn_and_agrees_with_native() -> None:
         _assert_within_one_step(compiled(y), native(y), scale)
         _assert_within_one_step(compiled(y), native(y), scale)
         assert len(compiled._checked) == 2
+
+
+def test_compiled_float_convs_run_fp32_kernels_and_agree_with_native() -> None:
+    inductor_or_skip()
+    from torch._inductor.utils import run_and_get_code
+
+    ours, native = _converted()
+    example = (torch.randn(*SHAPE),)
+    compiled, code = run_and_get_code(fxquant.compile, ours, example, backend="inductor",
+                                      float_convs=True, float_linears=True)
+    code = "\n".join(code)
+    assert len(compiled.float_convs.modules) == 7 and compiled.float_linears.modules == ("head",)
+    assert "qconv" not in code and "qlinear" not in code  # no onednn int8 kernel left ...
+    assert len(re.findall(r"mkldnn[._]+convolution_pointwise(?:\.default)?\(", code)) == 7
+    for post_op in ("hardswish", "swish"):  # ... and the activations fused into the fp32 convs
+        assert re.search(rf"""["']{post_op}["']""", code), post_op
+    scale = output_scale(native)
+    with torch.no_grad():
+        for seed in range(3):
+            x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(30 + seed))
+            ref = native(x)
+            assert ref.abs().max() > 10 * scale
+            _assert_within_one_step(compiled(x), ref, scale)

@@ -30,19 +30,29 @@ What makes it fast (MobileNetV3 / EfficientNet-B0 / MobileNetV2 at batch 1, 1 th
 
 Where it is not fast: on CPUs without AVX-512 VNNI, onednn's int8 convs are slower than its fp32
 convs (measured with ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX-512 VNNI Xeon, 1 thread: 1x1 convs
-1.1-1.4x, depthwise 3x3 / 5x5 1.3-1.9x the fp32 time), so MobileNetV3 / EfficientNet-B0 run at
-1.1-1.2x fp32 eager there; the native ``quantized::`` path (fbgemm) is the faster int8 path on
-such CPUs.
+1.1-1.4x, depthwise 3x3 / 5x5 1.3-1.9x the fp32 time), and its int8 linears too. There
+``float_convs`` / ``float_linears`` = "auto" (:func:`float_conv_plan`) give those convs and
+linears precomputed float weights (:class:`FloatWeighted`), so Inductor runs fp32 mkldnn
+kernels (activations still fused as post-ops) between the model's q/dq loops: the reference
+graph's numerics. Measured under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` (224x224,
+batch 1, 1 thread, time / fp32 eager in the same process): MobileNetV3 1.19x with int8 convs
+-> 1.06x, EfficientNet-B0 1.24x -> 1.04x (benchmarks/inductor_speed.py --float-convs). Still
+not at fp32 speed: in a MobileNetV3 profile, Inductor's fp32 mkldnn convs (channels-last)
+took ~1.5x the time of eager's NCHW convs (1x1 convs as gemms). On the VNNI machine "auto"
+keeps the int8 kernels (0.53x / 0.58x; fp32 convs would be 0.74x / 0.78x).
 
 Compiles need a C++ compiler (``g++``); :func:`inductor_available` says whether this machine can.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+import logging
 import os
 import shutil
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -50,6 +60,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxquant.errors import FxQuantError
+
+log = logging.getLogger(__name__)
 
 
 class InductorUnavailable(FxQuantError):
@@ -105,16 +117,19 @@ def register_inductor_decompositions() -> None:
                                                  quant_max, dtype)
 
 
-def inductor_model(model: nn.Module, fuse_post_ops: bool = True) -> nn.Module:
+def inductor_model(model: nn.Module, fuse_post_ops: bool = True,
+                   float_convs: FloatOption = False, float_linears: FloatOption = False
+                   ) -> nn.Module:
     """A copy of the int-representation ``model`` whose graph-level activation q/dq calls are
     ``quantized_decomposed`` ops with the scale / zero point as Python numbers (read from the
     QParams buffers): Inductor's int8 conv/linear lowerings assert float qparams, and
     freezing would make them constants anyway. Weight dequantizes (inside the int8-weight
     modules) go through the registered decompositions. ``fuse_post_ops``: also
     :func:`drop_requantize_before_post_ops`, so that activations fuse into the int8 convs
-    (False keeps every rounding of the native model)."""
-    import copy
-
+    (False keeps every rounding of the native model). ``float_convs`` / ``float_linears``:
+    whether the convs / linears get float weight constants (:func:`float_conv_plan`,
+    :func:`use_float_weights`); the plans are the returned model's ``fxquant_float_convs`` /
+    ``fxquant_float_linears`` attributes."""
     import fxquant.backends.integer as integer
 
     register_inductor_decompositions()
@@ -137,6 +152,8 @@ def inductor_model(model: nn.Module, fuse_post_ops: bool = True) -> nn.Module:
             drop_requantize_before_post_ops(gm)
         gm.graph.eliminate_dead_code()
         gm.recompile()
+    _apply_float_plan(model, float_convs, "conv")
+    _apply_float_plan(model, float_linears, "linear")
     return model
 
 
@@ -174,7 +191,7 @@ def drop_requantize_before_post_ops(gm: fx.GraphModule) -> int:
         if not (isinstance(n, fx.Node) and n.op == "call_module"):
             return False
         m = gm.get_submodule(str(n.target))
-        return isinstance(m, IntWeighted) and m.kind == "conv"
+        return isinstance(m, (IntWeighted, FloatWeighted)) and m.kind == "conv"
 
     removed = 0
     for q in list(gm.graph.nodes):
@@ -195,6 +212,119 @@ def drop_requantize_before_post_ops(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(q)
         removed += 1
     return removed
+
+
+# ------------------------------------------------------------------------ fp32 convs on AVX2
+FloatOption = Union[Literal["auto"], bool]
+_FLOAT_KINDS = ("conv", "linear")
+
+
+@dataclass(frozen=True)
+class FloatConvPlan:
+    """Whether the compiled model runs its ``kind`` ops ("conv" or "linear") in fp32, why, and
+    (once applied) which: ``modules`` are the paths whose int8 weight became a float constant."""
+
+    kind: str
+    enabled: bool
+    reason: str
+    modules: tuple[str, ...] = ()
+
+
+def float_conv_plan(option: FloatOption = "auto", kind: str = "conv") -> FloatConvPlan:
+    """Decide whether Inductor runs the ``kind`` ops ("conv" / "linear") in fp32: ``option``
+    True / False forces it, "auto" asks the CPU policy.
+
+    Why: Inductor turns ``dequantize -> conv / linear (dequantized int8 weight) -> quantize``
+    into one onednn int8 kernel. Without int32 accumulation of uint8 x int8 products (VNNI /
+    AMX), onednn's int8 kernels are slower than its fp32 ones (``ONEDNN_MAX_CPU_ISA=AVX2`` on
+    an AVX-512 VNNI Xeon, 1 thread, batch 1: 1x1 convs 1.1-1.4x, depthwise 3x3 / 5x5
+    1.3-1.9x the fp32 time; MobileNetV3's two head linears ~2x ``addmm``), so "auto" runs
+    them in fp32 exactly where :func:`fxquant.backends.cpu.full_range_activations_safe` says
+    onednn does not accumulate in int32 (AVX2-only CPUs, AVX-512 without VNNI, or an ISA cap in
+    the environment). The decision is per CPU, not measured per layer."""
+    name = f"float_{kind}s"
+    if kind not in _FLOAT_KINDS:
+        raise ValueError(f"kind must be one of {_FLOAT_KINDS}, got {kind!r}")
+    if option is True or option is False:
+        return FloatConvPlan(kind, option, f"forced {'on' if option else 'off'} "
+                                           f"({name}={option})")
+    if option != "auto":
+        raise FxQuantError(f"{name} must be 'auto', True or False, got {option!r}",
+                           hint=f"{name}='auto' decides from the CPU")
+    from fxquant.backends.cpu import full_range_activations_safe
+
+    if full_range_activations_safe("onednn"):
+        return FloatConvPlan(kind, False, "auto: onednn accumulates uint8 x int8 in int32 on "
+                                          f"this CPU (VNNI / AMX): its int8 {kind}s are the "
+                                          "fast ones")
+    return FloatConvPlan(kind, True, "auto: onednn has no int32 uint8 x int8 accumulation on "
+                                     "this CPU (no VNNI, or an ISA cap such as "
+                                     f"ONEDNN_MAX_CPU_ISA=AVX2): its int8 {kind}s are slower "
+                                     f"than its fp32 {kind}s")
+
+
+class FloatWeighted(nn.Module):
+    """An :class:`~fxquant.backends.integer.IntWeighted` conv or linear with its weight
+    dequantized once, ahead of time: ``conv(x, float_weight, bias)`` / ``linear(...)``. The
+    float weight is exactly what the int8 weight's dequantize computes per call, so the
+    module's outputs equal the int8-weight module's bit for bit in eager mode. What it is for:
+    with no ``dequantize_per_channel`` of an int8 weight constant feeding the op, Inductor's
+    int8 conv / linear patterns do not match and the op runs as a frozen fp32 (mkldnn / mkl)
+    kernel, the activation q/dq around it as elementwise loops."""
+
+    def __init__(self, int_op: nn.Module) -> None:
+        super().__init__()
+        from fxquant.backends.integer import IntWeighted
+
+        if not (isinstance(int_op, IntWeighted) and int_op.kind in _FLOAT_KINDS):
+            raise TypeError(f"FloatWeighted takes an IntWeighted conv or linear, got {int_op!r}")
+        with torch.no_grad():
+            self.register_buffer("weight", int_op.weight.dequantized().detach().clone())
+        self.bias, self.kind, self.float_name = int_op.bias, int_op.kind, int_op.float_name
+        if self.kind == "conv":
+            self.dims = int_op.dims
+            self.stride, self.padding = int_op.stride, int_op.padding
+            self.dilation, self.groups = int_op.dilation, int_op.groups
+            self.padding_mode, self.pad_twice = int_op.padding_mode, int_op.pad_twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, self.weight, self.bias)
+        fn = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.pad_twice, mode=self.padding_mode)
+            return fn(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return fn(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                  self.groups)
+
+    def _get_name(self) -> str:
+        return f"FloatWeight{self.float_name}"
+
+
+def use_float_weights(model: nn.Module, kind: str = "conv") -> tuple[str, ...]:
+    """Replace, in place, every int8-weight ``kind`` op of ``model`` (:class:`IntWeighted` of
+    that kind, called by a graph node or inside a fused module such as ConvReLU2d) by a
+    :class:`FloatWeighted`; returns their module paths. Transposed convs keep their int8
+    weights. The graphs are unchanged: their nodes call the same module paths."""
+    from fxquant.backends.integer import IntWeighted
+
+    done: list[str] = []
+    for prefix, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, IntWeighted) and child.kind == kind:
+                setattr(parent, name, FloatWeighted(child))
+                done.append(f"{prefix}.{name}" if prefix else name)
+    return tuple(done)
+
+
+def _apply_float_plan(model: nn.Module, option: FloatOption, kind: str) -> FloatConvPlan:
+    plan = float_conv_plan(option, kind)
+    if plan.enabled:
+        plan = FloatConvPlan(kind, True, plan.reason, use_float_weights(model, kind))
+        log.info("fxquant inductor: %d %s(s) run in fp32 (%s): %s", len(plan.modules), kind,
+                 plan.reason, ", ".join(plan.modules))
+    setattr(model, f"fxquant_float_{kind}s", plan)
+    return plan
 
 
 def int_representation(qmodel: nn.Module) -> nn.Module:
@@ -242,7 +372,8 @@ def _frozen() -> Iterator[None]:
 class InductorModule(nn.Module):
     """What :func:`compile_inductor` returns: calls the compiled model under ``no_grad`` with
     Inductor's freezing on (a recompile for new shapes freezes too). ``original`` is the
-    integer-representation model it compiled.
+    integer-representation model it compiled; ``float_convs`` / ``float_linears`` (each a
+    :class:`FloatConvPlan`) say which of its convs / linears run in fp32 and why.
 
     ``skip_guards``: a call whose inputs have the shapes, strides, dtypes, devices and
     dispatch keys of a call that already ran through Dynamo's full guard check (and with no
@@ -258,6 +389,9 @@ class InductorModule(nn.Module):
     def __init__(self, original: nn.Module, compiled: Any, skip_guards: bool = True) -> None:
         super().__init__()
         self.original = original
+        self.float_convs: Optional[FloatConvPlan] = getattr(original, "fxquant_float_convs", None)
+        self.float_linears: Optional[FloatConvPlan] = getattr(original, "fxquant_float_linears",
+                                                              None)
         self._compiled = compiled
         self.skip_guards = skip_guards
         self._checked: set[tuple] = set()
@@ -315,15 +449,20 @@ DEFAULT_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
 def compile_inductor(qmodel: nn.Module, example_inputs: tuple, *, mode: Optional[str] = None,
                      dynamic: Optional[bool] = None, fuse_post_ops: bool = True,
-                     skip_guards: bool = True, **options: Any) -> nn.Module:
+                     skip_guards: bool = True, float_convs: FloatOption = "auto",
+                     float_linears: FloatOption = "auto", **options: Any) -> nn.Module:
     """``torch.compile`` (Inductor, freezing on) of ``qmodel``'s integer representation;
     compiled here on ``example_inputs`` so that a failure surfaces now, not at the first call.
     ``fuse_post_ops``: see :func:`inductor_model`; ``skip_guards``: see
-    :class:`InductorModule`. ``options`` go to ``torch.compile(options=...)`` (Inductor
-    config keys) over :data:`DEFAULT_OPTIONS`."""
+    :class:`InductorModule`; ``float_convs`` / ``float_linears``: "auto" (default) runs the
+    convs / linears in fp32 on CPUs where onednn's int8 kernels are the slower ones, True /
+    False forces it (:func:`float_conv_plan`; the result's ``float_convs`` / ``float_linears``
+    attributes record it). ``options``
+    go to ``torch.compile(options=...)`` (Inductor config keys) over :data:`DEFAULT_OPTIONS`."""
     _require_inductor()
     register_inductor_decompositions()
-    model = inductor_model(int_representation(qmodel), fuse_post_ops).eval()
+    model = inductor_model(int_representation(qmodel), fuse_post_ops, float_convs,
+                           float_linears).eval()
     compiled = torch.compile(model, backend="inductor", mode=mode, dynamic=dynamic,
                              options={**DEFAULT_OPTIONS, **options})
     out = InductorModule(model, compiled, skip_guards)
@@ -338,17 +477,20 @@ def export(qmodel: nn.Module, example_inputs: tuple) -> Any:
         return torch.export.export(model, tuple(example_inputs))
 
 
-def package(qmodel: nn.Module, example_inputs: tuple, path: str, fuse_post_ops: bool = True
-            ) -> str:
+def package(qmodel: nn.Module, example_inputs: tuple, path: str, fuse_post_ops: bool = True,
+            float_convs: FloatOption = "auto", float_linears: FloatOption = "auto") -> str:
     """AOTInductor: export ``qmodel``'s integer representation and compile it into a ``.pt2``
     package at ``path`` (returned); run it with :func:`load_package`. The package holds
-    compiled C++ and constants, no pickled Python."""
+    compiled C++ and constants, no pickled Python. ``float_convs`` / ``float_linears`` as in
+    :func:`compile_inductor`, decided on the CPU that packages (the package runs its kernels
+    wherever it is loaded)."""
     _require_inductor()
     register_inductor_decompositions()
     if not str(path).endswith(".pt2"):
         raise FxQuantError(f"AOTInductor packages end in .pt2, got '{path}'",
                            hint="pass a path like 'model.pt2'")
-    model = inductor_model(int_representation(qmodel), fuse_post_ops).eval()
+    model = inductor_model(int_representation(qmodel), fuse_post_ops, float_convs,
+                           float_linears).eval()
     with torch.no_grad():
         ep = torch.export.export(model, tuple(example_inputs))
         return torch._inductor.aoti_compile_and_package(ep, package_path=str(path),
