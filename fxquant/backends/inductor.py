@@ -32,14 +32,14 @@ Where it is not fast: on CPUs without AVX-512 VNNI, onednn's int8 convs are slow
 convs (measured with ``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX-512 VNNI Xeon, 1 thread: 1x1 convs
 1.1-1.4x, depthwise 3x3 / 5x5 1.3-1.9x the fp32 time), and its int8 linears too. There
 ``float_convs`` / ``float_linears`` = "auto" (:func:`float_conv_plan`) give those convs and
-linears precomputed float weights (:class:`FloatWeighted`), so Inductor runs fp32 mkldnn
-kernels (activations still fused as post-ops) between the model's q/dq loops: the reference
-graph's numerics. Measured under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` (224x224,
-batch 1, 1 thread, time / fp32 eager in the same process): MobileNetV3 1.19x with int8 convs
--> 1.06x, EfficientNet-B0 1.24x -> 1.04x (benchmarks/inductor_speed.py --float-convs). Still
-not at fp32 speed: in a MobileNetV3 profile, Inductor's fp32 mkldnn convs (channels-last)
-took ~1.5x the time of eager's NCHW convs (1x1 convs as gemms). On the VNNI machine "auto"
-keeps the int8 kernels (0.53x / 0.58x; fp32 convs would be 0.74x / 0.78x).
+linears precomputed float weights (:class:`FloatWeighted`; 1x1 convs spelled as linears), so
+Inductor runs fp32 mkldnn convs (activations still fused as post-ops) and mkl gemms between
+the model's q/dq loops: the reference graph's numerics. Measured under
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` on the VNNI Xeon (224x224, batch 1,
+1 thread, time / fp32 eager in the same process, benchmarks/inductor_speed.py --float-convs):
+MobileNetV3 1.17x with int8 kernels -> 0.81x, EfficientNet-B0 1.26x -> 0.87x. On the VNNI
+machine itself "auto" keeps the int8 kernels (0.52x / 0.57x; fp32 ones would be 0.70x /
+0.74x).
 
 Compiles need a C++ compiler (``g++``); :func:`inductor_available` says whether this machine can.
 """
@@ -270,7 +270,16 @@ class FloatWeighted(nn.Module):
     module's outputs equal the int8-weight module's bit for bit in eager mode. What it is for:
     with no ``dequantize_per_channel`` of an int8 weight constant feeding the op, Inductor's
     int8 conv / linear patterns do not match and the op runs as a frozen fp32 (mkldnn / mkl)
-    kernel, the activation q/dq around it as elementwise loops."""
+    kernel, the activation q/dq around it as elementwise loops.
+
+    ``pointwise`` 2-d convs (1x1 kernel, stride 1, no padding, one group) are spelled as a
+    linear over the channels (``linear(x.permute(0, 2, 3, 1), w) .permute(0, 3, 1, 2)``):
+    Inductor lowers that to an mkl gemm on its channels-last activations, where it would run
+    a channels-last mkldnn 1x1 conv, 2.4x slower with AVX2 kernels (MobileNetV3 224x224,
+    batch 1, ``ONEDNN_MAX_CPU_ISA=AVX2``, profiled: 10.7 ms against 4.4 ms for eager's 1x1
+    convs; the model 1.06x -> 0.84x of fp32 eager time). The sum order differs from the
+    conv's: float rounding only.
+    """
 
     def __init__(self, int_op: nn.Module) -> None:
         super().__init__()
@@ -286,10 +295,16 @@ class FloatWeighted(nn.Module):
             self.stride, self.padding = int_op.stride, int_op.padding
             self.dilation, self.groups = int_op.dilation, int_op.groups
             self.padding_mode, self.pad_twice = int_op.padding_mode, int_op.pad_twice
+        self.pointwise = self.kind == "conv" and self.dims == 2 and self.groups == 1 and \
+            tuple(self.weight.shape[2:]) == (1, 1) and tuple(self.stride) == (1, 1) and \
+            not isinstance(self.padding, str) and tuple(self.padding) == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
             return F.linear(x, self.weight, self.bias)
+        if self.pointwise and x.dim() == 4:
+            y = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+            return y.permute(0, 3, 1, 2)
         fn = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
         if self.padding_mode != "zeros":
             x = F.pad(x, self.pad_twice, mode=self.padding_mode)
