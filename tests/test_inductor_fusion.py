@@ -75,6 +75,15 @@ def _converted() -> tuple[nn.Module, nn.Module]:
     return fxquant.convert_fx(prepared, representation="int"), fxquant.convert_fx(prepared)
 
 
+def _reference_outputs(model, first_seed: int, scale: float):
+    """Three seeded random inputs and ``model``'s outputs on them (real outputs, not zeros)."""
+    for seed in range(3):
+        x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(first_seed + seed))
+        ref = model(x)
+        assert ref.abs().max() > 10 * scale
+        yield x, ref
+
+
 def _assert_within_one_step(ours: torch.Tensor, native: torch.Tensor, scale: float) -> None:
     steps = (ours - native).abs() / scale
     within = (steps <= 1.0 + 1e-3).float().mean().item()
@@ -111,10 +120,7 @@ def test_post_op_pairs_are_dropped_and_stay_within_one_step() -> None:
                 assert not any(_is_conv(fused, a) for a in n.args), n.format_node()
     scale = output_scale(native)
     with torch.no_grad():
-        for seed in range(3):
-            x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(10 + seed))
-            ref = native(x)
-            assert ref.abs().max() > 10 * scale  # real outputs, not zeros
+        for x, ref in _reference_outputs(native, 10, scale):
             _assert_within_one_step(kept(x), ref, scale)
             _assert_within_one_step(fused(x), ref, scale)
 
@@ -188,10 +194,7 @@ def test_float_convs_replace_every_int8_conv_weight_and_nothing_else() -> None:
     assert not any(isinstance(m, FloatWeighted) for m in ours.modules())
     scale = output_scale(native)
     with torch.no_grad():
-        for seed in range(3):
-            x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(20 + seed))
-            ref = kept(x)
-            assert ref.abs().max() > 10 * scale  # real outputs, not zeros
+        for x, ref in _reference_outputs(kept, 20, scale):
             # the same float weights the int8 dequantize computes, the same ops up to the sum
             # order of the 1x1 convs: every output within one step of the int8-weight graph's
             for model in (fl, both):
