@@ -122,7 +122,8 @@ def _agree_within_one_step(native: torch.Tensor, other: torch.Tensor, scale: flo
 
 def _ov_avx2_mark() -> pytest.MarkDecorator:
     """OpenVINO's conv1 output differs from the native one by one step on 0.02-0.04% of its
-    elements (rounding; ONNX Runtime's does not), and conv2, whose input step is 5x its output
+    elements (rounding; ONNX Runtime's conv1 differs as often,
+    and its logits happen to stay within 99%), and conv2, whose input step is 5x its output
     step, turns each such step into up to 4 steps of its own output (0.25-0.5% of conv2's
     outputs, on every CPU: each one has a differing conv1 element in its window). How much of
     that reaches the logits depends on the CPU's kernels: >= 99% within one native step on an
