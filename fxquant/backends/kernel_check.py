@@ -28,8 +28,9 @@ qparams: the code path a kernel takes depends on those, not on the exact scale.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -74,8 +75,10 @@ class CheckResult:
 
 
 def clear_cache() -> None:
-    """Forget every cached result (benchmarks measure a cold convert with it)."""
+    """Forget every cached result and sample (benchmarks measure a cold convert with it)."""
     _RESULTS.clear()
+    _INTS.clear()
+    _BOUNDS.clear()
 
 
 def lookup(key: Optional[Hashable]) -> Optional[CheckResult]:
@@ -227,14 +230,36 @@ def _producer_observer(node: fx.Node) -> Any:
 def _observer_range(factory: Any, lo: int, hi: int) -> Optional[tuple[int, int]]:
     if factory is None:
         return None
-    try:
-        obs = factory()
-    except Exception:  # noqa: BLE001 - an observer we cannot build: no information
+    bounds = _factory_bounds(factory)
+    if bounds is None:
         return None
-    qmin, qmax = getattr(obs, "quant_min", None), getattr(obs, "quant_max", None)
+    qmin, qmax = bounds
     if isinstance(qmin, int) and isinstance(qmax, int) and lo <= qmin < qmax <= hi:
         return qmin, qmax
     return lo, hi
+
+
+_BOUNDS: dict[int, tuple[Any, Optional[tuple[Any, Any]]]] = {}
+
+
+def _factory_bounds(factory: Any) -> Optional[tuple[Any, Any]]:
+    """(quant_min, quant_max) of the observer ``factory`` builds, None when it cannot be built.
+    Building an observer (a histogram's buffers) is most of what a check costs before it
+    runs, and a model's inputs share a few factories: kept per factory object (the entry
+    holds the factory, so its id is not reused while the entry lives)."""
+    entry = _BOUNDS.get(id(factory))
+    if entry is not None and entry[0] is factory:
+        return entry[1]
+    try:
+        obs = factory()
+    except Exception:  # noqa: BLE001 - an observer we cannot build: no information
+        bounds = None
+    else:
+        bounds = (getattr(obs, "quant_min", None), getattr(obs, "quant_max", None))
+    if len(_BOUNDS) >= 256:
+        _BOUNDS.clear()
+    _BOUNDS[id(factory)] = (factory, bounds)
+    return bounds
 
 
 def random_inputs(specs: Mapping[Any, InputSpec], top_heavy: bool = False
@@ -242,17 +267,36 @@ def random_inputs(specs: Mapping[Any, InputSpec], top_heavy: bool = False
     """A random quantized tensor per input: the recorded shape and qparams, integers uniform
     in the input's range (seeded: the same model converts the same way every time), or with
     ``top_heavy`` the range's top (90 %) and bottom (10 %) only."""
-    gen = torch.Generator().manual_seed(SEED)
     out = {}
-    for key, s in specs.items():
-        lo, hi = s.qrange
-        if top_heavy:
-            ints = torch.where(torch.rand(s.shape, generator=gen) < 0.9, hi, lo)
-        else:
-            ints = torch.randint(lo, hi + 1, s.shape, generator=gen)
-        ints = ints.to(_INT_DTYPE[s.dtype])
-        out[key] = torch._make_per_tensor_quantized_tensor(ints, s.scale, s.zero_point)
+    for i, (key, s) in enumerate(specs.items()):
+        ints = _random_ints(i, s.shape, s.qrange, _INT_DTYPE[s.dtype], top_heavy)
+        out[key] = torch._make_per_tensor_quantized_tensor(ints, s.scale, s.zero_point)  # a copy
     return out
+
+
+_INTS: dict[tuple, torch.Tensor] = {}
+
+
+def _random_ints(position: int, shape: tuple[int, ...], qrange: tuple[int, int],
+                 dtype: torch.dtype, top_heavy: bool) -> torch.Tensor:
+    """The integers of a kernel's ``position``-th input: drawn from a generator seeded by the
+    position and kind alone, so they depend only on the arguments, and kept: a model's layers
+    read a few shapes, and drawing them is a good part of a check's cost. Two inputs of one
+    kernel differ (their positions do). Callers copy them into a quantized tensor, so a
+    kernel that writes its input in place cannot change the next check's sample."""
+    key = (position, tuple(shape), tuple(qrange), dtype, top_heavy)
+    ints = _INTS.get(key)
+    if ints is None:
+        gen = torch.Generator().manual_seed(SEED + 7919 * position + int(top_heavy))
+        lo, hi = qrange
+        if top_heavy:
+            ints = torch.where(torch.rand(shape, generator=gen) < 0.9, hi, lo).to(dtype)
+        else:
+            ints = torch.randint(lo, hi + 1, shape, generator=gen, dtype=dtype)
+        if len(_INTS) >= 32:
+            _INTS.clear()
+        _INTS[key] = ints
+    return ints
 
 
 def _layouts(samples: Mapping[Any, torch.Tensor]) -> list[tuple[str, dict[Any, torch.Tensor]]]:
@@ -343,6 +387,12 @@ class Lowering:
 def run_check(ctx: LowerCtx, lowering: Lowering, specs: Mapping[Any, InputSpec]
               ) -> CheckResult:
     """Kernel vs reference on random inputs, in every layout; the worst layout decides."""
+    with _weights_fixed(ctx, lowering.reference):
+        return _run_check(ctx, lowering, specs)
+
+
+def _run_check(ctx: LowerCtx, lowering: Lowering, specs: Mapping[Any, InputSpec]
+               ) -> CheckResult:
     engine = engine_label(ctx, lowering.kernel)
     worst: Optional[CheckResult] = None
     for kind, samples in _sample_sets(specs):
@@ -357,12 +407,34 @@ def run_check(ctx: LowerCtx, lowering: Lowering, specs: Mapping[Any, InputSpec]
                                note=f"the reference op does not run on random inputs: "
                                     f"{_first_line(e)}")
         layouts = _layouts(samples) if kind == "uniform" else _layouts(samples)[:1]
+        want_ints: dict = {}  # the reference's integers, shared by the layouts
         for layout, inputs in layouts:
             label = layout if kind == "uniform" else f"{layout} {kind}"
-            result = _compare_layout(ctx, lowering, inputs, want, label, engine)
+            result = _compare_layout(ctx, lowering, inputs, want, label, engine, want_ints)
             if worst is None or _badness(result) > _badness(worst):
                 worst = result
     return worst
+
+
+@contextmanager
+def _weights_fixed(ctx: LowerCtx, nodes: Sequence[fx.Node]) -> Iterator[None]:
+    """The reference modules among ``nodes`` compute their fake-quantized weight once for the
+    whole check instead of on every call (each sample set calls them again): the weight does
+    not change during a check, and quantizing it is as costly as the reference conv itself."""
+    fixed = []
+    for n in nodes:
+        mod = ctx.modules.get(n.target) if n.op == "call_module" else None
+        method = getattr(mod, "fake_quantized_weight", None)
+        if callable(method) and "fake_quantized_weight" not in vars(mod):
+            with torch.no_grad():
+                weight = method()
+            object.__setattr__(mod, "fake_quantized_weight", lambda w=weight: w)
+            fixed.append(mod)
+    try:
+        yield
+    finally:
+        for mod in fixed:
+            object.__delattr__(mod, "fake_quantized_weight")
 
 
 def _sample_sets(specs: Mapping[Any, InputSpec]) -> list[tuple[str, dict[Any, torch.Tensor]]]:
@@ -397,7 +469,8 @@ def _reference_output(ctx: LowerCtx, lowering: Lowering, samples: Mapping[Any, t
 
 
 def _compare_layout(ctx: LowerCtx, lowering: Lowering, inputs: Mapping[Any, torch.Tensor],
-                    want: torch.Tensor, layout: str, engine: str) -> CheckResult:
+                    want: torch.Tensor, layout: str, engine: str,
+                    want_ints: Optional[dict] = None) -> CheckResult:
     env = {operands(ctx)[key]: t for key, t in inputs.items()}
     try:
         with torch.no_grad():
@@ -408,13 +481,14 @@ def _compare_layout(ctx: LowerCtx, lowering: Lowering, inputs: Mapping[Any, torc
     except Exception as e:  # noqa: BLE001 - runs on zeros, raises on random data: wrong too
         return CheckResult(False, max_steps=-1, fraction_off=1.0, layout=layout, engine=engine,
                            note=f"raises on random inputs: {_first_line(e)}")
-    return verdict(ctx, lowering.q_out, got, want, layout, engine)
+    return verdict(ctx, lowering.q_out, got, want, layout, engine, want_ints)
 
 
 def verdict(ctx: LowerCtx, q_out: fx.Node, got: Any, want: torch.Tensor, layout: str,
-            engine: str) -> CheckResult:
+            engine: str, want_ints: Optional[dict] = None) -> CheckResult:
     """Compare in integer steps of the output qparams (the kernel's own when it derives them,
-    as add_scalar does)."""
+    as add_scalar does). ``want_ints`` keeps ``want``'s integers per qparams between calls
+    with the same ``want``."""
     from fxquant.backends.reference_ops import quantize_qparams
 
     if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(want.shape):
@@ -424,21 +498,35 @@ def verdict(ctx: LowerCtx, q_out: fx.Node, got: Any, want: torch.Tensor, layout:
     scale, zp, dtype = quantize_qparams(q_out)
     if ctx.derived_qparams and got.is_quantized:
         scale, zp, dtype = got.q_scale(), got.q_zero_point(), got.dtype
-    diff = (_ints(got, scale, zp, dtype) - _ints(want, scale, zp, dtype)).abs()
+    memo = want_ints if want_ints is not None else {}
+    key = (scale, zp, dtype)
+    if key not in memo:
+        memo[key] = _ints(want, scale, zp, dtype)
+    diff = (_ints(got, scale, zp, dtype) - memo[key]).abs_()
     n = max(diff.numel(), 1)
     worst = int(diff.max()) if diff.numel() else 0
-    off = int((diff > STEP_TOLERANCE).sum())
+    off = int((diff > STEP_TOLERANCE).sum()) if worst > STEP_TOLERANCE else 0
     ok = worst <= MAX_OUTLIER_STEPS and off <= OUTLIER_FRACTION * n
     return CheckResult(ok, max_steps=worst, fraction_off=off / n, layout=layout, engine=engine)
 
 
 def _ints(t: torch.Tensor, scale: float, zp: int, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as integers of (scale, zp, dtype): requantized when its own qparams differ."""
+    """``t`` as contiguous integers of (scale, zp, dtype): requantized when its own qparams
+    differ."""
     if t.is_quantized and t.qscheme() == torch.per_tensor_affine and t.dtype == dtype \
             and t.q_zero_point() == zp and math.isclose(t.q_scale(), scale, rel_tol=1e-6):
-        return t.int_repr().to(torch.int32)
-    x = t.dequantize() if t.is_quantized else t.float()
-    return torch.quantize_per_tensor(x, scale, zp, dtype).int_repr().to(torch.int32)
+        ints = t.int_repr()
+    else:
+        x = t.dequantize() if t.is_quantized else t.float()
+        ints = torch.quantize_per_tensor(x, scale, zp, dtype).int_repr()
+    # one memory format for both sides: arithmetic across formats takes a slow path
+    return ints.contiguous().to(_wide(dtype))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """An integer type that holds the difference of two ``dtype`` integers: int16 for the
+    8-bit types (a third of int32's cost on large outputs), int32 otherwise."""
+    return torch.int16 if dtype in _INT_DTYPE else torch.int32
 
 
 def engine_label(ctx: LowerCtx, nodes: Iterable[fx.Node]) -> str:
