@@ -98,10 +98,18 @@ def _callable_weight(quantized: torch.Tensor) -> torch.Tensor:
 def _packed_forward(op: Any) -> Callable[..., torch.Tensor]:
     """The forward of a packed-weight class whose kernel is ``op``. A closure, not a lookup
     by name at run time: TorchScript resolves ``op`` from the closure to a static call, and
-    ``_packed_params`` has a different packed type per kernel."""
+    ``_packed_params`` has a different packed type per kernel.
+
+    It calls the operator's C++ entry point (``OpOverloadPacket._op``, which TorchScript
+    resolves the same way) rather than the packet: the packet's ``__call__`` first scans the
+    arguments in Python for fake script objects (a torch.compile tracing concern; the packed
+    weights are a script object), a few microseconds per call, a few percent of a small
+    model's int8 time. Tracing with fake script objects does not reach these modules: the
+    compiled paths run the integer representation (plain tensors)."""
+    kernel = getattr(op, "_op", op)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return op(self._prepare_input(x), self._packed_params, self.scale, self.zero_point)
+        return kernel(self._prepare_input(x), self._packed_params, self.scale, self.zero_point)
 
     return forward
 
