@@ -120,31 +120,11 @@ def _agree_within_one_step(native: torch.Tensor, other: torch.Tensor, scale: flo
     return float((steps <= 1).float().mean())
 
 
-def _ov_avx2_mark() -> pytest.MarkDecorator:
-    """OpenVINO's conv1 output differs from the native one by one step on 0.02-0.04% of its
-    elements (rounding; ONNX Runtime's conv1 differs as often,
-    and its logits happen to stay within 99%), and conv2, whose input step is 5x its output
-    step, turns each such step into up to 4 steps of its own output (0.25-0.5% of conv2's
-    outputs, on every CPU: each one has a differing conv1 element in its window). How much of
-    that reaches the logits depends on the CPU's kernels: >= 99% within one native step on an
-    AVX-512 VNNI machine, 98.8% under AVX2 kernels (AMD AVX2, and ONEDNN_MAX_CPU_ISA=AVX2 on
-    the VNNI machine; OpenVINO 2026.4). Not met there; docs/onnx.md."""
-    from fxquant.backends import cpu
-
-    return pytest.mark.xfail(
-        condition=not cpu.full_range_activations_safe("x86"), strict=False,
-        reason="OpenVINO: one-step rounding differences of conv1 amplified by conv2 (input step "
-               "5x its output step); 98.8% of the test CNN's logits within one native step "
-               "under AVX2 kernels")
-
-
-_OV_AVX2 = _ov_avx2_mark()
 CASES = [
     pytest.param("onnxruntime", "onnxruntime", "cnn", id="onnxruntime-cnn"),
     pytest.param("onnxruntime", "onnxruntime", "mlp", id="onnxruntime-mlp"),
-    pytest.param("openvino", "openvino", "cnn", id="openvino-cnn", marks=_OV_AVX2),
-    pytest.param("openvino", "openvino", "cnn_no_residual", id="openvino-cnn_no_residual",
-                 marks=_OV_AVX2),
+    pytest.param("openvino", "openvino", "cnn", id="openvino-cnn"),
+    pytest.param("openvino", "openvino", "cnn_no_residual", id="openvino-cnn_no_residual"),
     pytest.param("openvino", "openvino", "mlp", id="openvino-mlp"),
 ]
 
@@ -174,7 +154,6 @@ def test_engine_agrees_with_native(backend: str, package: str, which: str,
     assert torch.allclose(native, other, atol=8 * scale), (native - other).abs().max() / scale
 
 
-@_OV_AVX2
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_openvino_residual_add_keeps_native_rounding(seed: int) -> None:
     """OpenVINO's CPU plugin fuses a residual Add into the conv before it (oneDNN's sum
@@ -270,7 +249,13 @@ def test_export_carries_fxquant_qparams(cnn: tuple[nn.Module, torch.Tensor], tmp
     onnx.checker.check_model(model)
     inits, _ = _graph_index(model)
     quantizes = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    got = {(float(inits[n.input[1]]), int(inits[n.input[2]])) for n in quantizes}
+    # averages are written in integer units (scale 1, even zero point; the native integers,
+    # see test_averages_round_like_the_native_kernel): the global average pool here
+    units = [n for n in quantizes if float(inits[n.input[1]]) == 1.0]
+    assert [n.name for n in units] == ["adaptive_avg_pool2d_1_QuantizeLinear"]
+    assert int(inits[units[0].input[2]]) % 2 == 0
+    got = {(float(inits[n.input[1]]), int(inits[n.input[2]])) for n in quantizes
+           if n not in units}
     want = _model_qparams(qmodel)
     assert got == want, (got ^ want)
     # int8 weights and their scales are the converted modules' own, per channel on axis 0
@@ -403,3 +388,69 @@ def test_float_bias_option(cnn: tuple[nn.Module, torch.Tensor], tmp_path) -> Non
     np.testing.assert_allclose(inits[bias_dq.input[1]], inits[x_dq.input[1]] * w_scale, rtol=1e-6)
     with pytest.raises(OnnxExportError, match="bias="):
         fxquant.export_onnx(qmodel, tmp_path / "x.onnx", (example,), bias="int8")
+
+
+class _Averages(nn.Module):
+    """One average that keeps its input's qparams, on the quantized input itself (so that
+    nothing before it can differ): a global or a 2x2 average pool, or a spatial mean."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "adaptive_avg_pool2d":
+            return F.adaptive_avg_pool2d(x, 1)
+        if self.op == "avg_pool2d":
+            return F.avg_pool2d(x, 2)
+        return torch.mean(x, (2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("op", ["adaptive_avg_pool2d", "avg_pool2d", "mean"])
+@pytest.mark.parametrize("zero_point", [66, 67])
+def test_averages_round_like_the_native_kernel(backend: str, op: str, zero_point: int) -> None:
+    """Native average pools and means round the mean of the raw integers half to even;
+    QuantizeLinear rounds (mean - zero point) half to even: for an odd zero point every tie
+    (1 average of 64 integers in 64) came out one step off. The export writes those averages
+    with an even zero point on both sides: the integers are the native ones, all of them."""
+    pytest.importorskip("onnx")
+    pytest.importorskip(backend)
+    qmodel, example = _convert(_Averages(op), (2, 3, 16, 16),
+                               fxquant.get_default_qconfig_mapping("x86"))
+    qparams = qmodel.x_qparams  # the input's; the average shares them
+    qparams.zero_point.fill_(zero_point)
+    engine = fxquant.compile(qmodel, (example,), backend=backend, threads=1)
+    torch.manual_seed(5)
+    x = torch.randn((64, 3, 16, 16)) * 2
+    native, other = qmodel(x), engine(x)
+    scale = float(qparams.scale)
+    assert native.numel() >= 192
+    steps = torch.round((other - native) / scale).abs()
+    assert int(steps.max()) == 0, f"{int((steps > 0).sum())} of {steps.numel()} off"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_engine_agreement_pooled_over_seeds(backend: str) -> None:
+    """The issue's ">= 99% of elements within one native step" over more than one model: both
+    test CNNs under 8 seeds each (weights, head, data), pooled (2560 logits). One seed's 160
+    logits are a coarse measure (one logit is 0.6%). Measured over 12 seeds of each CNN:
+    OpenVINO 100% on every seed (AVX-512 VNNI, and AVX2 kernels); ONNX Runtime, whose fused
+    convs need the bias rounded to int32 accumulator units, 99.4-99.8% pooled, 96.9% on its
+    worst seed under AVX2 kernels, 98.1% on VNNI."""
+    pytest.importorskip("onnx")
+    pytest.importorskip(backend)
+    within, total = 0, 0
+    for residual in (True, False):
+        for seed in range(8):
+            qmodel, example = _convert(_seeded(lambda: SmallCNN(residual), seed), (2, 3, 16, 16),
+                                       fxquant.get_default_qconfig_mapping("x86"))
+            engine = fxquant.compile(qmodel, (example,), backend=backend, threads=1)
+            torch.manual_seed(seed + 100)
+            x = torch.randn((32, 3, 16, 16)) * 2
+            native, other = qmodel(x), engine(x)
+            steps = torch.round((other - native) / output_scale(qmodel)).abs()
+            within += int((steps <= 1).sum())
+            total += steps.numel()
+    assert total == 2560
+    assert within / total >= 0.99, f"{backend}: {within} of {total} within one native step"

@@ -131,6 +131,7 @@ class Builder:
     float_bias: bool = False  # conv / linear bias as float instead of int32 (see _bias_initializer)
     relu_after_quantize: bool = False  # set by relu(): a uint8 Clip at the zero point follows
     round_sum_inputs: bool = False  # see sum_input(): for engines that fuse an Add into a conv
+    requantized: set = field(default_factory=set)  # outputs an emitter quantized itself
 
     def relu(self, y: str) -> str:
         """The ReLU of a fused kernel (conv-relu, linear-relu, add-relu). Where the node's
@@ -395,8 +396,27 @@ def _mean(b: Builder, n: fx.Node) -> str:
     if dims is None:
         dims = list(range(rank))
     dims = [dims] if isinstance(dims, int) else list(dims)
-    return b.add("ReduceMean", [b.x(n.args[0])], axes=[d % rank for d in dims],
-                 keepdims=int(keep))
+    return _averaged(b, n, lambda x: b.add("ReduceMean", [x], axes=[d % rank for d in dims],
+                                           keepdims=int(keep)))
+
+
+def _averaged(b: Builder, n: fx.Node, average: Callable[[str], str]) -> str:
+    """An average (mean, average pools) of a quantized tensor that keeps its qparams. The
+    native kernels round the mean of the raw integers half to even; QuantizeLinear rounds
+    (mean - zero point) half to even, and for an odd zero point the two differ on every tie
+    (an average of 64 integers is a tie 1 time in 64: one step, which the layers after it
+    can grow). Written with an even zero point (zero point - 1 where it is odd) and scale 1
+    on both sides, the integers are the same (the values shift by one step and back), the
+    engine averages integers (exact in float32 for power-of-two windows: no product with the
+    scale to put a tie off by an ulp) and the rounding is the native one; the pair still
+    fuses (QLinearGlobalAveragePool ...)."""
+    q_in, q_out = b.qinfo(n.args[0]), b.qinfo(n)
+    if q_in is None or q_in != q_out:
+        return average(b.x(n.args[0]))
+    units = QInfo(1.0, q_in.zero_point - q_in.zero_point % 2, q_in.dtype)
+    out = b.quantize(average(b.dequantize(b.raw(n.args[0]), units)), units)
+    b.requantized.add(out)
+    return out
 
 
 def _matmul(b: Builder, n: fx.Node) -> str:
@@ -517,8 +537,14 @@ def _avg_pool(b: Builder, n: fx.Node, dims: int, kernel: Any, stride: Any, paddi
     k = _tuple(kernel, dims)
     s = _tuple(stride if stride not in (None, [], ()) else kernel, dims)
     p = _tuple(padding, dims)
-    return b.add("AveragePool", [b.x(n.args[0])], kernel_shape=k, strides=s, pads=p + p,
-                 ceil_mode=int(bool(ceil_mode)), count_include_pad=int(bool(count_include_pad)))
+
+    def pool(x: str) -> str:
+        return b.add("AveragePool", [x], kernel_shape=k, strides=s, pads=p + p,
+                     ceil_mode=int(bool(ceil_mode)),
+                     count_include_pad=int(bool(count_include_pad)))
+    if any(p) or ceil_mode:  # windows with padding: the native rounding is not the raw mean's
+        return pool(b.x(n.args[0]))
+    return _averaged(b, n, pool)
 
 
 def _adaptive(b: Builder, n: fx.Node, dims: int, op: str) -> str:
@@ -526,14 +552,16 @@ def _adaptive(b: Builder, n: fx.Node, dims: int, op: str) -> str:
     divides evenly (what torch computes then)."""
     in_spatial = b.shape(n.args[0])[-dims:]
     out_spatial = b.shape(n)[-dims:]
-    x = b.x(n.args[0])
-    if all(o == 1 for o in out_spatial):
-        return b.add("GlobalAveragePool" if op == "AveragePool" else "GlobalMaxPool", [x])
     if any(i % o for i, o in zip(in_spatial, out_spatial)):
         raise OnnxExportError(f"adaptive pooling from {tuple(in_spatial)} to "
                               f"{tuple(out_spatial)} (not a whole multiple) is not exported", n)
     k = [i // o for i, o in zip(in_spatial, out_spatial)]
-    return b.add(op, [x], kernel_shape=k, strides=k)
+
+    def pool(x: str) -> str:
+        if all(o == 1 for o in out_spatial):
+            return b.add("GlobalAveragePool" if op == "AveragePool" else "GlobalMaxPool", [x])
+        return b.add(op, [x], kernel_shape=k, strides=k)
+    return _averaged(b, n, pool) if op == "AveragePool" else pool(b.x(n.args[0]))
 
 
 _POOL_F = {
@@ -1003,7 +1031,7 @@ def _finish(b: Builder, val: Recorded, out: Any) -> Any:
     """QuantizeLinear with the native node's output qparams where its output is quantized."""
     if isinstance(val, tuple):
         return [_finish(b, v, o) for v, o in zip(val, out)]
-    if isinstance(val, TensorVal) and val.q is not None:
+    if isinstance(val, TensorVal) and val.q is not None and out not in b.requantized:
         return b.quantize(out, val.q)
     return out
 
