@@ -285,3 +285,30 @@ def test_derived_scalar_qparams_are_the_kernels(rule: str, dtype: torch.dtype) -
         got = scalar_op_qparams(rule, scale, zp, dtype, c)
         assert got is not None and got[1] == out.q_zero_point(), (scale, zp, c)
         assert got[0] == pytest.approx(out.q_scale(), rel=1e-6), (scale, zp, c)
+
+
+def _spec(shape: tuple[int, ...], qrange: tuple[int, int] = (0, 255)) -> kernel_check.InputSpec:
+    return kernel_check.InputSpec(shape, 0.05, 128, torch.quint8, qrange)
+
+
+def test_random_samples_depend_on_their_arguments_only() -> None:
+    """The check's samples are kept between checks (drawing them cost a good part of a cold
+    convert); they must not depend on what ran before, differ between a kernel's inputs, and
+    a kernel that writes its input in place must not change the next check's sample."""
+    specs = {0: _spec((1, 8, 6, 6)), 1: _spec((1, 8, 6, 6))}
+    kernel_check.clear_cache()
+    first = {k: t.int_repr().clone() for k, t in kernel_check.random_inputs(specs).items()}
+    kernel_check.random_inputs({0: _spec((2, 3)), 1: _spec((5,), (0, 127))})  # other draws
+    again = kernel_check.random_inputs(specs)
+    for key in specs:
+        assert torch.equal(again[key].int_repr(), first[key])
+    kernel_check.clear_cache()
+    fresh = kernel_check.random_inputs(specs)
+    assert torch.equal(fresh[0].int_repr(), first[0])  # the same after the cache is cleared
+    assert not torch.equal(first[0], first[1])  # two inputs of one kernel differ
+    assert int(first[0].min()) == 0 and int(first[0].max()) == 255  # the whole range
+    torch.relu_(again[0])  # a kernel writing its input (zero point 128: half the values rise)
+    assert not torch.equal(again[0].int_repr(), first[0])
+    assert torch.equal(kernel_check.random_inputs(specs)[0].int_repr(), first[0])
+    heavy = kernel_check.random_inputs(specs, top_heavy=True)[0].int_repr()
+    assert set(heavy.unique().tolist()) == {0, 255} and float((heavy == 255).float().mean()) > 0.8
