@@ -192,8 +192,11 @@ def _options_of(prepared: fx.GraphModule) -> QuantOptions:
     return opts
 
 
+BIAS_MODES = ("float", "int32")
+
+
 def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
-             range_check: str = "fix") -> nn.Module:
+             range_check: str = "fix", bias: str = "float") -> nn.Module:
     """Convert a copy of ``prepared``: the GraphModule itself, or each prepared piece of a
     model that fallback prepared piece by piece."""
     from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
@@ -201,6 +204,9 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
     from fxquant.range_check import check_mode
 
     check_mode(range_check)
+    if bias not in BIAS_MODES:
+        raise FxQuantError(f"convert: unknown bias mode {bias!r}",
+                           hint="bias='float' (as torch.ao) or 'int32' (accumulator units)")
     restore_pickled_meta(prepared)  # records and options of a torch.save'd prepared model
     validate_calibrated(prepared)
     if not is_prepared(prepared):
@@ -209,7 +215,7 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
     def convert_unit(gm: fx.GraphModule) -> fx.GraphModule:
         path = gm.meta.get(PATH_KEY, "")
         gm.eval()
-        options = replace(_options_of(gm), range_check=range_check)  # fxquant.range_check
+        options = replace(_options_of(gm), range_check=range_check, bias=bias)
         return _run(gm, passes, options, run.under(path),
                     facts={"traced", "normalized", "fused", "qconfig", "annotated", "observed"})
 
@@ -218,8 +224,8 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
 
 def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
                dump_dir: Optional[str] = None, instruments: Iterable[Instrument] = (),
-               verify: bool = True, representation: str = "native", range_check: str = "fix"
-               ) -> nn.Module:
+               verify: bool = True, representation: str = "native", range_check: str = "fix",
+               bias: str = "float") -> nn.Module:
     """Calibrated (or QAT-trained) prepared model → quantized GraphModule on the backend's
     kernels. The prepared model is not modified. A model that fallback prepared piece by piece
     is converted piece by piece (the eager parts stay as they are).
@@ -231,7 +237,16 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
     ``range_check``: "fix" (default) checks every observed range first and fixes what would
     ruin the model (an overflowing scale, a -1e4 / -inf mask in the range: that tensor stays
     float), with a RangeWarning naming the node; "warn" only warns; "off" skips the check
-    (:mod:`fxquant.range_check`, docs/calibration.md)."""
+    (:mod:`fxquant.range_check`, docs/calibration.md).
+
+    ``bias``: "float" (default) keeps conv / linear biases as they are, added in float as
+    torch.ao's models and fbgemm / onednn add them; "int32" rounds each bias to the int32
+    accumulator units of its op (input scale x weight scale, per output channel), what ONNX
+    Runtime's QLinearConv / QGemm, OpenVINO's int8 convs and integer-only runtimes add. The
+    change is at most half an accumulator unit (far below an output step), and the native
+    model, its reference graph and the engines then add the same bias: ONNX Runtime and
+    OpenVINO agree with it within one output step on every test seed (docs/onnx.md). Static
+    ops only: a dynamic op's input scale is known at run time."""
     from fxquant.passes import convert_pipeline
 
     if representation not in ("native", "int"):
@@ -247,19 +262,19 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
 
         passes = (Convert(), Cleanup(), LowerToInt())
     return _convert(prepared, passes or convert_pipeline(),
-                    _RunSettings(dump_dir, tuple(instruments), verify), range_check)
+                    _RunSettings(dump_dir, tuple(instruments), verify), range_check, bias)
 
 
 def convert_to_reference_fx(prepared: nn.Module, *, dump_dir: Optional[str] = None,
                             instruments: Iterable[Instrument] = (), verify: bool = True,
-                            range_check: str = "fix") -> nn.Module:
+                            range_check: str = "fix", bias: str = "float") -> nn.Module:
     """The reference quantized graph: quantize/dequantize around float ops, weights
     quantized→dequantized. Numerically what the backend computes, readable, portable.
-    ``range_check``: as for :func:`convert_fx`."""
+    ``range_check``, ``bias``: as for :func:`convert_fx`."""
     from fxquant.passes import reference_pipeline
 
     run = _RunSettings(dump_dir, tuple(instruments), verify)
-    return _convert(prepared, reference_pipeline(), run, range_check)
+    return _convert(prepared, reference_pipeline(), run, range_check, bias)
 
 
 def fuse_fx(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequence[type] = (),

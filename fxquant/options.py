@@ -33,6 +33,7 @@ class QuantOptions:
     train/eval mode" (what ``fuse`` keys BatchNorm folding on). ``observer_factory_wrapper``
     wraps each observer factory (QAT: fake quantization). ``trace_config``: the leaf rules the
     unit was traced with. ``range_check``: convert's mode (:mod:`fxquant.range_check`).
+    ``bias``: convert's bias mode, "float" or "int32" (:func:`fxquant.convert_fx`).
     """
 
     qconfig_mapping: Optional[QConfigMapping] = None
@@ -41,6 +42,7 @@ class QuantOptions:
     observer_factory_wrapper: Optional[Callable[[Any], Any]] = None
     trace_config: Optional[TraceConfig] = None
     range_check: str = "fix"
+    bias: str = "float"
     resolved_backend: Optional[Backend] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -21,7 +21,9 @@ import torch
 import torch.fx as fx
 
 from fxquant.backends.reference_ops import (activation_qparams, has_reference, insert_dequantize,
-                                            insert_quantize_buffered, kernel_qparam_slots,
+                                            insert_quantize_buffered, is_dequantize,
+                                            is_quantize, kernel_qparam_slots,
+                                            quantize_qparams,
                                             scalar_op_qparams, to_reference)
 from fxquant.errors import FxQuantError
 from fxquant.meta import QNodeInfo, inherit, qinfo, record
@@ -61,7 +63,7 @@ class Convert:
                        "(convert_fx); the reference graph keeps this op float")
                 stats["deferred"] += 1
             elif info.weight_spec is not None and node.op == "call_module":
-                stats[_convert_weighted(gm, node)] += 1
+                stats[_convert_weighted(gm, node, ctx.options.bias)] += 1
         gm.delete_all_unused_submodules()
         gm.recompile()
         return PassResult(gm, bool(stats), dict(stats))
@@ -175,7 +177,7 @@ def _check_calibrated(obs: torch.nn.Module, node: fx.Node) -> None:
             hint="run the prepared model on representative inputs before convert_fx")
 
 
-def _convert_weighted(gm: fx.GraphModule, node: fx.Node) -> str:
+def _convert_weighted(gm: fx.GraphModule, node: fx.Node, bias_mode: str = "float") -> str:
     from fxquant.graph_edit import set_submodule
 
     info = qinfo(node)
@@ -183,13 +185,41 @@ def _convert_weighted(gm: fx.GraphModule, node: fx.Node) -> str:
     if not has_reference(module):
         return "weight_not_quantized"
     ref, wq = to_reference(module, info.weight_spec.observer)
+    bias_note = _round_bias(ref, node, wq.scale) if bias_mode == "int32" else ""
     set_submodule(gm, str(node.target), ref)
     scheme = str(wq.qscheme).replace("torch.", "")
     record(node, Convert.name, Action.QUANTIZE_WEIGHT,
            f"weight {str(wq.dtype).replace('torch.', '')} {scheme} "
            f"({wq.scale.numel()} scale{'s' if wq.scale.numel() > 1 else ''}); reference module "
-           f"{type(ref).__name__}")
+           f"{type(ref).__name__}{bias_note}")
     return "weights_quantized"
+
+
+def _round_bias(ref: torch.nn.Module, node: fx.Node, weight_scale: torch.Tensor) -> str:
+    """``convert_fx(..., bias="int32")``: the reference module's bias rounded to its op's
+    int32 accumulator units, input scale x weight scale per output channel (the float32
+    product, as an ONNX bias ``DequantizeLinear`` holds it), so that the native kernel, the
+    reference graph and the engines add the same bias. Returns the note for the record."""
+    from fxquant.nn.bias import quantized_core, set_bias
+
+    core = quantized_core(ref)  # the conv / linear itself, inside a fused container too
+    bias = getattr(core, "bias", None)
+    src = node.args[0] if node.args else None
+    if bias is None:
+        return "" if core is not None else "; bias kept float (not a conv / linear core)"
+    if not (is_dequantize(src) and is_quantize(src.args[0])):
+        return "; bias kept float (the input is not a statically quantized tensor)"
+    in_scale = float(quantize_qparams(src.args[0])[0])
+    unit = (in_scale * weight_scale.detach().double().reshape(-1)).float().double()
+    unit = torch.where(unit > 0, unit, torch.ones_like(unit))
+    if unit.numel() not in (1, bias.numel()):
+        return "; bias kept float (the weight scales are not per output channel)"
+    ints = torch.round(bias.detach().double() / unit).clamp(-(2 ** 31), 2 ** 31 - 1)
+    rounded = (ints * unit).to(bias.dtype)
+    change = float(((rounded.double() - bias.detach().double()).abs() / unit).max())
+    set_bias(core, rounded)
+    return f"; bias rounded to int32 accumulator units (input scale x weight scale; at most " \
+           f"{change:.2f} unit moved)"
 
 
 # ------------------------------------------------------------------ kernel qparams in state_dict

@@ -90,7 +90,9 @@ def export_onnx(qmodel: nn.Module, path: Union[str, os.PathLike], example_inputs
     fxquant kept float stay float. Shapes are those of ``example_inputs`` (batch included).
     ``bias``: "int32" (scale input scale x weight scale, zero point 0: what ONNX Runtime fuses
     into QLinearConv / QGemm) or "float" (the float bias as fbgemm adds it: closer to the
-    native model on deep models, but ONNX Runtime then runs the conv in float; docs/onnx.md).
+    native model on deep models, but ONNX Runtime then runs the conv in float; docs/onnx.md)
+    or "auto" (int32 where that is exact: a model converted with ``convert_fx(...,
+    bias="int32")``, else float).
     Returns the ``onnx.ModelProto``. Raises :class:`OnnxExportError` naming the node, module
     path and source line of an op the exporter cannot write.
     """

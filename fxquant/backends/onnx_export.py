@@ -128,7 +128,7 @@ class Builder:
     names: dict[fx.Node, Any] = field(default_factory=dict)  # raw name (uint8 if quantized)
     _used: set = field(default_factory=set)
     node: Optional[fx.Node] = None  # the fx node being written
-    float_bias: bool = False  # conv / linear bias as float instead of int32 (see _bias_initializer)
+    bias: str = "int32"  # conv / linear bias: "int32", "float" or "auto" (see _bias_initializer)
     relu_after_quantize: bool = False  # set by relu(): a uint8 Clip at the zero point follows
     round_sum_inputs: bool = False  # see sum_input(): for engines that fuse an Add into a conv
     requantized: set = field(default_factory=set)  # outputs an emitter quantized itself
@@ -775,15 +775,20 @@ def _weight_initializer(b: Builder, w: torch.Tensor, base: str) -> tuple[str, np
 def _bias_initializer(b: Builder, bias: Optional[torch.Tensor], in_q: QInfo,
                       w_scales: np.ndarray, channels: int) -> Optional[str]:
     """The bias as int32 with scale input scale x weight scale (per output channel), zero
-    point 0, and its DequantizeLinear: what ONNX Runtime's QLinearConv/QGemm fusion expects."""
+    point 0, and its DequantizeLinear: what ONNX Runtime's QLinearConv/QGemm fusion expects.
+    With ``b.bias`` "float" the float bias itself (exact, as fbgemm adds it; ONNX Runtime then
+    leaves the conv unfused); with "auto" int32 where that is exact (a model converted with
+    ``bias="int32"``: the bias is a whole number of those units), else float."""
     if bias is None:
         return None
-    if b.float_bias:  # exact, like fbgemm's float bias; ORT then leaves the conv unfused
-        return b.f32(bias.detach().float().numpy(), f"{b.node.name}_bias")
     scales = (np.float64(in_q.scale) * np.broadcast_to(w_scales.astype(np.float64),
                                                         (channels,))).astype(np.float32)
     safe = np.where(scales > 0, scales, 1.0).astype(np.float64)
-    ints = np.clip(np.rint(bias.detach().double().numpy() / safe), -(2**31), 2**31 - 1)
+    units = bias.detach().double().numpy() / safe
+    ints = np.clip(np.rint(units), -(2**31), 2**31 - 1)
+    exact = bool(np.all(np.abs(units - ints) <= 1e-3))
+    if b.bias == "float" or (b.bias == "auto" and not exact):
+        return b.f32(bias.detach().float().numpy(), f"{b.node.name}_bias")
     inputs = [b.const(ints.astype(np.int32), f"{b.node.name}_bias_int32"),
               b.f32(scales, f"{b.node.name}_bias_scale"),
               b.const(np.zeros(channels, np.int32), f"{b.node.name}_bias_zero_point")]
@@ -1046,12 +1051,13 @@ def _elem_type(onnx: Any, val: TensorVal) -> int:
 def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any, bias: str = "int32",
                 round_sum_inputs: bool = False) -> tuple[Any, GraphIO]:
     """The ONNX ModelProto of a converted GraphModule run on ``example_inputs``; ``bias``:
-    "int32" (what ONNX Runtime's QLinearConv / QGemm fusion needs) or "float";
-    ``round_sum_inputs``: see :meth:`Builder.sum_input` (for OpenVINO)."""
-    if bias not in ("int32", "float"):
-        raise OnnxExportError(f"bias={bias!r}: use 'int32' or 'float'")
+    "int32" (what ONNX Runtime's QLinearConv / QGemm fusion needs), "float", or "auto" (int32
+    where it is exact, see :func:`_bias_initializer`); ``round_sum_inputs``: see
+    :meth:`Builder.sum_input` (for OpenVINO)."""
+    if bias not in ("int32", "float", "auto"):
+        raise OnnxExportError(f"bias={bias!r}: use 'int32', 'float' or 'auto'")
     values = record(gm, example_inputs)
-    b = Builder(gm, values, onnx.helper, onnx.numpy_helper, float_bias=bias == "float",
+    b = Builder(gm, values, onnx.helper, onnx.numpy_helper, bias=bias,
                 round_sum_inputs=round_sum_inputs)
     inputs, positions, shapes, names = [], [], [], []
     live = _live(gm)

@@ -25,7 +25,7 @@ class OpenVINOModule(EngineModule):
 
     def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int] = None,
                  device: str = "CPU", config: Optional[dict[str, Any]] = None,
-                 bias: str = "float", fuse_sums: bool = False) -> None:
+                 bias: str = "auto", fuse_sums: bool = False) -> None:
         self._ov = require("openvino", "openvino")
         require("onnx", "openvino")  # the graph is built with onnx
         self.device = device
@@ -56,22 +56,24 @@ class OpenVINOModule(EngineModule):
 
 def compile_openvino(qmodel: nn.Module, example_inputs: tuple, *,
                      threads: Optional[int] = None, device: str = "CPU",
-                     config: Optional[dict[str, Any]] = None, bias: str = "float",
+                     config: Optional[dict[str, Any]] = None, bias: str = "auto",
                      fuse_sums: bool = False) -> nn.Module:
     """``fxquant.compile(qmodel, example_inputs, backend="openvino")``: the converted model's QDQ
     ONNX graph compiled by OpenVINO.
 
     ``threads``: ``INFERENCE_NUM_THREADS`` (default: ``torch.get_num_threads()``); ``device``:
     the OpenVINO device ("CPU"); ``config``: more ``compile_model`` properties (they win);
-    ``bias``: as for :func:`fxquant.export_onnx`, but "float" by default here: the conv /
-    linear biases are added in float, as fbgemm and onednn add them in the native model,
-    instead of rounded to the int32 accumulator units ONNX Runtime needs. That rounding
-    moves a rounding boundary of every output by up to half an accumulator unit and flips
-    outputs that sit near one; on the small test CNNs (12 seeds each, AVX-512 VNNI) 5 of 24
-    cases had fewer than 99% of the logits within one native step with "int32", none with
-    "float"; at 224x224, ResNet-18 / ResNet-50 / MobileNetV2 logits within one native step
-    go from 92% / 24% / 22% to 98% / 51% / 48%. OpenVINO then adds the bias as an f32
-    post-op: 0-15% slower (MobileNetV2 the most); ``bias="int32"`` for that speed.
+    ``bias``: as for :func:`fxquant.export_onnx`, but "auto" by default here: each conv /
+    linear bias in float, as fbgemm and onednn add it in the native model, unless it is a
+    whole number of int32 accumulator units (input scale x weight scale; a model converted
+    with ``convert_fx(..., bias="int32")``), where the int32 form is exact and faster. Rounding
+    a float bias to those units moves a rounding boundary of every output by up to half a unit
+    and flips outputs that sit near one: on the small test CNNs (12 seeds each, AVX-512 VNNI)
+    5 of 24 cases had fewer than 99% of the logits within one native step with "int32", none
+    with a float bias; at 224x224, ResNet-18 / ResNet-50 / MobileNetV2 logits within one native
+    step go from 92% / 24% / 22% to 98% / 51% / 48%. OpenVINO adds a float bias as an f32
+    post-op: 0-15% slower (MobileNetV2 the most); ``bias="int32"`` for that speed, or convert
+    with ``bias="int32"`` and have both.
     ``fuse_sums``: let OpenVINO fuse each
     residual add into the conv / linear before it (oneDNN's sum post-op). It then skips the
     rounding of that conv's output to its uint8 grid, which the native add sees, so outputs
