@@ -27,6 +27,7 @@ from fxquant.measure import interleaved_latency  # noqa: E402
 from static_ptq_resnet import make_model  # noqa: E402
 
 ENGINES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # backend -> package
+EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}  # backend -> pip extra
 
 
 def quantize(size: int = 64) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
@@ -61,14 +62,15 @@ def run(size: int = 64, out: Optional[str] = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         path = out or os.path.join(tmp, "model.onnx")
         fxquant.export_onnx(qmodel, path, (example,))
-        print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, fxquant's scales and zero points)")
+        size_mb = os.path.getsize(path) / 1e6
+        print(f"wrote {path} ({size_mb:.2f} MB, fxquant's scales and zero points)")
     x = torch.randn(16, 3, size, size)
     runners = {"native": qmodel}
     with torch.no_grad():
         native = qmodel(x)
         for backend, package in ENGINES.items():
             if importlib.util.find_spec(package) is None:
-                print(f"{backend:12s} not installed (pip install fxquant[{'onnx' if backend == 'onnxruntime' else backend}])")
+                print(f"{backend:12s} not installed (pip install fxquant[{EXTRAS[backend]}])")
                 continue
             engine = fxquant.compile(qmodel, (example,), backend=backend, threads=1)
             agreement[backend] = within_one_step(native, engine(x), qmodel)
