@@ -196,7 +196,8 @@ BIAS_MODES = ("float", "int32")
 
 
 def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
-             range_check: str = "fix", bias: str = "float") -> nn.Module:
+             range_check: str = "fix", bias: str = "float", fuse_sums: bool = False
+             ) -> nn.Module:
     """Convert a copy of ``prepared``: the GraphModule itself, or each prepared piece of a
     model that fallback prepared piece by piece."""
     from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
@@ -215,7 +216,8 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
     def convert_unit(gm: fx.GraphModule) -> fx.GraphModule:
         path = gm.meta.get(PATH_KEY, "")
         gm.eval()
-        options = replace(_options_of(gm), range_check=range_check, bias=bias)
+        options = replace(_options_of(gm), range_check=range_check, bias=bias,
+                          fuse_sums=bool(fuse_sums))
         return _run(gm, passes, options, run.under(path),
                     facts={"traced", "normalized", "fused", "qconfig", "annotated", "observed"})
 
@@ -225,7 +227,7 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
 def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
                dump_dir: Optional[str] = None, instruments: Iterable[Instrument] = (),
                verify: bool = True, representation: str = "native", range_check: str = "fix",
-               bias: str = "float") -> nn.Module:
+               bias: str = "float", fuse_sums: bool = False) -> nn.Module:
     """Calibrated (or QAT-trained) prepared model → quantized GraphModule on the backend's
     kernels. The prepared model is not modified. A model that fallback prepared piece by piece
     is converted piece by piece (the eager parts stay as they are).
@@ -246,7 +248,16 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
     change is at most half an accumulator unit (far below an output step), and the native
     model, its reference graph and the engines then add the same bias: ONNX Runtime and
     OpenVINO agree with it within one output step on every test seed (docs/onnx.md). Static
-    ops only: a dynamic op's input scale is known at run time."""
+    ops only: a dynamic op's input scale is known at run time.
+
+    ``fuse_sums=True``: a Conv2d whose output only feeds a residual add (ResNet's and
+    MobileNetV2's blocks) is computed with the add (and the ReLU after it), rounded once:
+    ``quantize(relu(conv(x) + other))``, oneDNN's int8 conv with a sum post-op natively
+    (:class:`fxquant.nn.conv_add.ConvAdd2d`), and what OpenVINO fuses the exported graph into
+    (with it, ``compile(backend="openvino")`` runs residual CNNs as fast as OpenVINO + NNCF
+    models). One rounding fewer than torch.ao's conv and add kernels, so the model differs
+    from torch.ao's (within a step per op); off by default. x86 backends only; the decision
+    is recorded on each conv (docs/onnx.md). Such a model cannot be frozen to TorchScript."""
     from fxquant.passes import convert_pipeline
 
     if representation not in ("native", "int"):
@@ -262,19 +273,21 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
 
         passes = (Convert(), Cleanup(), LowerToInt())
     return _convert(prepared, passes or convert_pipeline(),
-                    _RunSettings(dump_dir, tuple(instruments), verify), range_check, bias)
+                    _RunSettings(dump_dir, tuple(instruments), verify), range_check, bias,
+                    fuse_sums)
 
 
 def convert_to_reference_fx(prepared: nn.Module, *, dump_dir: Optional[str] = None,
                             instruments: Iterable[Instrument] = (), verify: bool = True,
-                            range_check: str = "fix", bias: str = "float") -> nn.Module:
+                            range_check: str = "fix", bias: str = "float",
+                            fuse_sums: bool = False) -> nn.Module:
     """The reference quantized graph: quantize/dequantize around float ops, weights
     quantized→dequantized. Numerically what the backend computes, readable, portable.
-    ``range_check``, ``bias``: as for :func:`convert_fx`."""
+    ``range_check``, ``bias``, ``fuse_sums``: as for :func:`convert_fx`."""
     from fxquant.passes import reference_pipeline
 
     run = _RunSettings(dump_dir, tuple(instruments), verify)
-    return _convert(prepared, reference_pipeline(), run, range_check, bias)
+    return _convert(prepared, reference_pipeline(), run, range_check, bias, fuse_sums)
 
 
 def fuse_fx(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequence[type] = (),

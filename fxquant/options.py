@@ -34,6 +34,8 @@ class QuantOptions:
     wraps each observer factory (QAT: fake quantization). ``trace_config``: the leaf rules the
     unit was traced with. ``range_check``: convert's mode (:mod:`fxquant.range_check`).
     ``bias``: convert's bias mode, "float" or "int32" (:func:`fxquant.convert_fx`).
+    ``fuse_sums``: convert fuses conv + residual add (+ ReLU), rounded once
+    (:mod:`fxquant.passes.fuse_sums`).
     """
 
     qconfig_mapping: Optional[QConfigMapping] = None
@@ -43,6 +45,7 @@ class QuantOptions:
     trace_config: Optional[TraceConfig] = None
     range_check: str = "fix"
     bias: str = "float"
+    fuse_sums: bool = False
     resolved_backend: Optional[Backend] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -66,6 +66,10 @@ class Convert:
                 stats[_convert_weighted(gm, node, ctx.options.bias)] += 1
         gm.delete_all_unused_submodules()
         gm.recompile()
+        if ctx.options.fuse_sums:
+            from fxquant.passes.fuse_sums import fuse_sums
+
+            stats["sums_fused"] = fuse_sums(gm, ctx.options.backend.sum_fusion)
         return PassResult(gm, bool(stats), dict(stats))
 
 

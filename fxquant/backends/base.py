@@ -184,7 +184,8 @@ class Backend:
     has no per-channel form). ``engine_candidates``: the engines a conv's weights may be packed
     for instead of ``engine`` where that is measured faster (the per-layer engine choice,
     fxquant.backends.engine_choice), in order; empty: convs are not timed (kernels without
-    such slow cases).
+    such slow cases). ``sum_fusion``: its CPUs run oneDNN's int8 conv with a sum post-op, so
+    ``convert_fx(..., fuse_sums=True)`` may fuse conv + residual add (x86 CPUs).
     """
 
     name: str
@@ -194,6 +195,7 @@ class Backend:
     per_channel_weights: bool = True
     per_tensor_conv_transpose: bool = False
     engine_candidates: tuple[str, ...] = ()
+    sum_fusion: bool = False
 
     def rule_for(self, node: fx.Node, modules: Mapping[str, nn.Module], qconfig: Any,
                  kind: str = "static") -> tuple[Optional[Rule], Optional[str]]:

@@ -68,6 +68,40 @@ def lower_weighted(ctx: LowerCtx) -> Lowered:
     return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
 
 
+def lower_conv_add(ctx: LowerCtx) -> Lowered:
+    """conv -> add(·, other) [-> relu], a group ``convert_fx(..., fuse_sums=True)`` formed
+    (fxquant.passes.fuse_sums), as one module: oneDNN's int8 conv with a sum post-op, the
+    conv's output added unrounded (fxquant.nn.conv_add)."""
+    from fxquant.backends.base import _sample_quantized
+    from fxquant.backends.reference_ops import is_dequantize
+    from fxquant.nn.conv_add import ConvAdd2d
+
+    if len(ctx.group) < 2 or not is_dequantize(ctx.group[1].args[1]):
+        return NoMatch("not a conv + add of a dequantized tensor")
+    other = ctx.group[1].args[1].args[0]
+    core, container = weighted_core(ctx.module)
+    if container is not None or ctx.out_dtype != torch.quint8:
+        return NoMatch("the fused conv + add kernel takes a plain Conv2d and quint8 output")
+    qmod = ConvAdd2d.from_reference_add(core, ctx.out_scale, ctx.out_zero_point,
+                                        relu=len(ctx.group) == 3)
+    samples = (_sample_quantized(ctx.qinputs[0]), _sample_quantized(other))
+    if all(t is not None for t in samples):
+        try:
+            with torch.no_grad():
+                qmod(*samples)
+        except Exception as e:  # noqa: BLE001 - no such kernel here: keep the reference
+            return NoMatch(f"oneDNN's conv with a sum post-op does not run here: "
+                           f"{str(e).strip().splitlines()[0][:200]}")
+    ctx.set_module(qmod)
+    ctx.kernel = "onednn::qconv2d_pointwise.binary (conv + sum" + (
+        " + relu)" if qmod.relu else ")")
+    return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0], other))
+
+
+def _never(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    return False
+
+
 def _weighted_builder(qcls: type, core: nn.Module, ctx: LowerCtx,
                       bounds: Optional[tuple[float, float]]) -> Any:
     """engine -> the quantized module packed for it (the clamped form when ``bounds``)."""
@@ -492,6 +526,12 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
              lower_same_op_contiguous if clamp_needs_contiguous else lower_same_op),
     ]
     rules = [_alt_engine_fallback(r) for r in rules]
+    # never picked by annotate (its op check declines): the root of a group that convert's
+    # fuse_sums formed names it
+    rules.append(Rule("conv2d_add", Op(torch.add, F.relu, torch.relu, check=_never), OWN,
+                      "onednn::qconv2d_pointwise.binary (conv + sum)", lower_conv_add,
+                      notes="convert_fx(..., fuse_sums=True): conv + residual add (+ ReLU), "
+                            "rounded once"))
     rules += activation_rules(clamp_needs_contiguous)
     rules += dynamic_rules()
     return tuple(rules)

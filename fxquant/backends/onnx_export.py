@@ -48,6 +48,7 @@ from torch.utils import _pytree as pytree
 from fxquant.errors import OnnxExportError
 from fxquant.nn import fused
 from fxquant.nn import quantized as qnn
+from fxquant.nn.conv_add import ConvAdd2d
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17: older runtimes read it too
@@ -839,6 +840,14 @@ def _qconv(b: Builder, n: fx.Node, mod: Any) -> str:
     return b.relu(y) if relu else y
 
 
+def _qconv_add(b: Builder, n: fx.Node, mod: ConvAdd2d) -> str:
+    """Conv -> Add (the dequantized accumulator) [-> Relu], quantized once after: the graph
+    OpenVINO runs as one int8 conv with a sum post-op (ONNX Runtime runs the conv in float:
+    its QLinearConv has no sum input)."""
+    y = b.add("Add", [_qconv(b, n, mod), b.x(n.args[1])])
+    return b.relu(y) if mod.relu else y
+
+
 def _gemm(b: Builder, n: fx.Node, weight: str, bias: Optional[str], out_features: int) -> str:
     """x @ W^T + bias as a Gemm (transB), input reshaped to 2-D and back when it is not."""
     in_shape, out_shape = b.shape(n.args[0]), b.shape(n)
@@ -924,6 +933,7 @@ def _module_float(fn: Emitter) -> ModuleEmitter:
 
 
 _MODULES: list[tuple[tuple[type, ...], ModuleEmitter]] = [
+    ((ConvAdd2d,), _qconv_add),
     ((qnn.Conv1d, qnn.Conv2d, qnn.Conv3d, qnn._ConvTransposeNd), _qconv),
     ((qnn.Linear,), _qlinear),
     ((qnn._BatchNormNd, nn.modules.batchnorm._BatchNorm), _batch_norm),

@@ -1,0 +1,102 @@
+"""Quantized Conv2d + add (+ ReLU) rounded once: oneDNN's int8 conv with a sum post-op.
+
+``y = quantize(relu?(conv(x) + accum))``: the conv's int32 accumulator, scaled to float, gets
+the bias and the dequantized ``accum`` added before the one rounding to the output qparams.
+This is what a model converted with ``convert_fx(..., fuse_sums=True)`` runs for a residual
+add (fxquant.passes.fuse_sums), and what OpenVINO runs for the same graph.
+
+The kernel is ``onednn::qconv2d_pointwise.binary`` on the uint8 integers (torch's oneDNN
+kernels for Inductor; they run under any quantized engine on x86). Its weights are packed for
+it on the first call (and again when the input's qparams change); the module otherwise is a
+quantized Conv2d (weights, bias, output qparams, state_dict and pickling as that class). The
+kernel writes its result into the accumulator tensor, so ``accum`` is copied first (its
+integers, which the call needs anyway): the caller's tensor is never changed.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from fxquant.nn.quantized import Conv2d
+
+__all__ = ["ConvAdd2d"]
+
+
+class ConvAdd2d(Conv2d):
+    """Quantized Conv2d whose output is added to a quint8 tensor (then ReLU when ``relu``),
+    rounded once. ``forward(x, accum)``; ``accum`` has the conv output's shape."""
+
+    _NAME = "QuantizedConvAdd2d"
+
+    def __init__(self, *args: Any, relu: bool = False, **kwargs: Any) -> None:
+        self.relu = bool(relu)
+        self._onednn: Optional[tuple] = None  # ((x qparams), packed, scales, zps, bias)
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"{self._NAME}: padding_mode must be 'zeros', got "
+                             f"{self.padding_mode!r}")
+
+    def set_weight_bias(self, w: torch.Tensor, b: Optional[torch.Tensor]) -> None:
+        super().set_weight_bias(w, b)
+        self._onednn = None  # repacked for the kernel on the next call
+
+    def forget_first_call(self) -> bool:
+        self._onednn = None
+        return True
+
+    @classmethod
+    def from_reference_add(cls, ref_mod: Any, output_scale: float, output_zero_point: int,
+                           relu: bool) -> "ConvAdd2d":
+        """From a fxquant.nn.reference Conv2d and the sum's output qparams."""
+        qmod = cls.from_reference(ref_mod, output_scale, output_zero_point)
+        qmod.relu = bool(relu)
+        return qmod
+
+    @classmethod
+    def _empty_like(cls, mod: Any) -> "ConvAdd2d":
+        return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                   mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode)
+
+    def _packed_for(self, x_scale: float, x_zero_point: int) -> tuple:
+        """(packed weight, per-channel weight scales, weight zero points, float bias) for the
+        kernel, kept until the input's qparams or the weights change."""
+        cached = self._onednn
+        if cached is not None and cached[0] == (x_scale, x_zero_point):
+            return cached[1:]
+        w, bias = self._weight_bias()
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scales = w.q_per_channel_scales().float()
+        else:
+            scales = torch.full((self.out_channels,), float(w.q_scale()))
+        zps = torch.zeros(self.out_channels, dtype=torch.long)
+        packed = torch.ops.onednn.qconv_prepack(
+            w.int_repr(), scales, x_scale, x_zero_point, list(self.stride), list(self.padding),
+            list(self.dilation), self.groups, None)
+        bias = bias.float().contiguous() if bias is not None else None
+        self._onednn = ((x_scale, x_zero_point), packed, scales, zps, bias)
+        return packed, scales, zps, bias
+
+    def forward(self, x: torch.Tensor, accum: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if x.dim() != 4 or accum.dim() != 4:
+            raise ValueError(f"{self._NAME} expects 4-D (N, C, H, W) quantized inputs, got "
+                             f"{x.dim()}-D and {accum.dim()}-D")
+        x_scale, x_zp = float(x.q_scale()), int(x.q_zero_point())
+        packed, scales, zps, bias = self._packed_for(x_scale, x_zp)
+        # the kernel writes into the accumulator: a fresh channels-last copy of its integers
+        out = accum.int_repr().contiguous(memory_format=torch.channels_last)
+        y = torch.ops.onednn.qconv2d_pointwise.binary(
+            x.int_repr(), x_scale, x_zp, packed, scales, zps, out, bias,
+            list(self.stride), list(self.padding), list(self.dilation), self.groups,
+            float(self.scale), int(self.zero_point), None, float(accum.q_scale()),
+            int(accum.q_zero_point()), "sum", 1.0, "relu" if self.relu else "none", [], "")
+        return torch._make_per_tensor_quantized_tensor(y, float(self.scale),
+                                                       int(self.zero_point))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_onednn"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
