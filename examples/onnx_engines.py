@@ -6,6 +6,8 @@ OpenVINO (``fxquant.compile``), each an ``nn.Module``. ``bias="int32"`` at conve
 conv / linear biases to the int32 accumulator units the engines add, so that their outputs are
 the native model's (within one output step); the example prints how many are. Engines that are
 not installed (``pip install fxquant[onnx]``, ``fxquant[openvino]``) are skipped with a note.
+Last, the same model converted with ``fuse_sums=True`` (each residual add computed with the conv
+before it, rounded once) runs on OpenVINO, which fuses those adds into its int8 convs.
 
     python examples/onnx_engines.py [--out model.onnx] [--size 64]
 """
@@ -30,8 +32,11 @@ ENGINES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # backend -> p
 EXTRAS = {"onnxruntime": "onnx", "openvino": "openvino"}  # backend -> pip extra
 
 
-def quantize(size: int = 64) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
-    """The float model, its int8 conversion (x86 kernels, int32 biases) and an example input."""
+def quantize(size: int = 64, **convert_options: object
+             ) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The float model, its int8 conversion (x86 kernels, int32 biases unless
+    ``convert_options`` say otherwise) and an example input."""
+    torch.manual_seed(0)
     model = make_model()
     example = torch.randn(1, 3, size, size)
     prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping("x86"), (example,),
@@ -39,7 +44,7 @@ def quantize(size: int = 64) -> tuple[torch.nn.Module, torch.nn.Module, torch.Te
     with torch.no_grad():
         for _ in range(4):
             prepared(torch.randn(8, 3, size, size))
-    return model, fxquant.convert_fx(prepared, bias="int32"), example
+    return model, fxquant.convert_fx(prepared, **{"bias": "int32", **convert_options}), example
 
 
 def within_one_step(native: torch.Tensor, other: torch.Tensor, qmodel: torch.nn.Module) -> float:
@@ -76,6 +81,14 @@ def run(size: int = 64, out: Optional[str] = None) -> dict[str, float]:
             agreement[backend] = within_one_step(native, engine(x), qmodel)
             runners[backend] = engine
             print(f"{backend:12s} {agreement[backend]:.1%} of the outputs within one native step")
+    if "openvino" in runners:  # residual adds fused into the convs: a model of its own
+        fused = quantize(size, fuse_sums=True)[1]
+        engine = fxquant.compile(fused, (example,), backend="openvino", threads=1)
+        with torch.no_grad():
+            agreement["openvino fuse_sums"] = within_one_step(fused(x), engine(x), fused)
+        runners["openvino fuse_sums"] = engine
+        print(f"{'openvino fuse_sums':12s} {agreement['openvino fuse_sums']:.1%} of the "
+              f"outputs within one step of its own native model")
     times = interleaved_latency(runners, (example,), rounds=5, iters=5)
     print("batch 1 latency    " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()))
     return agreement

@@ -219,3 +219,14 @@ def test_engines_agree_with_the_fused_model(backend: str, package: str, seed: in
         adds = [n for n in graph.node if n.op_type == "Add"]
         assert sum(producer[i].op_type == "Conv" for n in adds for i in n.input
                    if i in producer) == 2
+
+
+def test_freeze_refuses_with_the_module_named(fused) -> None:
+    """oneDNN's packed weights are tensors TorchScript cannot hold: freeze says so, naming
+    the fused conv and its source line (the unfrozen GraphModule and the engines run it)."""
+    from fxquant.freeze import FreezeError
+
+    _, qmodel, example = fused
+    with pytest.raises(FreezeError) as info:
+        fxquant.freeze(qmodel, (example,))
+    assert "ConvAdd2d" in str(info.value) and "test_fuse_sums.py" in str(info.value)

@@ -77,7 +77,8 @@ class ConvAdd2d(Conv2d):
         self._onednn = ((x_scale, x_zero_point), packed, scales, zps, bias)
         return packed, scales, zps, bias
 
-    def forward(self, x: torch.Tensor, accum: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+            self, x: torch.Tensor, accum: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or accum.dim() != 4:
             raise ValueError(f"{self._NAME} expects 4-D (N, C, H, W) quantized inputs, got "
                              f"{x.dim()}-D and {accum.dim()}-D")
