@@ -30,7 +30,7 @@ from fxquant.records import Action, QKind
 PASS = "fuse_sums"
 RULE = "conv2d_add"  # the rule (fxquant.backends.native) the group's root is lowered by
 _ADDS = (torch.add,)
-_RELUS = (F.relu, torch.relu)
+_RELUS = (F.relu,)  # normalize spells every ReLU so
 
 
 def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
@@ -125,9 +125,12 @@ def _why_not(conv: fx.Node, dq: fx.Node, root: fx.Node, other: fx.Node, modules:
     if not (isinstance(src, fx.Node) and is_dequantize(src)):
         return "the conv's input is not a dequantized tensor"
     tensors.append(src.args[0])
+    from fxquant.nn.conv_add import ACTIVATION_DTYPES
+
     for t in tensors:
-        if is_quantize(t) and quantize_qparams(t)[2] != torch.quint8:
-            return "a tensor is not quint8 (the fused kernel takes uint8 activations)"
+        if is_quantize(t) and quantize_qparams(t)[2] not in ACTIVATION_DTYPES:
+            return f"a tensor is not {' / '.join(map(str, ACTIVATION_DTYPES))} (the fused " \
+                   f"kernel's activations)"
     return ""
 
 

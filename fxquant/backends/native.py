@@ -74,13 +74,13 @@ def lower_conv_add(ctx: LowerCtx) -> Lowered:
     conv's output added unrounded (fxquant.nn.conv_add)."""
     from fxquant.backends.base import _sample_quantized
     from fxquant.backends.reference_ops import is_dequantize
-    from fxquant.nn.conv_add import ConvAdd2d
+    from fxquant.nn.conv_add import ACTIVATION_DTYPES, ConvAdd2d
 
     if len(ctx.group) < 2 or not is_dequantize(ctx.group[1].args[1]):
         return NoMatch("not a conv + add of a dequantized tensor")
     other = ctx.group[1].args[1].args[0]
     core, container = weighted_core(ctx.module)
-    if container is not None or ctx.out_dtype != torch.quint8:
+    if container is not None or ctx.out_dtype not in ACTIVATION_DTYPES:
         return NoMatch("the fused conv + add kernel takes a plain Conv2d and quint8 output")
     qmod = ConvAdd2d.from_reference_add(core, ctx.out_scale, ctx.out_zero_point,
                                         relu=len(ctx.group) == 3)
@@ -528,7 +528,7 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
     rules = [_alt_engine_fallback(r) for r in rules]
     # never picked by annotate (its op check declines): the root of a group that convert's
     # fuse_sums formed names it
-    rules.append(Rule("conv2d_add", Op(torch.add, F.relu, torch.relu, check=_never), OWN,
+    rules.append(Rule("conv2d_add", Op(torch.add, F.relu, check=_never), OWN,
                       "onednn::qconv2d_pointwise.binary (conv + sum)", lower_conv_add,
                       notes="convert_fx(..., fuse_sums=True): conv + residual add (+ ReLU), "
                             "rounded once"))

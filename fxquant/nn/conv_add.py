@@ -20,7 +20,9 @@ import torch
 
 from fxquant.nn.quantized import Conv2d
 
-__all__ = ["ConvAdd2d"]
+__all__ = ["ACTIVATION_DTYPES", "ConvAdd2d"]
+
+ACTIVATION_DTYPES = (torch.quint8,)  # the kernel's input, accumulator and output dtypes
 
 
 class ConvAdd2d(Conv2d):
