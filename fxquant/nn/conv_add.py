@@ -25,6 +25,14 @@ __all__ = ["ACTIVATION_DTYPES", "ConvAdd2d"]
 ACTIVATION_DTYPES = (torch.quint8,)  # the kernel's input, accumulator and output dtypes
 
 
+def _integers(q: torch.Tensor) -> torch.Tensor:
+    """The uint8 integers of a quint8 tensor, sharing its memory (``int_repr()`` copies, and
+    on channels-last tensors takes about as long as the conv: 89 us of a 160 us 64-channel
+    56x56 conv, measured)."""
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(),
+                                                  q.size(), q.stride())
+
+
 class ConvAdd2d(Conv2d):
     """Quantized Conv2d whose output is added to a quint8 tensor (then ReLU when ``relu``),
     rounded once. ``forward(x, accum)``; ``accum`` has the conv output's shape."""
@@ -87,9 +95,9 @@ class ConvAdd2d(Conv2d):
         x_scale, x_zp = float(x.q_scale()), int(x.q_zero_point())
         packed, scales, zps, bias = self._packed_for(x_scale, x_zp)
         # the kernel writes into the accumulator: a fresh channels-last copy of its integers
-        out = accum.int_repr().contiguous(memory_format=torch.channels_last)
+        out = _integers(accum).clone(memory_format=torch.channels_last)
         y = torch.ops.onednn.qconv2d_pointwise.binary(
-            x.int_repr(), x_scale, x_zp, packed, scales, zps, out, bias,
+            _integers(x), x_scale, x_zp, packed, scales, zps, out, bias,
             list(self.stride), list(self.padding), list(self.dilation), self.groups,
             float(self.scale), int(self.zero_point), None, float(accum.q_scale()),
             int(accum.q_zero_point()), "sum", 1.0, "relu" if self.relu else "none", [], "")
