@@ -12,7 +12,8 @@ rounding fewer than torch.ao's two kernels (conv, then add): a different, slight
 accurate model, so it is an option, off by default (the default stays bit-exact with torch.ao).
 
 Only where the backend says its kernels can (``Backend.sum_fusion``: x86, fbgemm, onednn), for
-``Conv2d`` with zeros padding and quint8 activations; every fused or skipped candidate is
+``Conv2d`` (or a QAT ``ConvBn2d``, folded at convert: its training rounded the conv's output,
+the fused model does not) with zeros padding and quint8 activations; every fused or skipped candidate is
 recorded on the node.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ from fxquant.records import Action, QKind
 PASS = "fuse_sums"
 RULE = "conv2d_add"  # the rule (fxquant.backends.native) the group's root is lowered by
 _ADDS = (torch.add,)
+# a plain conv, or a QAT ConvBn2d (its BatchNorm folded into the reference conv at convert)
+_CONVS = ("conv2d", "conv2d_bn")
 _RELUS = (F.relu,)  # normalize spells every ReLU so
 
 
@@ -41,7 +44,7 @@ def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
     fused = 0
     modules = dict(gm.named_modules())
     for conv in list(gm.graph.nodes):
-        if conv.graph is None or conv.op != "call_module" or qinfo(conv).rule != "conv2d":
+        if conv.graph is None or conv.op != "call_module" or qinfo(conv).rule not in _CONVS:
             continue
         found = _candidate(conv, modules)
         if found is None:

@@ -230,3 +230,22 @@ def test_freeze_refuses_with_the_module_named(fused) -> None:
     with pytest.raises(FreezeError) as info:
         fxquant.freeze(qmodel, (example,))
     assert "ConvAdd2d" in str(info.value) and "test_fuse_sums.py" in str(info.value)
+
+
+def test_qat_model_fuses_its_conv_bn_adds() -> None:
+    """A QAT-trained ConvBn2d (BatchNorm folded at convert) fuses like a Conv2d; the fused
+    model agrees with its reference graph."""
+    torch.manual_seed(0)
+    model = ResBlocks().train()
+    example = torch.randn(2, 3, 16, 16)
+    prepared = fxquant.prepare_qat_fx(model, fxquant.get_default_qat_qconfig_mapping("x86"),
+                                      (example,), backend="x86")
+    for _ in range(3):
+        prepared(torch.randn(4, 3, 16, 16))
+    prepared.eval()
+    native = fxquant.convert_fx(prepared, fuse_sums=True)
+    assert len(_fused_nodes(native)) == 2  # the block's conv-bn + add + relu, and x + c3(x)
+    reference = fxquant.convert_to_reference_fx(prepared, fuse_sums=True)
+    x = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        assert _within_one_step(native(x), reference(x), output_scale(native)) >= 0.99
