@@ -123,6 +123,10 @@ def _why_not(conv: fx.Node, dq: fx.Node, root: fx.Node, other: fx.Node, modules:
     users = list(root.users)
     if len(users) != 1 or not is_quantize(users[0]):
         return "the sum's output is not quantized"
+    shapes = [_shape(conv), _shape(other.args[0])]
+    if None in shapes or shapes[0] != shapes[1] or len(shapes[0]) != 4:
+        return f"the add's operands are not both 4-d of one shape ({shapes[0]} + {shapes[1]}: " \
+               f"a broadcasting add stays a separate kernel)"
     src = conv.args[0] if conv.args else None
     tensors = [users[0], dq.args[0], other.args[0]]
     if not (isinstance(src, fx.Node) and is_dequantize(src)):
@@ -135,6 +139,11 @@ def _why_not(conv: fx.Node, dq: fx.Node, root: fx.Node, other: fx.Node, modules:
             return f"a tensor is not {' / '.join(map(str, ACTIVATION_DTYPES))} (the fused " \
                    f"kernel's activations)"
     return ""
+
+
+def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
+    value = qinfo(node).value
+    return tuple(value.shape) if value is not None and value.shape is not None else None
 
 
 def _erase_dead_getattrs(gm: fx.GraphModule) -> None:

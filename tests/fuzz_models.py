@@ -95,6 +95,7 @@ DATAFLOW_DB = 20.0
 FLOOR_RMS = 1e-4
 LOW_DB = 10.0
 CI_MODELS = 200
+FUSE_SUMS = [False]  # --fuse-sums: convert with fuse_sums=True (conv + residual add fused)
 
 
 class UserLeaf(nn.Module):
@@ -786,6 +787,22 @@ VOCABULARY: dict[str, Callable[[Writer], bool]] = {
 }
 NAMES = sorted(VOCABULARY)
 
+
+def op_residual(g: Writer) -> bool:
+    """conv (-> BatchNorm) + the conv's own input (-> ReLU): a residual add of the conv's
+    output, in its spellings (only with --fuse-sums: the default vocabulary, and so every
+    seed's model, stays as it was)."""
+    v = g.pick()
+    k = g.one([1, 3])
+    y = f"{g.attr(f'nn.Conv2d({v.c}, {v.c}, {k}, padding={k // 2}, bias={g.coin()})')}({v.name})"
+    if g.coin():
+        y = f"{g.attr(f'nn.BatchNorm2d({v.c})')}({y})"
+    s = g.choose(["{y} + {v}", "{v} + {y}", "torch.add({y}, {v})", "F.relu({y} + {v})",
+                  "torch.relu({v} + {y})", "({y} + {v}).relu_()"])
+    g.new(s.format(y=y, v=v.name), v.c, v.h, v.w, v.contig)
+    g.used.append(f"residual:{s}")
+    return True
+
 MLP_ACTS = ["", "nn.ReLU()", "F.relu({x})", "{x}.relu()", "F.relu6({x})", "F.hardtanh({x})",
             "torch.sigmoid({x})", "torch.tanh({x})", "nn.Dropout(0.1)", "F.hardswish({x})"]
 
@@ -855,8 +872,10 @@ def generate(seed: int, steps: int = STEPS, limit: Optional[int] = None) -> Mode
     c, h, w = g.int(1, 4), g.int(1, 5), g.int(1, 5)
     g.vars.append(Var("v0", c, h, w, True))
     n = g.int(1, steps)
+    names = NAMES + ["residual"] if FUSE_SUMS[0] else NAMES
     for _ in range(n if limit is None else min(n, limit)):
-        if not VOCABULARY[g.one(NAMES)](g):
+        name = g.one(names)
+        if not (op_residual if name == "residual" else VOCABULARY[name])(g):
             op_relu(g)
     outputs = _head(g)
     return Model(seed, g.source(outputs), tuple(g.used), (N, c, h, w))
@@ -1011,9 +1030,9 @@ def _convert(model: Model, backend: str, batches: list[torch.Tensor], o: Outcome
         with torch.no_grad():
             p = [prepared(b.clone()) for b in batches][0]
         stage = "convert"
-        converted = fxquant.convert_fx(prepared)
+        converted = fxquant.convert_fx(prepared, fuse_sums=FUSE_SUMS[0])
         stage = "reference"
-        reference = fxquant.convert_to_reference_fx(prepared)
+        reference = fxquant.convert_to_reference_fx(prepared, fuse_sums=FUSE_SUMS[0])
         stage = "decisions"
         gone = missing_decisions(prepared) + missing_decisions(converted)
         if gone:
@@ -1151,6 +1170,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=100, help="progress line every N models")
     p.add_argument("--replay", type=int, default=None, metavar="SEED",
                    help="run the model of SEED only: print its source and figures")
+    p.add_argument("--fuse-sums", action="store_true",
+                   help="convert with fuse_sums=True (conv + residual add rounded once)")
     p.add_argument("--shrink", action="store_true",
                    help="shrink each failure to its shortest failing prefix (with --replay: "
                         "print it; else: group the failures by its last op)")
@@ -1195,6 +1216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     args = _parser().parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
+    FUSE_SUMS[0] = bool(args.fuse_sums)
     torch.set_num_threads(1)  # tiny tensors: threads only add latency on a shared machine
     if args.replay is not None:
         return replay(args.replay, backends, args.steps, args.shrink)

@@ -249,3 +249,33 @@ def test_qat_model_fuses_its_conv_bn_adds() -> None:
     x = torch.randn(16, 3, 16, 16)
     with torch.no_grad():
         assert _within_one_step(native(x), reference(x), output_scale(native)) >= 0.99
+
+
+class BroadcastAdd(nn.Module):
+    """conv(x) + its pooled mean (N, C, 1, 1): a broadcasting add, not a sum post-op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + F.adaptive_avg_pool2d(self.conv2(x), 1)
+
+
+def test_broadcasting_add_is_not_fused() -> None:
+    torch.manual_seed(0)
+    example = torch.randn(2, 3, 8, 8)
+    prepared = fxquant.prepare_fx(BroadcastAdd().eval(), fxquant.get_default_qconfig_mapping(
+        "x86"), (example,), backend="x86")
+    prepared(torch.randn(4, 3, 8, 8))
+    qmodel = fxquant.convert_fx(prepared, fuse_sums=True)
+    assert not _fused_nodes(qmodel)
+    reasons = [d.reason for n in qmodel.graph.nodes for d in qinfo(n).decisions
+               if d.pass_name == "fuse_sums"]
+    assert any("broadcasting add" in r for r in reasons), reasons
+    x = torch.randn(4, 3, 8, 8)
+    ref = fxquant.convert_to_reference_fx(prepared, fuse_sums=True)
+    with torch.no_grad():
+        assert _within_one_step(qmodel(x), ref(x), output_scale(qmodel)) >= 0.99
