@@ -279,3 +279,17 @@ def test_broadcasting_add_is_not_fused() -> None:
     ref = fxquant.convert_to_reference_fx(prepared, fuse_sums=True)
     with torch.no_grad():
         assert _within_one_step(qmodel(x), ref(x), output_scale(qmodel)) >= 0.99
+
+
+def test_inductor_runs_the_fused_int_representation() -> None:
+    from tests.util import inductor_or_skip
+
+    inductor_or_skip()
+    prepared, example = _prepared(0)
+    native = fxquant.convert_fx(prepared, fuse_sums=True)
+    compiled = fxquant.compile(fxquant.convert_fx(prepared, fuse_sums=True,
+                                                  representation="int"),
+                               (example,), backend="inductor")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert _within_one_step(native(x), compiled(x), output_scale(native)) >= 0.99
