@@ -257,7 +257,8 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
     (with it, ``compile(backend="openvino")`` runs residual CNNs as fast as OpenVINO + NNCF
     models). One rounding fewer than torch.ao's conv and add kernels, so the model differs
     from torch.ao's (within a step per op); off by default. x86 backends only; the decision
-    is recorded on each conv (docs/onnx.md). Such a model cannot be frozen to TorchScript."""
+    is recorded on each conv (docs/onnx.md). Such a model cannot be frozen to TorchScript, and
+    natively and on ONNX Runtime it is slower than the default convert: it is for OpenVINO."""
     from fxquant.passes import convert_pipeline
 
     if representation not in ("native", "int"):
