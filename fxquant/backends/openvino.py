@@ -48,7 +48,10 @@ class OpenVINOModule(EngineModule):
         outputs = list(compiled.outputs)
 
         def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
-            result = request.infer(arrays)
+            # inputs by index in a dict (a list costs ~60 us more per call), not copied;
+            # outputs are the request's own buffers: EngineModule.forward copies them out
+            result = request.infer(dict(enumerate(arrays)), share_inputs=True,
+                                   share_outputs=True)
             return [np.asarray(result[o]) for o in outputs]
         run.compiled = compiled  # type: ignore[attr-defined]
         return run
