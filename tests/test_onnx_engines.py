@@ -562,3 +562,23 @@ def test_onnx_engines_example_runs() -> None:
     installed += ["openvino fuse_sums"] if "openvino" in installed else []
     assert sorted(agreement) == sorted(installed) and installed
     assert all(f >= 0.99 for f in agreement.values()), agreement
+
+
+@pytest.mark.parametrize("snippets", ["enable", "disable"])
+def test_openvino_snippets_modes_agree(snippets: str, cnn) -> None:
+    """OpenVINO's snippets on or off is a speed choice only: both within one native step, and
+    "auto" records which it measured faster."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("openvino")
+    qmodel, example = cnn
+    engine = fxquant.compile(qmodel, (example,), backend="openvino", snippets=snippets)
+    assert engine.snippets_choices == [{"mode": snippets.upper()}]
+    x = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        assert _agree_within_one_step(qmodel(x), engine(x), output_scale(qmodel)) >= 0.99
+    auto = fxquant.compile(qmodel, (example,), backend="openvino")
+    (choice,) = auto.snippets_choices
+    assert set(choice["ms"]) == {"ENABLE", "DISABLE"}
+    assert choice["mode"] == min(choice["ms"], key=choice["ms"].get)
+    with pytest.raises(FxQuantError, match="snippets"):
+        fxquant.compile(qmodel, (example,), backend="openvino", snippets="off")
