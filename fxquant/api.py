@@ -255,8 +255,8 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
     ``quantize(relu(conv(x) + other))``, oneDNN's int8 conv with a sum post-op natively
     (:class:`fxquant.nn.conv_add.ConvAdd2d`), and what OpenVINO fuses the exported graph into
     (with it, ``compile(backend="openvino")`` runs residual CNNs as fast as OpenVINO + NNCF
-    models). One rounding fewer than torch.ao's conv and add kernels, so the model differs
-    from torch.ao's (within a step per op); off by default. x86 backends only; the decision
+    models). One rounding fewer than the default model's separate conv and add kernels, so
+    the model differs from it (within a step per op); off by default. x86 backends only; the decision
     is recorded on each conv (docs/onnx.md). Such a model cannot be frozen to TorchScript, and
     natively and on ONNX Runtime it is slower than the default convert: it is for OpenVINO."""
     from fxquant.passes import convert_pipeline

@@ -178,6 +178,16 @@ def test_conv_add_module_matches_float64_and_leaves_accum_alone() -> None:
         assert torch.equal(copy.deepcopy(m)(x, accum).int_repr(), y.int_repr())
 
 
+def test_conv_add_module_refuses_other_dtypes() -> None:
+    m = ConvAdd2d(4, 4, 1)
+    x = torch.quantize_per_tensor(torch.randn(1, 4, 3, 3), 0.1, 0, torch.qint8)
+    accum = torch.quantize_per_tensor(torch.randn(1, 4, 3, 3), 0.1, 0, torch.quint8)
+    with pytest.raises(ValueError, match="quint8"):
+        m(x, accum)
+    with pytest.raises(ValueError, match="4-D"):
+        m(accum[0], accum[0])
+
+
 def test_qnnpack_backend_does_not_fuse() -> None:
     prepared, _ = _prepared(0, backend="qnnpack")
     ref = fxquant.convert_to_reference_fx(prepared, fuse_sums=True)

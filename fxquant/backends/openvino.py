@@ -75,7 +75,6 @@ class OpenVINOModule(EngineModule):
         run.compiled = compiled  # type: ignore[attr-defined]
         return run
 
-
     def _fastest(self, core: Any, ov_model: Any, config: dict[str, Any]) -> Any:
         """Compile with the CPU plugin's snippets (its fused elementwise subgraphs) on and off,
         time both on random inputs (interleaved, median process CPU time) and keep the faster:

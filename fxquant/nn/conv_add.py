@@ -92,6 +92,9 @@ class ConvAdd2d(Conv2d):
         if x.dim() != 4 or accum.dim() != 4:
             raise ValueError(f"{self._NAME} expects 4-D (N, C, H, W) quantized inputs, got "
                              f"{x.dim()}-D and {accum.dim()}-D")
+        if x.dtype not in ACTIVATION_DTYPES or accum.dtype not in ACTIVATION_DTYPES:
+            raise ValueError(f"{self._NAME} takes {ACTIVATION_DTYPES[0]} inputs (the kernel "
+                             f"reads their bytes as uint8), got {x.dtype} and {accum.dtype}")
         x_scale, x_zp = float(x.q_scale()), int(x.q_zero_point())
         packed, scales, zps, bias = self._packed_for(x_scale, x_zp)
         # the kernel writes into the accumulator: a fresh channels-last copy of its integers
