@@ -35,7 +35,9 @@ test: setup
 test-inductor: setup
 	FXQUANT_INDUCTOR_TESTS=1 $(VPY) -m pytest -q tests/test_integer_repr.py tests/test_inductor_fusion.py $(PYTEST_ARGS)
 
+# the bench extra adds NNCF (the ov.nncf peer); where it cannot install, that path prints n/a
 bench: setup
+	$(VPY) -m pip install -q -e '.[bench]' || echo "bench extra (nncf) not installed: ov.nncf will be n/a"
 	$(VPY) benchmarks/run.py
 
 # Differential fuzz (tests/fuzz_models.py): FUZZ_N generated models on x86 and qnnpack, each
