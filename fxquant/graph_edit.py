@@ -19,3 +19,10 @@ def del_submodule(gm: fx.GraphModule, path: str) -> None:
     parent = gm.get_submodule(parent_path) if parent_path else gm
     if hasattr(parent, attr):
         delattr(parent, attr)
+
+
+def drop_dead_get_attrs(gm: fx.GraphModule) -> None:
+    """Erase the get_attr nodes nothing reads any more (after a rewrite removed their users)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)

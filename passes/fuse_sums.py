@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxquant.backends.reference_ops import is_dequantize, is_quantize, quantize_qparams
+from fxquant.graph_edit import drop_dead_get_attrs
 from fxquant.meta import qinfo, record
 from fxquant.records import Action, QKind
 
@@ -33,7 +34,7 @@ RULE = "conv2d_add"  # the rule (fxquant.backends.native) the group's root is lo
 _ADDS = (torch.add,)
 # a plain conv, or a QAT ConvBn2d (its BatchNorm folded into the reference conv at convert)
 _CONVS = ("conv2d", "conv2d_bn")
-_RELUS = (F.relu,)  # normalize spells every ReLU so
+_RELUS = (F.relu,)  # normalize writes every ReLU spelling as F.relu
 
 
 def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
@@ -46,7 +47,7 @@ def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
     for conv in list(gm.graph.nodes):
         if conv.graph is None or conv.op != "call_module" or qinfo(conv).rule not in _CONVS:
             continue
-        found = _candidate(conv, modules)
+        found = _candidate(conv)
         if found is None:
             continue
         q, dq, add, relu, other = found
@@ -73,13 +74,13 @@ def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
                f"post-op), rounded once", pattern="conv2d_add", conv=conv.name)
         fused += 1
     if fused:
-        _erase_dead_getattrs(gm)
+        drop_dead_get_attrs(gm)
         gm.delete_all_unused_submodules()
         gm.recompile()
     return fused
 
 
-def _candidate(conv: fx.Node, modules: dict) -> Optional[tuple]:
+def _candidate(conv: fx.Node) -> Optional[tuple]:
     """(quantize, dequantize, add, relu or None, the add's other operand) when the conv's only
     use is a two-tensor add through one quantize / dequantize pair."""
     users = list(conv.users)
@@ -144,9 +145,3 @@ def _why_not(conv: fx.Node, dq: fx.Node, root: fx.Node, other: fx.Node, modules:
 def _shape(node: fx.Node) -> Optional[tuple[int, ...]]:
     value = qinfo(node).value
     return tuple(value.shape) if value is not None and value.shape is not None else None
-
-
-def _erase_dead_getattrs(gm: fx.GraphModule) -> None:
-    for n in list(gm.graph.nodes):
-        if n.op == "get_attr" and not n.users:
-            gm.graph.erase_node(n)

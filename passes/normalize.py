@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from fxquant.aliasing import has_view_alias, is_inplace
 from fxquant.functional import build_module, functional_entry
+from fxquant.graph_edit import drop_dead_get_attrs
 from fxquant.meta import inherit, qinfo, record
 from fxquant.records import Action
 from fxquant.ops import (DROPOUT_FUNCTIONS, DROPOUT_MODULES, IDENTITY_MODULES, Spelling,
@@ -71,7 +72,7 @@ class Normalize:
                 stats["inplace_readers_repointed"] += 1
         modified = bool(stats) and set(stats) != {"kept_functional"}
         if modified:
-            _drop_dead_get_attrs(gm)
+            drop_dead_get_attrs(gm)
             gm.delete_all_unused_submodules()
             gm.recompile()
         return PassResult(gm, modified, dict(stats))
@@ -166,12 +167,6 @@ def _remove_identity(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Mo
                f"removed {what} '{qinfo(node).module_path or node.name}' after this op: {why}")
     node.replace_all_uses_with(src)
     gm.graph.erase_node(node)
-
-
-def _drop_dead_get_attrs(gm: fx.GraphModule) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
 
 
 def _tensor_valued(node: fx.Node) -> bool:

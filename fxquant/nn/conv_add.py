@@ -63,11 +63,6 @@ class ConvAdd2d(Conv2d):
         qmod.relu = bool(relu)
         return qmod
 
-    @classmethod
-    def _empty_like(cls, mod: Any) -> "ConvAdd2d":
-        return cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                   mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode)
-
     def _packed_for(self, x_scale: float, x_zero_point: int) -> tuple:
         """(packed weight, per-channel weight scales, weight zero points, float bias) for the
         kernel, kept until the input's qparams or the weights change."""
