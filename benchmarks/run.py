@@ -11,9 +11,10 @@ process, one thread, batch 1 and 8, every available path is timed:
     fxq.inductor  convert_fx(..., representation="int") + fxquant.compile(backend="inductor")
     fxq.ort       fxquant.compile(qmodel, backend="onnxruntime")  (fxquant's own qparams)
     fxq.openvino  fxquant.compile(qmodel, backend="openvino")
-    fxq.ov_sums   convert_fx(..., fuse_sums=True) (conv + residual add rounded once) compiled
-                  by OpenVINO: the add fuses into the conv as oneDNN's sum post-op, as in
-                  OpenVINO + NNCF models (static models; a different model from fxq.native)
+    fxq.ov_fused  convert_fx(..., fuse_sums=True, fuse_activations=True) (conv + residual add,
+                  conv + SiLU / hardswish rounded once) compiled by OpenVINO: they fuse into the
+                  conv as oneDNN post-ops, as in OpenVINO + NNCF models (static models; a
+                  different model from fxq.native)
     ort.quantize  ONNX Runtime's own quantizer on an fp32 ONNX export of the float model
                   (static models: quantize_static, QDQ, per-channel, same calibration data;
                   dynamic models: quantize_dynamic)
@@ -64,7 +65,7 @@ import models as bench_models  # noqa: E402  (benchmarks/models.py)
 
 BACKEND = "x86"
 PATHS = ("fp32", "torch.ao", "fxq.native", "fxq.frozen", "fxq.inductor", "fxq.ort",
-         "fxq.openvino", "fxq.ov_sums", "ort.quantize", "ov.nncf")
+         "fxq.openvino", "fxq.ov_fused", "ort.quantize", "ov.nncf")
 FXQ_PATHS = tuple(p for p in PATHS if p.startswith("fxq."))
 PEER_PATHS = ("ort.quantize", "ov.nncf")  # the other tools' own int8 flows
 ENGINE_OF = {"fxq.inductor": "inductor", "fxq.ort": "onnxruntime", "fxq.openvino": "openvino"}
@@ -250,11 +251,11 @@ def build_fxq_openvino(ctx: ModelCtx, example: torch.Tensor) -> Fn:
     return _compile(ctx, "openvino", example, ["native", "int"])
 
 
-def build_fxq_ov_sums(ctx: ModelCtx, example: torch.Tensor) -> Fn:
+def build_fxq_ov_fused(ctx: ModelCtx, example: torch.Tensor) -> Fn:
     if ctx.kind != "static":
-        raise NotAvailable("static models only (fuse_sums fuses conv + residual add)")
-    qmodel = ctx.once("fxq.native.sums", lambda: fxquant.convert_fx(
-        copy.deepcopy(fxq_prepared(ctx)), fuse_sums=True))
+        raise NotAvailable("static models only (conv + residual add / activation fusion)")
+    qmodel = ctx.once("fxq.native.fused", lambda: fxquant.convert_fx(
+        copy.deepcopy(fxq_prepared(ctx)), fuse_sums=True, fuse_activations=True))
     return fxquant.compile(qmodel, (example,), backend="openvino", threads=1)
 
 
@@ -336,7 +337,7 @@ def build_ov_nncf(ctx: ModelCtx, example: torch.Tensor) -> Fn:
 BUILDERS: dict[str, Callable[[ModelCtx, torch.Tensor], Fn]] = {
     "fp32": build_fp32, "torch.ao": build_torch_ao, "fxq.native": build_fxq_native,
     "fxq.frozen": build_fxq_frozen, "fxq.inductor": build_fxq_inductor, "fxq.ort": build_fxq_ort,
-    "fxq.openvino": build_fxq_openvino, "fxq.ov_sums": build_fxq_ov_sums, "ort.quantize": build_ort_quantize,
+    "fxq.openvino": build_fxq_openvino, "fxq.ov_fused": build_fxq_ov_fused, "ort.quantize": build_ort_quantize,
     "ov.nncf": build_ov_nncf,
 }
 

@@ -196,8 +196,8 @@ BIAS_MODES = ("float", "int32")
 
 
 def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
-             range_check: str = "fix", bias: str = "float", fuse_sums: bool = False
-             ) -> nn.Module:
+             range_check: str = "fix", bias: str = "float", fuse_sums: bool = False,
+             fuse_activations: bool = False) -> nn.Module:
     """Convert a copy of ``prepared``: the GraphModule itself, or each prepared piece of a
     model that fallback prepared piece by piece."""
     from fxquant.fallback import PATH_KEY, convert_tree, copy_model, is_prepared
@@ -217,7 +217,7 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
         path = gm.meta.get(PATH_KEY, "")
         gm.eval()
         options = replace(_options_of(gm), range_check=range_check, bias=bias,
-                          fuse_sums=bool(fuse_sums))
+                          fuse_sums=bool(fuse_sums), fuse_activations=bool(fuse_activations))
         return _run(gm, passes, options, run.under(path),
                     facts={"traced", "normalized", "fused", "qconfig", "annotated", "observed"})
 
@@ -227,7 +227,8 @@ def _convert(prepared: nn.Module, passes: Sequence[Pass], run: _RunSettings,
 def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
                dump_dir: Optional[str] = None, instruments: Iterable[Instrument] = (),
                verify: bool = True, representation: str = "native", range_check: str = "fix",
-               bias: str = "float", fuse_sums: bool = False) -> nn.Module:
+               bias: str = "float", fuse_sums: bool = False,
+               fuse_activations: bool = False) -> nn.Module:
     """Calibrated (or QAT-trained) prepared model → quantized GraphModule on the backend's
     kernels. The prepared model is not modified. A model that fallback prepared piece by piece
     is converted piece by piece (the eager parts stay as they are).
@@ -258,7 +259,16 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
     models). One rounding fewer than the default model's separate conv and add kernels, so
     the model differs from it (within a step per op); off by default. x86 backends only; the decision
     is recorded on each conv (docs/onnx.md). Such a model cannot be frozen to TorchScript, and
-    natively and on ONNX Runtime it is slower than the default convert: it is for OpenVINO."""
+    natively and on ONNX Runtime it is slower than the default convert: it is for OpenVINO.
+
+    ``fuse_activations=True``: a Conv2d whose output only feeds a SiLU or hardswish
+    (EfficientNet's and MobileNetV3's blocks) is computed with it, rounded once:
+    ``quantize(silu(conv(x)))``, oneDNN's int8 conv with that activation as a post-op natively
+    (:class:`fxquant.nn.conv_add.ConvAct2d`), and what OpenVINO fuses the exported graph into
+    (the graph OpenVINO + NNCF runs). The default model rounds the conv's output, and for SiLU
+    also the sigmoid (quantized::sigmoid's fixed 1/256 grid) before quantized::mul; this one
+    does not, so it differs from the default model (within a step per op). Off by default;
+    x86 backends only; recorded on each conv; not freezable to TorchScript (docs/onnx.md)."""
     from fxquant.passes import convert_pipeline
 
     if representation not in ("native", "int"):
@@ -275,20 +285,23 @@ def convert_fx(prepared: nn.Module, *, passes: Optional[Sequence[Pass]] = None,
         passes = (Convert(), Cleanup(), LowerToInt())
     return _convert(prepared, passes or convert_pipeline(),
                     _RunSettings(dump_dir, tuple(instruments), verify), range_check, bias,
-                    fuse_sums)
+                    fuse_sums, fuse_activations)
 
 
 def convert_to_reference_fx(prepared: nn.Module, *, dump_dir: Optional[str] = None,
                             instruments: Iterable[Instrument] = (), verify: bool = True,
                             range_check: str = "fix", bias: str = "float",
-                            fuse_sums: bool = False) -> nn.Module:
+                            fuse_sums: bool = False, fuse_activations: bool = False
+                            ) -> nn.Module:
     """The reference quantized graph: quantize/dequantize around float ops, weights
     quantized→dequantized. Numerically what the backend computes, readable, portable.
-    ``range_check``, ``bias``, ``fuse_sums``: as for :func:`convert_fx`."""
+    ``range_check``, ``bias``, ``fuse_sums``, ``fuse_activations``: as for
+    :func:`convert_fx`."""
     from fxquant.passes import reference_pipeline
 
     run = _RunSettings(dump_dir, tuple(instruments), verify)
-    return _convert(prepared, reference_pipeline(), run, range_check, bias, fuse_sums)
+    return _convert(prepared, reference_pipeline(), run, range_check, bias, fuse_sums,
+                    fuse_activations)
 
 
 def fuse_fx(model: nn.Module, example_inputs: Any = None, *, leaf_modules: Sequence[type] = (),

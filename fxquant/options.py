@@ -35,7 +35,8 @@ class QuantOptions:
     unit was traced with. ``range_check``: convert's mode (:mod:`fxquant.range_check`).
     ``bias``: convert's bias mode, "float" or "int32" (:func:`fxquant.convert_fx`).
     ``fuse_sums``: convert fuses conv + residual add (+ ReLU), rounded once
-    (:mod:`fxquant.passes.fuse_sums`).
+    (:mod:`fxquant.passes.fuse_sums`). ``fuse_activations``: convert fuses conv + SiLU /
+    hardswish, rounded once (:mod:`fxquant.passes.fuse_activations`).
     """
 
     qconfig_mapping: Optional[QConfigMapping] = None
@@ -46,6 +47,7 @@ class QuantOptions:
     range_check: str = "fix"
     bias: str = "float"
     fuse_sums: bool = False
+    fuse_activations: bool = False
     resolved_backend: Optional[Backend] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

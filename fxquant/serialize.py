@@ -435,7 +435,8 @@ def _options_json(units: list[tuple[str, fx.GraphModule]], model: nn.Module) -> 
         "leaf_names": [n for n in getattr(config, "leaf_names", ()) if n not in auto_leaves],
         "concrete_args": None, "qconfig_mapping": None, "qconfig_mapping_unsaved": None,
         "engine_choices": [list(c) for c in _engine_choices(units)],
-        "convert": {"bias": opts.bias, "fuse_sums": bool(opts.fuse_sums)}}
+        "convert": {"bias": opts.bias, "fuse_sums": bool(opts.fuse_sums),
+                    "fuse_activations": bool(opts.fuse_activations)}}
     names = _Names(user_classes=True)
     try:
         if units[0][0] == "" and getattr(config, "concrete_args", None) is not None:
@@ -609,7 +610,7 @@ def load(float_model: nn.Module, path: Any, example_inputs: Any = None, *,
     saved_choices = tuple((str(t), str(e)) for t, e in opts.get("engine_choices") or ())
     # convert's own options (files written before they were saved: the defaults)
     convert_options = {k: v for k, v in (opts.get("convert") or {}).items()
-                       if k in ("bias", "fuse_sums")}
+                       if k in ("bias", "fuse_sums", "fuse_activations")}
     with engine_choice.options(replay=saved_choices):  # the saved packing, not new timings
         converted = convert(prepared, **convert_options)
     check_matches(converted, art)

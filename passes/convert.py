@@ -70,6 +70,10 @@ class Convert:
             from fxquant.passes.fuse_sums import fuse_sums
 
             stats["sums_fused"] = fuse_sums(gm, ctx.options.backend.sum_fusion)
+        if ctx.options.fuse_activations:
+            from fxquant.passes.fuse_activations import fuse_activations
+
+            stats["activations_fused"] = fuse_activations(gm, ctx.options.backend.sum_fusion)
         return PassResult(gm, bool(stats), dict(stats))
 
 

@@ -114,13 +114,6 @@ def _why_not(conv: fx.Node, dq: fx.Node, root: fx.Node, other: fx.Node, modules:
              sum_fusion: bool) -> str:
     if not sum_fusion:
         return "the backend has no conv-with-sum kernel (Backend.sum_fusion)"
-    mod = modules.get(str(conv.target))
-    if getattr(mod, "padding_mode", "zeros") != "zeros" or isinstance(getattr(mod, "padding", 0),
-                                                                        str):
-        return "padding other than explicit zeros"
-    if qinfo(conv).qkind not in (None, QKind.STATIC) or qinfo(root).qkind not in (None,
-                                                                                 QKind.STATIC):
-        return "not a static quantized op"
     users = list(root.users)
     if len(users) != 1 or not is_quantize(users[0]):
         return "the sum's output is not quantized"
@@ -128,14 +121,26 @@ def _why_not(conv: fx.Node, dq: fx.Node, root: fx.Node, other: fx.Node, modules:
     if None in shapes or shapes[0] != shapes[1] or len(shapes[0]) != 4:
         return f"the add's operands are not both 4-d of one shape ({shapes[0]} + {shapes[1]}: " \
                f"a broadcasting add stays a separate kernel)"
+    return conv_why_not(conv, root, modules, [users[0], dq.args[0], other.args[0]])
+
+
+def conv_why_not(conv: fx.Node, root: fx.Node, modules: dict, tensors: list) -> str:
+    """Why the oneDNN fused conv kernels (fxquant.nn.conv_add) cannot run ``conv`` fused up to
+    ``root`` ("" when they can): zeros padding, static quantization, a dequantized input and
+    quint8 activations (``tensors``: the other quantize nodes the kernel reads or writes)."""
+    mod = modules.get(str(conv.target))
+    if getattr(mod, "padding_mode", "zeros") != "zeros" or isinstance(getattr(mod, "padding", 0),
+                                                                        str):
+        return "padding other than explicit zeros"
+    if qinfo(conv).qkind not in (None, QKind.STATIC) or qinfo(root).qkind not in (None,
+                                                                                 QKind.STATIC):
+        return "not a static quantized op"
     src = conv.args[0] if conv.args else None
-    tensors = [users[0], dq.args[0], other.args[0]]
     if not (isinstance(src, fx.Node) and is_dequantize(src)):
         return "the conv's input is not a dequantized tensor"
-    tensors.append(src.args[0])
     from fxquant.nn.conv_add import ACTIVATION_DTYPES
 
-    for t in tensors:
+    for t in [*tensors, src.args[0]]:
         if is_quantize(t) and quantize_qparams(t)[2] not in ACTIVATION_DTYPES:
             return f"a tensor is not {' / '.join(map(str, ACTIVATION_DTYPES))} (the fused " \
                    f"kernel's activations)"

@@ -184,8 +184,9 @@ class Backend:
     has no per-channel form). ``engine_candidates``: the engines a conv's weights may be packed
     for instead of ``engine`` where that is measured faster (the per-layer engine choice,
     fxquant.backends.engine_choice), in order; empty: convs are not timed (kernels without
-    such slow cases). ``sum_fusion``: its CPUs run oneDNN's int8 conv with a sum post-op, so
-    ``convert_fx(..., fuse_sums=True)`` may fuse conv + residual add (x86 CPUs).
+    such slow cases). ``sum_fusion``: its CPUs run oneDNN's fused int8 convs (a sum or an
+    eltwise post-op, fxquant.nn.conv_add), so ``convert_fx(..., fuse_sums=True)`` may fuse
+    conv + residual add and ``fuse_activations=True`` conv + SiLU / hardswish (x86 CPUs).
     """
 
     name: str

@@ -9,7 +9,7 @@ BACKEND = Backend(
     name=FBGEMM,
     engine=FBGEMM,
     rules=native_rules(),
-    sum_fusion=True,  # oneDNN's conv with a sum post-op (convert_fx fuse_sums=True)
+    sum_fusion=True,  # oneDNN's fused convs (convert_fx fuse_sums / fuse_activations)
     description="Facebook GEneral Matrix Multiplication: the classic x86 server backend",
     per_tensor_conv_transpose=True,  # no per-channel transposed-conv kernel
     # some fbgemm convs (depthwise 3x3, 58 / 116 channels) are many times slower than these

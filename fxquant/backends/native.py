@@ -98,6 +98,36 @@ def lower_conv_add(ctx: LowerCtx) -> Lowered:
     return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0], other))
 
 
+def lower_conv_act(ctx: LowerCtx) -> Lowered:
+    """conv -> SiLU / hardswish, a group ``convert_fx(..., fuse_activations=True)`` formed
+    (fxquant.passes.fuse_activations), as one module: oneDNN's int8 conv with the activation
+    as a post-op, the conv's output not rounded before it (fxquant.nn.conv_add.ConvAct2d)."""
+    from fxquant.backends.base import _sample_quantized
+    from fxquant.nn.conv_add import ACTIVATION_DTYPES, ConvAct2d
+    from fxquant.passes.fuse_activations import ACTIVATIONS
+
+    act = ctx.group[-1]
+    name = next((spec[1] for spec in ACTIVATIONS.values() if act.target is spec[0]), None)
+    if len(ctx.group) != 2 or name is None:
+        return NoMatch("not a conv + SiLU / hardswish")
+    core, container = weighted_core(ctx.module)
+    if container is not None or ctx.out_dtype not in ACTIVATION_DTYPES:
+        return NoMatch("the fused conv + activation kernel takes a plain Conv2d and quint8 "
+                       "output")
+    qmod = ConvAct2d.from_reference_act(core, ctx.out_scale, ctx.out_zero_point, name)
+    sample = _sample_quantized(ctx.qinputs[0])
+    if sample is not None:
+        try:
+            with torch.no_grad():
+                qmod(sample)
+        except Exception as e:  # noqa: BLE001 - no such kernel here: keep the reference
+            return NoMatch(f"oneDNN's conv with a {name} post-op does not run here: "
+                           f"{str(e).strip().splitlines()[0][:200]}")
+    ctx.set_module(qmod)
+    ctx.kernel = f"onednn::qconv2d_pointwise (conv + {name})"
+    return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
+
+
 def _never(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     return False
 
@@ -531,6 +561,10 @@ def native_rules(clamp_needs_contiguous: bool = False) -> tuple[Rule, ...]:
     rules.append(Rule("conv2d_add", Op(torch.add, F.relu, check=_never), OWN,
                       "onednn::qconv2d_pointwise.binary (conv + sum)", lower_conv_add,
                       notes="convert_fx(..., fuse_sums=True): conv + residual add (+ ReLU), "
+                            "rounded once"))
+    rules.append(Rule("conv2d_act", Op(F.silu, F.hardswish, check=_never), OWN,
+                      "onednn::qconv2d_pointwise (conv + SiLU / hardswish)", lower_conv_act,
+                      notes="convert_fx(..., fuse_activations=True): conv + SiLU / hardswish, "
                             "rounded once"))
     rules += activation_rules(clamp_needs_contiguous)
     rules += dynamic_rules()

@@ -9,7 +9,7 @@ BACKEND = Backend(
     name=ONEDNN,
     engine=ONEDNN,
     rules=native_rules(),
-    sum_fusion=True,  # oneDNN's conv with a sum post-op (convert_fx fuse_sums=True)
+    sum_fusion=True,  # oneDNN's fused convs (convert_fx fuse_sums / fuse_activations)
     description="oneDNN (formerly MKL-DNN) kernels on x86",
     engine_candidates=(),  # its convs are not timed against other engines'
 )

@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 from fxquant.errors import OnnxExportError
 from fxquant.nn import fused
 from fxquant.nn import quantized as qnn
-from fxquant.nn.conv_add import ConvAdd2d
+from fxquant.nn.conv_add import ConvAct2d, ConvAdd2d
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17: older runtimes read it too
@@ -848,6 +848,15 @@ def _qconv_add(b: Builder, n: fx.Node, mod: ConvAdd2d) -> str:
     return b.relu(y) if mod.relu else y
 
 
+def _qconv_act(b: Builder, n: fx.Node, mod: ConvAct2d) -> str:
+    """Conv -> SiLU (Sigmoid, Mul) or HardSwish, quantized once after: the graph OpenVINO runs
+    as one int8 conv with the activation as a post-op."""
+    y = _qconv(b, n, mod)
+    if mod.activation == "silu":
+        return b.add("Mul", [y, b.add("Sigmoid", [y])])
+    return b.add("HardSwish", [y])
+
+
 def _gemm(b: Builder, n: fx.Node, weight: str, bias: Optional[str], out_features: int) -> str:
     """x @ W^T + bias as a Gemm (transB), input reshaped to 2-D and back when it is not."""
     in_shape, out_shape = b.shape(n.args[0]), b.shape(n)
@@ -934,6 +943,7 @@ def _module_float(fn: Emitter) -> ModuleEmitter:
 
 _MODULES: list[tuple[tuple[type, ...], ModuleEmitter]] = [
     ((ConvAdd2d,), _qconv_add),
+    ((ConvAct2d,), _qconv_act),
     ((qnn.Conv1d, qnn.Conv2d, qnn.Conv3d, qnn._ConvTransposeNd), _qconv),
     ((qnn.Linear,), _qlinear),
     ((qnn._BatchNormNd, nn.modules.batchnorm._BatchNorm), _batch_norm),
