@@ -80,7 +80,8 @@ def fuse_activations(gm: fx.GraphModule, act_fusion: bool) -> int:
 
 def _candidate(conv: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
     """(quantize, dequantize, activation) when the conv's only use is a SiLU / hardswish
-    through one quantize / dequantize pair."""
+    through one quantize / dequantize pair (in place or not: the conv's output has no other
+    reader)."""
     users = list(conv.users)
     if len(users) != 1 or not is_quantize(users[0]):
         return None
@@ -92,7 +93,7 @@ def _candidate(conv: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
     act = next(iter(dq.users))
     spec = ACTIVATIONS.get(qinfo(act).rule)
     if spec is None or act.op != "call_function" or act.target is not spec[0] \
-            or act.args != (dq,) or any(k != "inplace" or v for k, v in act.kwargs.items()) \
+            or act.args != (dq,) or set(act.kwargs) - {"inplace"} \
             or qinfo(act).group is not None:
         return None
     return q, dq, act

@@ -96,6 +96,8 @@ FLOOR_RMS = 1e-4
 LOW_DB = 10.0
 CI_MODELS = 200
 FUSE_SUMS = [False]  # --fuse-sums: convert with fuse_sums=True (conv + residual add fused)
+# --fuse-activations: convert with fuse_activations=True (conv + SiLU / hardswish fused)
+FUSE_ACTS = [False]
 
 
 class UserLeaf(nn.Module):
@@ -803,6 +805,27 @@ def op_residual(g: Writer) -> bool:
     g.used.append(f"residual:{s}")
     return True
 
+CONV_ACTS = ["F.silu({y})", "nn.SiLU()", "nn.SiLU(inplace=True)", "F.hardswish({y})",
+             "nn.Hardswish()", "F.silu({y}, inplace=True)"]
+
+
+def op_conv_act(g: Writer) -> bool:
+    """conv (-> BatchNorm) -> SiLU / hardswish in their spellings, the conv strided or
+    grouped sometimes (only with --fuse-activations: the default vocabulary stays as it was)."""
+    v = g.pick()
+    k, stride = g.one([1, 3]), g.one([1, 1, 2])
+    groups = v.c if g.int(0, 3) == 0 else 1
+    y = f"{g.attr(f'nn.Conv2d({v.c}, {v.c}, {k}, stride={stride}, padding={k // 2}, groups={groups}, bias={g.coin()})')}({v.name})"
+    if g.coin():
+        y = f"{g.attr(f'nn.BatchNorm2d({v.c})')}({y})"
+    s = g.choose(CONV_ACTS)
+    expr = f"{g.attr(s)}({y})" if s.startswith("nn.") else s.format(y=y)
+    h, w = (v.h + 2 * (k // 2) - k) // stride + 1, (v.w + 2 * (k // 2) - k) // stride + 1
+    g.new(expr, v.c, h, w, True)
+    g.used.append(f"conv_act:{s}")
+    return True
+
+
 MLP_ACTS = ["", "nn.ReLU()", "F.relu({x})", "{x}.relu()", "F.relu6({x})", "F.hardtanh({x})",
             "torch.sigmoid({x})", "torch.tanh({x})", "nn.Dropout(0.1)", "F.hardswish({x})"]
 
@@ -872,10 +895,15 @@ def generate(seed: int, steps: int = STEPS, limit: Optional[int] = None) -> Mode
     c, h, w = g.int(1, 4), g.int(1, 5), g.int(1, 5)
     g.vars.append(Var("v0", c, h, w, True))
     n = g.int(1, steps)
-    names = NAMES + ["residual"] if FUSE_SUMS[0] else NAMES
+    extra = {"residual": op_residual} if FUSE_SUMS[0] else {}
+    if FUSE_ACTS[0]:
+        extra["conv_act"] = op_conv_act
+    # the conv + activation block four times over: one family among ~45, it would reach only
+    # 1 model in 20
+    names = NAMES + list(extra) + (["conv_act"] * 3 if FUSE_ACTS[0] else [])
     for _ in range(n if limit is None else min(n, limit)):
         name = g.one(names)
-        if not (op_residual if name == "residual" else VOCABULARY[name])(g):
+        if not extra.get(name, VOCABULARY.get(name))(g):
             op_relu(g)
     outputs = _head(g)
     return Model(seed, g.source(outputs), tuple(g.used), (N, c, h, w))
@@ -1030,9 +1058,10 @@ def _convert(model: Model, backend: str, batches: list[torch.Tensor], o: Outcome
         with torch.no_grad():
             p = [prepared(b.clone()) for b in batches][0]
         stage = "convert"
-        converted = fxquant.convert_fx(prepared, fuse_sums=FUSE_SUMS[0])
+        fusions = dict(fuse_sums=FUSE_SUMS[0], fuse_activations=FUSE_ACTS[0])
+        converted = fxquant.convert_fx(prepared, **fusions)
         stage = "reference"
-        reference = fxquant.convert_to_reference_fx(prepared, fuse_sums=FUSE_SUMS[0])
+        reference = fxquant.convert_to_reference_fx(prepared, **fusions)
         stage = "decisions"
         gone = missing_decisions(prepared) + missing_decisions(converted)
         if gone:
@@ -1172,6 +1201,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the model of SEED only: print its source and figures")
     p.add_argument("--fuse-sums", action="store_true",
                    help="convert with fuse_sums=True (conv + residual add rounded once)")
+    p.add_argument("--fuse-activations", action="store_true",
+                   help="convert with fuse_activations=True (conv + SiLU / hardswish rounded "
+                        "once; conv + activation blocks join the vocabulary)")
     p.add_argument("--shrink", action="store_true",
                    help="shrink each failure to its shortest failing prefix (with --replay: "
                         "print it; else: group the failures by its last op)")
@@ -1217,6 +1249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     FUSE_SUMS[0] = bool(args.fuse_sums)
+    FUSE_ACTS[0] = bool(args.fuse_activations)
     torch.set_num_threads(1)  # tiny tensors: threads only add latency on a shared machine
     if args.replay is not None:
         return replay(args.replay, backends, args.steps, args.shrink)
