@@ -306,3 +306,25 @@ def test_inductor_runs_the_fused_int_representation() -> None:
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert _within_one_step(native(x), compiled(x), output_scale(native)) >= 0.99
+
+
+def test_fused_convs_example_runs(capsys) -> None:
+    """examples/fused_convs.py: every conv + SiLU / hardswish / add of its model fused, the
+    fused model not less accurate than the default, and (with OpenVINO) each model's engine
+    within one step of its own native model."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "fused_convs.py"
+    spec = importlib.util.spec_from_file_location("fused_convs_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    figures = example.run(size=32)
+    printed = capsys.readouterr().out
+    assert printed.count("conv with a silu post-op") == 7
+    assert printed.count("conv with a hardswish post-op") == 1
+    assert printed.count("conv with a sum post-op") == 2
+    assert figures["sqnr fused"] >= figures["sqnr default"] - 0.5
+    if importlib.util.find_spec("openvino") and importlib.util.find_spec("onnx"):
+        assert figures["openvino default agreement"] >= 0.99
+        assert figures["openvino fused agreement"] >= 0.99
