@@ -15,6 +15,9 @@ process, one thread, batch 1 and 8, every available path is timed:
                   conv + SiLU / hardswish rounded once) compiled by OpenVINO: they fuse into the
                   conv as oneDNN post-ops, as in OpenVINO + NNCF models (static models; a
                   different model from fxq.native)
+    fxq.ov_sym    as fxq.ov_fused, calibrated with get_default_qconfig_mapping(...,
+                  symmetric_activations=True) (zero point 0 or 128, as NNCF quantizes; OpenVINO
+                  reads 128 as int8 with zero point 0): another calibration of the same model
     ort.quantize  ONNX Runtime's own quantizer on an fp32 ONNX export of the float model
                   (static models: quantize_static, QDQ, per-channel, same calibration data;
                   dynamic models: quantize_dynamic)
@@ -65,7 +68,7 @@ import models as bench_models  # noqa: E402  (benchmarks/models.py)
 
 BACKEND = "x86"
 PATHS = ("fp32", "torch.ao", "fxq.native", "fxq.frozen", "fxq.inductor", "fxq.ort",
-         "fxq.openvino", "fxq.ov_fused", "ort.quantize", "ov.nncf")
+         "fxq.openvino", "fxq.ov_fused", "fxq.ov_sym", "ort.quantize", "ov.nncf")
 FXQ_PATHS = tuple(p for p in PATHS if p.startswith("fxq."))
 PEER_PATHS = ("ort.quantize", "ov.nncf")  # the other tools' own int8 flows
 ENGINE_OF = {"fxq.inductor": "inductor", "fxq.ort": "onnxruntime", "fxq.openvino": "openvino"}
@@ -126,6 +129,20 @@ def fxq_prepared(ctx: ModelCtx) -> nn.Module:
         _calibrate(prepared, ctx.calib)
         return prepared
     return ctx.once("fxq.prepared", make)
+
+
+def fxq_prepared_symmetric(ctx: ModelCtx) -> nn.Module:
+    """As :func:`fxq_prepared`, with symmetric activations (zero point 0 or the midpoint)."""
+    def make() -> nn.Module:
+        if "symmetric_activations" not in inspect.signature(
+                fxquant.get_default_qconfig_mapping).parameters:
+            raise NotAvailable("get_default_qconfig_mapping has no symmetric_activations option")
+        mapping = fxquant.get_default_qconfig_mapping(BACKEND, symmetric_activations=True)
+        prepared = fxquant.prepare_fx(copy.deepcopy(ctx.model), mapping, (ctx.calib[0],),
+                                      backend=BACKEND)
+        _calibrate(prepared, ctx.calib)
+        return prepared
+    return ctx.once("fxq.prepared.symmetric", make)
 
 
 def fxq_native(ctx: ModelCtx) -> nn.Module:
@@ -259,6 +276,14 @@ def build_fxq_ov_fused(ctx: ModelCtx, example: torch.Tensor) -> Fn:
     return fxquant.compile(qmodel, (example,), backend="openvino", threads=1)
 
 
+def build_fxq_ov_sym(ctx: ModelCtx, example: torch.Tensor) -> Fn:
+    if ctx.kind != "static":
+        raise NotAvailable("static models only (symmetric activations: static quantization)")
+    qmodel = ctx.once("fxq.native.sym", lambda: fxquant.convert_fx(
+        copy.deepcopy(fxq_prepared_symmetric(ctx)), fuse_sums=True, fuse_activations=True))
+    return fxquant.compile(qmodel, (example,), backend="openvino", threads=1)
+
+
 def _export_fp32_onnx(ctx: ModelCtx) -> str:
     def make() -> str:
         try:
@@ -337,7 +362,8 @@ def build_ov_nncf(ctx: ModelCtx, example: torch.Tensor) -> Fn:
 BUILDERS: dict[str, Callable[[ModelCtx, torch.Tensor], Fn]] = {
     "fp32": build_fp32, "torch.ao": build_torch_ao, "fxq.native": build_fxq_native,
     "fxq.frozen": build_fxq_frozen, "fxq.inductor": build_fxq_inductor, "fxq.ort": build_fxq_ort,
-    "fxq.openvino": build_fxq_openvino, "fxq.ov_fused": build_fxq_ov_fused, "ort.quantize": build_ort_quantize,
+    "fxq.openvino": build_fxq_openvino, "fxq.ov_fused": build_fxq_ov_fused,
+    "fxq.ov_sym": build_fxq_ov_sym, "ort.quantize": build_ort_quantize,
     "ov.nncf": build_ov_nncf,
 }
 

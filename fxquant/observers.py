@@ -369,6 +369,7 @@ class UniformObserverArgs(TypedDict, total=False):
     factory_kwargs: dict[str, Any] | None
     eps: float
     is_dynamic: bool
+    signed_by_range: bool
 
 
 class UniformQuantizationObserverBase(ObserverBase):
@@ -376,6 +377,14 @@ class UniformQuantizationObserverBase(ObserverBase):
     [quant_min, quant_max] (see :func:`fxquant.qmath.quant_range`) and ``eps``, the floor of
     the scale (a buffer, as in torch). ``has_customized_qrange`` records whether the range was
     given explicitly (it moves the symmetric quint8 zero point to the range midpoint).
+
+    ``signed_by_range`` (a symmetric qscheme on an unsigned 8-bit dtype only): the grid's
+    sign follows the observed range, as OpenVINO / NNCF quantize activations: a tensor whose
+    minimum is >= 0 gets zero point 0 (all levels for its non-negative values, what the
+    affine qscheme gives it), any other the symmetric range's midpoint (128: the values of a
+    signed int8 grid with zero point 0). Without it a symmetric quint8 ReLU output wastes
+    half its levels; with it every zero point is 0 or the midpoint, which an engine reads as
+    uint8 / int8 with zero point 0 (fxquant.compile(backend="openvino") does).
 
     Subclasses say which qschemes they take (``_QSCHEMES``) and whether they allow
     ``is_dynamic=True`` (``_DYNAMIC``), and register their statistics in ``_init_statistics``.
@@ -399,13 +408,18 @@ class UniformQuantizationObserverBase(ObserverBase):
                  qscheme: torch.qscheme = torch.per_tensor_affine, reduce_range: bool = False,
                  quant_min: int | None = None, quant_max: int | None = None,
                  factory_kwargs: dict[str, Any] | None = None, eps: float = _FLOAT32_EPS,
-                 is_dynamic: bool = False) -> None:
+                 is_dynamic: bool = False, signed_by_range: bool = False) -> None:
         name = type(self).__name__
         _require_qscheme(name, qscheme, self._QSCHEMES)
+        if signed_by_range and (qscheme not in qmath.SYMMETRIC_QSCHEMES
+                                or dtype not in (torch.quint8, torch.uint8)):
+            raise ValueError(f"{name}: signed_by_range=True needs a symmetric qscheme and an "
+                             f"unsigned 8-bit dtype (quint8), got {qscheme} and {dtype}")
         if not self._DYNAMIC:
             _reject_dynamic(name, is_dynamic)
         super().__init__(dtype=dtype, is_dynamic=is_dynamic)
         self.qscheme = qscheme
+        self.signed_by_range = bool(signed_by_range)
         self.reduce_range = reduce_range
         self.has_customized_qrange = quant_min is not None and quant_max is not None
         self.quant_min, self.quant_max = qmath.quant_range(dtype, quant_min, quant_max, reduce_range)
@@ -420,11 +434,17 @@ class UniformQuantizationObserverBase(ObserverBase):
         _reject_symmetric_reduced_quint8(type(self).__name__, self.qscheme, self.dtype, self.reduce_range)
 
     def _calculate_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qscheme = self.qscheme
+        if getattr(self, "signed_by_range", False) and qmath.has_observed(min_val, max_val) \
+                and bool((min_val >= 0).all()):
+            # non-negative: the unsigned grid from zero point 0 (the affine qparams of [0, max])
+            qscheme = torch.per_tensor_affine if qscheme == torch.per_tensor_symmetric \
+                else torch.per_channel_affine
         return qmath.calculate_qparams(
             min_val,
             max_val,
             dtype=self.dtype,
-            qscheme=self.qscheme,
+            qscheme=qscheme,
             quant_min=self.quant_min,
             quant_max=self.quant_max,
             eps=self.eps,
@@ -432,7 +452,8 @@ class UniformQuantizationObserverBase(ObserverBase):
         )
 
     def _config_repr(self) -> str:
-        return f"dtype={self.dtype}, qscheme={self.qscheme}, quant_range=({self.quant_min}, {self.quant_max})"
+        signed = ", signed_by_range=True" if getattr(self, "signed_by_range", False) else ""
+        return f"dtype={self.dtype}, qscheme={self.qscheme}, quant_range=({self.quant_min}, {self.quant_max}){signed}"
 
     def reset_min_max_vals(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no min/max statistics to reset")

@@ -66,14 +66,16 @@ def _example_tuple(example_inputs: Any) -> tuple:
 
 
 def build(qmodel: nn.Module, example_inputs: Any, bias: str = "int32",
-          round_sum_inputs: bool = False) -> tuple[Any, GraphIO]:
+          round_sum_inputs: bool = False, int8_midpoint: bool = False) -> tuple[Any, GraphIO]:
     """(onnx ModelProto, GraphIO) of a converted model at the example inputs' shapes
-    (``round_sum_inputs``: see ``Builder.sum_input`` in :mod:`fxquant.backends.onnx_export`)."""
+    (``round_sum_inputs``: see ``Builder.sum_input``, ``int8_midpoint``: see
+    ``int8_midpoint_values`` in :mod:`fxquant.backends.onnx_export`)."""
     onnx = require("onnx", "onnx")
     from fxquant.backends.onnx_export import build_model
 
     gm = _check_converted(qmodel)
-    model, io = build_model(gm, _example_tuple(example_inputs), onnx, bias, round_sum_inputs)
+    model, io = build_model(gm, _example_tuple(example_inputs), onnx, bias, round_sum_inputs,
+                            int8_midpoint)
     meta = {"output_qparams": [None if q is None else [q.scale, q.zero_point, str(q.dtype)]
                                for q in io.output_q]}
     onnx.helper.set_model_props(model, {"fxquant": json.dumps(meta)})
@@ -118,6 +120,8 @@ class EngineModule(nn.Module):
 
     engine = "engine"
     round_sum_inputs = False  # True where the engine fuses an Add into a conv (OpenVINO)
+    # True where the engine's int8 kernels prefer int8 with zero point 0 to uint8 with 128
+    int8_midpoint = False
 
     def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int],
                  bias: str = "int32") -> None:
@@ -135,12 +139,13 @@ class EngineModule(nn.Module):
     def onnx_model(self, *inputs: Any) -> Any:
         """The ONNX ModelProto run for inputs of these shapes (the example inputs' if none)."""
         return build(self._qmodel[0], inputs or self._example, self.bias,
-                     self.round_sum_inputs)[0]
+                     self.round_sum_inputs, self.int8_midpoint)[0]
 
     def _runner_for(self, inputs: tuple) -> tuple[Runner, GraphIO]:
         key = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
         if key not in self._runners:
-            model, io = build(self._qmodel[0], inputs, self.bias, self.round_sum_inputs)
+            model, io = build(self._qmodel[0], inputs, self.bias, self.round_sum_inputs,
+                              self.int8_midpoint)
             self._runners[key] = (self._make_runner(model), io)
         return self._runners[key]
 

@@ -115,6 +115,28 @@ def record(gm: fx.GraphModule, example_inputs: tuple) -> dict[fx.Node, Recorded]
     return values
 
 
+def int8_midpoint_values(gm: fx.GraphModule, values: dict[fx.Node, Recorded]
+                         ) -> dict[fx.Node, Recorded]:
+    """``values`` with every quint8 tensor of zero point 128 inside the graph written as int8
+    with zero point 0: the same real values (each integer 128 lower, the saturation bounds
+    0 / 255 become -128 / 127), so the graph computes exactly what it did. An engine that runs
+    int8 convs faster on a zero-point-0 input (OpenVINO) then sees one: with
+    ``symmetric_activations`` every signed activation has zero point 128. The model's outputs
+    keep their dtype (the module returns what the native model returns)."""
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    outputs = {leaf for leaf in pytree.tree_flatten(out_node.args[0])[0]
+               if isinstance(leaf, fx.Node)}
+
+    def signed(v: Recorded) -> Recorded:
+        if isinstance(v, tuple):
+            return tuple(signed(x) for x in v)
+        if isinstance(v, TensorVal) and v.q is not None and v.q.dtype == torch.quint8 \
+                and v.q.zero_point == 128:
+            return TensorVal(v.shape, torch.qint8, QInfo(v.q.scale, 0, torch.qint8))
+        return v
+    return {n: (v if n in outputs else signed(v)) for n, v in values.items()}
+
+
 # ------------------------------------------------------------------------ the builder
 @dataclass
 class Builder:
@@ -1069,14 +1091,17 @@ def _elem_type(onnx: Any, val: TensorVal) -> int:
 
 
 def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any, bias: str = "int32",
-                round_sum_inputs: bool = False) -> tuple[Any, GraphIO]:
+                round_sum_inputs: bool = False, int8_midpoint: bool = False
+                ) -> tuple[Any, GraphIO]:
     """The ONNX ModelProto of a converted GraphModule run on ``example_inputs``; ``bias``:
     "int32" (what ONNX Runtime's QLinearConv / QGemm fusion needs), "float", or "auto" (int32
     where it is exact, see :func:`_bias_initializer`); ``round_sum_inputs``: see
-    :meth:`Builder.sum_input` (for OpenVINO)."""
+    :meth:`Builder.sum_input` (for OpenVINO); ``int8_midpoint``: see :func:`int8_midpoint`."""
     if bias not in ("int32", "float", "auto"):
         raise OnnxExportError(f"bias={bias!r}: use 'int32', 'float' or 'auto'")
     values = record(gm, example_inputs)
+    if int8_midpoint:
+        values = int8_midpoint_values(gm, values)
     b = Builder(gm, values, onnx.helper, onnx.numpy_helper, bias=bias,
                 round_sum_inputs=round_sum_inputs)
     inputs, positions, shapes, names = [], [], [], []

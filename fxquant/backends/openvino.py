@@ -27,6 +27,10 @@ class OpenVINOModule(EngineModule):
     """A converted model compiled by OpenVINO for its CPU plugin."""
 
     engine = "openvino"
+    # uint8 activations with zero point 128 (symmetric_activations) as int8 with zero point 0:
+    # the same values, and the CPU plugin's int8 convs skip the zero-point work (EfficientNet-B0
+    # ~10% faster, measured)
+    int8_midpoint = True
 
     def __init__(self, qmodel: nn.Module, example_inputs: tuple, threads: Optional[int] = None,
                  device: str = "CPU", config: Optional[dict[str, Any]] = None,
