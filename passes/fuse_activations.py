@@ -28,13 +28,15 @@ import torch.nn.functional as F
 from fxquant.backends.reference_ops import is_dequantize, is_quantize
 from fxquant.graph_edit import drop_dead_get_attrs
 from fxquant.meta import qinfo, record
+from fxquant.nn.conv_add import ACTIVATION_FUNCTIONS
 from fxquant.passes.fuse_sums import _CONVS, conv_why_not
 from fxquant.records import Action
 
 PASS = "fuse_activations"
 RULE = "conv2d_act"  # the rule (fxquant.backends.native) the group's root is lowered by
-# the activation's fxquant rule -> (its function, its name in fxquant.nn.conv_add.POST_OPS)
-ACTIVATIONS = {"silu": (F.silu, "silu"), "hardswish": (F.hardswish, "hardswish")}
+# the activation's fxquant rule -> its function (ConvAct2d's name for it:
+# fxquant.nn.conv_add.ACTIVATION_FUNCTIONS)
+ACTIVATIONS = {"silu": F.silu, "hardswish": F.hardswish}
 
 
 def fuse_activations(gm: fx.GraphModule, act_fusion: bool) -> int:
@@ -51,7 +53,7 @@ def fuse_activations(gm: fx.GraphModule, act_fusion: bool) -> int:
         if found is None:
             continue
         q, dq, act = found
-        name = ACTIVATIONS[qinfo(act).rule][1]
+        name = ACTIVATION_FUNCTIONS[act.target]
         why_not = _why_not(conv, act, modules, act_fusion)
         if why_not:
             record(conv, PASS, Action.NOT_FUSED, f"not fused with {act.name}: {why_not}",
@@ -91,8 +93,8 @@ def _candidate(conv: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
         return None
     dq = dqs[0]
     act = next(iter(dq.users))
-    spec = ACTIVATIONS.get(qinfo(act).rule)
-    if spec is None or act.op != "call_function" or act.target is not spec[0] \
+    function = ACTIVATIONS.get(qinfo(act).rule)
+    if function is None or act.op != "call_function" or act.target is not function \
             or act.args != (dq,) or set(act.kwargs) - {"inplace"} \
             or qinfo(act).group is not None:
         return None

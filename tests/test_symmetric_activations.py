@@ -137,10 +137,19 @@ def test_openvino_reads_midpoint_tensors_as_int8_and_agrees(seed: int) -> None:
                                                      onnx.TensorProto.INT8)]
     uint8 = [int(z) for z in zero_points if z.dtype.name == "uint8"]
     int8 = [int(z) for z in zero_points if z.dtype.name == "int8"]
-    if _midpoint() == 128:  # every midpoint tensor went int8; no uint8 128 is left
-        assert int8 and set(int8) == {0} and 128 not in uint8
+    if _midpoint() == 128:  # midpoint tensors went int8 with zero point 0 ...
+        assert int8 and set(int8) == {0}
     else:  # 7-bit: midpoint 63 has no int8 form: all stays uint8
         assert not int8 and 63 in uint8
+    # ... but those an Add reads (OpenVINO would fuse the Add into their conv and skip its
+    # rounding) and the model's output
+    from fxquant.backends.onnx_export import _is_add, int8_midpoint_values, record
+
+    output = next(n for n in qmodel.graph.nodes if n.op == "output").args[0]
+    for n, v in int8_midpoint_values(qmodel, record(qmodel, (example,))).items():
+        if getattr(v, "q", None) is not None and v.q.zero_point == 128:
+            assert v.q.dtype == torch.quint8
+            assert n is output or any(_is_add(u) for u in n.users), n.name
 
 
 def test_int8_midpoint_export_computes_the_same() -> None:
@@ -179,3 +188,37 @@ def test_save_load_keeps_the_symmetric_mapping(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), qmodel(x))
     assert _activation_zero_points(loaded, x) == {0, _midpoint()}
+
+
+@pytest.mark.parametrize("bias", ["float", "int32"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_openvino_keeps_the_rounding_of_int8_conv_outputs_an_add_reads(seed: int,
+                                                                       bias: str) -> None:
+    """Residual blocks without fuse_sums: the conv outputs an add reads have zero point 128
+    (symmetric: they are signed before the add's ReLU). Written as int8, OpenVINO would fuse
+    the add into the conv and skip the conv's rounding; they stay uint8 and the engine agrees
+    with the native model."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("openvino")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "static_ptq_resnet.py"
+    spec = importlib.util.spec_from_file_location("static_ptq_resnet_example", path)
+    example_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example_module)
+    torch.manual_seed(seed)
+    model = example_module.make_model().eval()  # a ResNet-style CNN
+    example = torch.randn(2, 3, 16, 16)
+    prepared = fxquant.prepare_fx(
+        model, fxquant.get_default_qconfig_mapping("x86", symmetric_activations=True),
+        (example,), backend="x86")
+    with torch.no_grad():
+        for _ in range(4):
+            prepared(torch.randn(4, 3, 16, 16))
+    qmodel = fxquant.convert_fx(prepared, bias=bias)
+    engine = fxquant.compile(qmodel, (example,), backend="openvino")
+    x = torch.randn(32, 3, 16, 16) * 1.5
+    with torch.no_grad():
+        steps = ((engine(x) - qmodel(x)) / output_scale(qmodel)).round().abs()
+    assert float((steps <= 1).float().mean()) >= 0.99

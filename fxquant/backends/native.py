@@ -103,11 +103,10 @@ def lower_conv_act(ctx: LowerCtx) -> Lowered:
     (fxquant.passes.fuse_activations), as one module: oneDNN's int8 conv with the activation
     as a post-op, the conv's output not rounded before it (fxquant.nn.conv_add.ConvAct2d)."""
     from fxquant.backends.base import _sample_quantized
-    from fxquant.nn.conv_add import ACTIVATION_DTYPES, ConvAct2d
-    from fxquant.passes.fuse_activations import ACTIVATIONS
+    from fxquant.nn.conv_add import ACTIVATION_DTYPES, ACTIVATION_FUNCTIONS, ConvAct2d
 
     act = ctx.group[-1]
-    name = next((spec[1] for spec in ACTIVATIONS.values() if act.target is spec[0]), None)
+    name = ACTIVATION_FUNCTIONS.get(act.target)
     if len(ctx.group) != 2 or name is None:
         return NoMatch("not a conv + SiLU / hardswish")
     core, container = weighted_core(ctx.module)

@@ -17,15 +17,18 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from fxquant.nn.quantized import Conv2d
 
-__all__ = ["ACTIVATION_DTYPES", "ConvAct2d", "ConvAdd2d", "POST_OPS"]
+__all__ = ["ACTIVATION_DTYPES", "ACTIVATION_FUNCTIONS", "ConvAct2d", "ConvAdd2d", "POST_OPS"]
 
 ACTIVATION_DTYPES = (torch.quint8,)  # the kernel's input, accumulator and output dtypes
 # ConvAct2d's activations: fxquant's name -> oneDNN's unary post-op (both checked exact against
 # a float64 conv + activation, rounded once: tests/test_fuse_activations.py)
 POST_OPS = {"silu": "swish", "hardswish": "hardswish"}
+# the functions a converted graph calls for them (normalize writes every spelling so)
+ACTIVATION_FUNCTIONS = {F.silu: "silu", F.hardswish: "hardswish"}
 
 
 def _integers(q: torch.Tensor) -> torch.Tensor:
