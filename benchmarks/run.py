@@ -268,20 +268,23 @@ def build_fxq_openvino(ctx: ModelCtx, example: torch.Tensor) -> Fn:
     return _compile(ctx, "openvino", example, ["native", "int"])
 
 
-def build_fxq_ov_fused(ctx: ModelCtx, example: torch.Tensor) -> Fn:
+def _ov_fused(ctx: ModelCtx, example: torch.Tensor, key: str,
+              prepared: Callable[[ModelCtx], nn.Module]) -> Fn:
+    """The ``prepared`` model converted with both fusions (conv + residual add, conv + SiLU /
+    hardswish) and compiled by OpenVINO (static models only)."""
     if ctx.kind != "static":
         raise NotAvailable("static models only (conv + residual add / activation fusion)")
-    qmodel = ctx.once("fxq.native.fused", lambda: fxquant.convert_fx(
-        copy.deepcopy(fxq_prepared(ctx)), fuse_sums=True, fuse_activations=True))
+    qmodel = ctx.once(key, lambda: fxquant.convert_fx(
+        copy.deepcopy(prepared(ctx)), fuse_sums=True, fuse_activations=True))
     return fxquant.compile(qmodel, (example,), backend="openvino", threads=1)
+
+
+def build_fxq_ov_fused(ctx: ModelCtx, example: torch.Tensor) -> Fn:
+    return _ov_fused(ctx, example, "fxq.native.fused", fxq_prepared)
 
 
 def build_fxq_ov_sym(ctx: ModelCtx, example: torch.Tensor) -> Fn:
-    if ctx.kind != "static":
-        raise NotAvailable("static models only (symmetric activations: static quantization)")
-    qmodel = ctx.once("fxq.native.sym", lambda: fxquant.convert_fx(
-        copy.deepcopy(fxq_prepared_symmetric(ctx)), fuse_sums=True, fuse_activations=True))
-    return fxquant.compile(qmodel, (example,), backend="openvino", threads=1)
+    return _ov_fused(ctx, example, "fxq.native.sym", fxq_prepared_symmetric)
 
 
 def _export_fp32_onnx(ctx: ModelCtx) -> str:

@@ -30,6 +30,7 @@ import fxquant  # noqa: E402
 from fxquant.measure import interleaved_latency  # noqa: E402
 from fxquant.meta import qinfo  # noqa: E402
 from fxquant.records import Action  # noqa: E402
+from onnx_engines import within_one_step  # noqa: E402  (examples/onnx_engines.py)
 
 FUSIONS = ("fuse_sums", "fuse_activations")  # the passes whose decisions the script prints
 
@@ -69,14 +70,6 @@ def make_model(c: int = 24) -> nn.Module:
 
 def sqnr(ref: torch.Tensor, y: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).mean() / (ref - y).pow(2).mean()))
-
-
-def within_one_step(a: torch.Tensor, b: torch.Tensor, qmodel: torch.nn.Module) -> float:
-    """Fraction of outputs in the same integer step as ``a`` or the next one (the step: the
-    scale of the tensor the model's last dequantize reads)."""
-    out = next(n for n in qmodel.graph.nodes if n.op == "output").args[0]
-    scale = float(qinfo(out.args[0]).qparams["scale"])
-    return float(((b - a) / scale).round().abs().le(1).float().mean())
 
 
 def fusion_decisions(qmodel: torch.fx.GraphModule) -> list[str]:

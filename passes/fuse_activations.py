@@ -25,11 +25,10 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxquant.backends.reference_ops import is_dequantize, is_quantize
-from fxquant.graph_edit import drop_dead_get_attrs
+from fxquant.backends.reference_ops import is_quantize
 from fxquant.meta import qinfo, record
 from fxquant.nn.conv_add import ACTIVATION_FUNCTIONS
-from fxquant.passes.fuse_sums import _CONVS, conv_why_not
+from fxquant.passes.fuse_sums import _CONVS, conv_why_not, group_fused, requantized_reader, tidy
 from fxquant.records import Action
 
 PASS = "fuse_activations"
@@ -42,8 +41,6 @@ ACTIVATIONS = {"silu": F.silu, "hardswish": F.hardswish}
 def fuse_activations(gm: fx.GraphModule, act_fusion: bool) -> int:
     """Rewrite every fusable conv -> SiLU / hardswish of the reference graph ``gm``; returns
     how many. ``act_fusion``: the backend's kernels can (else each candidate records why not)."""
-    from fxquant.passes.fuse import _group_ids
-
     fused = 0
     modules = dict(gm.named_modules())
     for conv in list(gm.graph.nodes):
@@ -61,22 +58,14 @@ def fuse_activations(gm: fx.GraphModule, act_fusion: bool) -> int:
             continue
         act.args = (conv,)
         act.kwargs = {}
-        for n in (dq, q):
-            if not n.users:
-                gm.graph.erase_node(n)
-        gid = next(_group_ids)
-        for n in (conv, act):
-            qinfo(n).group, qinfo(n).group_root = gid, n is act
-        qinfo(act).rule = RULE
+        group_fused(gm, (q, dq), [conv, act], RULE)
         record(conv, PASS, Action.FUSE, f"Conv2d + {name}: the conv's output goes into the "
                f"{name} unrounded (one rounding, at {act.name}'s output)", pattern=RULE)
         record(act, PASS, Action.FUSE, f"Conv2d + {name} run as one kernel (conv with a {name} "
                f"post-op), rounded once", pattern=RULE, conv=conv.name, activation=name)
         fused += 1
     if fused:
-        drop_dead_get_attrs(gm)
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        tidy(gm)
     return fused
 
 
@@ -84,15 +73,10 @@ def _candidate(conv: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
     """(quantize, dequantize, activation) when the conv's only use is a SiLU / hardswish
     through one quantize / dequantize pair (in place or not: the conv's output has no other
     reader)."""
-    users = list(conv.users)
-    if len(users) != 1 or not is_quantize(users[0]):
+    found = requantized_reader(conv)
+    if found is None:
         return None
-    q = users[0]
-    dqs = list(q.users)
-    if len(dqs) != 1 or not is_dequantize(dqs[0]) or len(dqs[0].users) != 1:
-        return None
-    dq = dqs[0]
-    act = next(iter(dq.users))
+    q, dq, act = found
     function = ACTIVATIONS.get(qinfo(act).rule)
     if function is None or act.op != "call_function" or act.target is not function \
             or act.args != (dq,) or set(act.kwargs) - {"inplace"} \

@@ -40,8 +40,6 @@ _RELUS = (F.relu,)  # normalize writes every ReLU spelling as F.relu
 def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
     """Rewrite every fusable conv -> add [-> relu] of the reference graph ``gm``; returns how
     many. ``sum_fusion``: the backend's kernels can (else each candidate records why not)."""
-    from fxquant.passes.fuse import _group_ids
-
     fused = 0
     modules = dict(gm.named_modules())
     for conv in list(gm.graph.nodes):
@@ -59,14 +57,7 @@ def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
             continue
         add.args = (conv, other)  # conv first: the chain the group lowering walks
         add.kwargs = {}
-        for n in (dq, q):
-            if not n.users:
-                gm.graph.erase_node(n)
-        gid = next(_group_ids)
-        for n in (conv, add, relu):
-            if n is not None:
-                qinfo(n).group, qinfo(n).group_root = gid, n is root
-        qinfo(root).rule = RULE
+        group_fused(gm, (q, dq), [n for n in (conv, add, relu) if n is not None], RULE)
         members = " + ".join(x for x in ("Conv2d", "add", "ReLU" if relu else "") if x)
         record(conv, PASS, Action.FUSE, f"{members}: the conv's output goes into the add "
                f"unrounded (one rounding, at {root.name}'s output)", pattern="conv2d_add")
@@ -74,15 +65,13 @@ def fuse_sums(gm: fx.GraphModule, sum_fusion: bool) -> int:
                f"post-op), rounded once", pattern="conv2d_add", conv=conv.name)
         fused += 1
     if fused:
-        drop_dead_get_attrs(gm)
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        tidy(gm)
     return fused
 
 
-def _candidate(conv: fx.Node) -> Optional[tuple]:
-    """(quantize, dequantize, add, relu or None, the add's other operand) when the conv's only
-    use is a two-tensor add through one quantize / dequantize pair."""
+def requantized_reader(conv: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
+    """(quantize, dequantize, the node reading it) when ``conv``'s only use is one quantize ->
+    dequantize pair that one node reads: the rounding a fusion removes."""
     users = list(conv.users)
     if len(users) != 1 or not is_quantize(users[0]):
         return None
@@ -90,8 +79,38 @@ def _candidate(conv: fx.Node) -> Optional[tuple]:
     dqs = list(q.users)
     if len(dqs) != 1 or not is_dequantize(dqs[0]) or len(dqs[0].users) != 1:
         return None
-    dq = dqs[0]
-    add = next(iter(dq.users))
+    return q, dqs[0], next(iter(dqs[0].users))
+
+
+def group_fused(gm: fx.GraphModule, pair: tuple[fx.Node, fx.Node], members: list[fx.Node],
+                rule: str) -> None:
+    """Erase the quantize / dequantize ``pair`` the fusion bypassed (where nothing else reads
+    it) and make ``members`` (the conv first, the root last) one group lowered by ``rule``."""
+    from fxquant.passes.fuse import _group_ids
+
+    for n in reversed(pair):
+        if not n.users:
+            gm.graph.erase_node(n)
+    gid = next(_group_ids)
+    for n in members:
+        qinfo(n).group, qinfo(n).group_root = gid, n is members[-1]
+    qinfo(members[-1]).rule = rule
+
+
+def tidy(gm: fx.GraphModule) -> None:
+    """After fusions: drop the qparams attributes and submodules nothing reads, recompile."""
+    drop_dead_get_attrs(gm)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+def _candidate(conv: fx.Node) -> Optional[tuple]:
+    """(quantize, dequantize, add, relu or None, the add's other operand) when the conv's only
+    use is a two-tensor add through one quantize / dequantize pair."""
+    found = requantized_reader(conv)
+    if found is None:
+        return None
+    q, dq, add = found
     if add.op != "call_function" or add.target not in _ADDS or len(add.args) != 2 \
             or add.kwargs or qinfo(add).rule != "add":
         return None

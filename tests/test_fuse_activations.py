@@ -21,7 +21,7 @@ import fxquant
 from fxquant.meta import qinfo
 from fxquant.nn.conv_add import ConvAct2d, ConvAdd2d
 from fxquant.records import Action
-from tests.util import output_scale
+from tests.util import calibrated, output_scale
 
 
 class MBBlocks(nn.Module):
@@ -62,18 +62,7 @@ FUSED = {"stem.0": "silu", "expand.0": "silu", "dw.0": "silu", "se1": "silu",
 
 def _prepared(seed: int = 0, backend: str = "x86") -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(seed)
-    model = MBBlocks().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    example = torch.randn(2, 3, 16, 16)
-    prepared = fxquant.prepare_fx(model, fxquant.get_default_qconfig_mapping(backend),
-                                  (example,), backend=backend)
-    with torch.no_grad():
-        for _ in range(4):
-            prepared(torch.randn(4, 3, 16, 16))
-    return prepared, example
+    return calibrated(MBBlocks(), fxquant.get_default_qconfig_mapping(backend), backend)
 
 
 @pytest.fixture(scope="module")

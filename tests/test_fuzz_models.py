@@ -126,6 +126,16 @@ def test_fuse_sums_converted_agrees_with_reference(seed: int, monkeypatch) -> No
     assert not failed, _report(failed, model)
 
 
+def _converted_x86(model: fz.Model, **convert_options: bool) -> torch.nn.Module:
+    """A generated model prepared for x86, calibrated on one random batch, converted."""
+    x = torch.randn(*model.input_shape)
+    prepared = fxquant.prepare_fx(fz.build(model.source),
+                                  fxquant.get_default_qconfig_mapping("x86"), (x,),
+                                  backend="x86", leaf_modules=[fz.UserLeaf])
+    prepared(x)
+    return fxquant.convert_fx(prepared, **convert_options)
+
+
 def test_fuse_sums_fuzz_models_do_fuse(monkeypatch) -> None:
     """The residual blocks of the --fuse-sums vocabulary reach the fused kernel."""
     from fxquant.nn.conv_add import ConvAdd2d
@@ -136,12 +146,7 @@ def test_fuse_sums_fuzz_models_do_fuse(monkeypatch) -> None:
         model = generate(seed)
         if not any(u.startswith("residual") for u in model.used):
             continue
-        x = torch.randn(*model.input_shape)
-        prepared = fxquant.prepare_fx(fz.build(model.source),
-                                      fxquant.get_default_qconfig_mapping("x86"), (x,),
-                                      backend="x86", leaf_modules=[fz.UserLeaf])
-        prepared(x)
-        converted = fxquant.convert_fx(prepared, fuse_sums=True)
+        converted = _converted_x86(model, fuse_sums=True)
         fused += any(isinstance(m, ConvAdd2d) for m in converted.modules())
     assert fused >= 2, fused
 
@@ -177,12 +182,7 @@ def test_fuse_activations_fuzz_models_do_fuse(monkeypatch) -> None:
             break
         if not any(u.startswith("conv_act") for u in model.used):
             continue
-        x = torch.randn(*model.input_shape)
-        prepared = fxquant.prepare_fx(fz.build(model.source),
-                                      fxquant.get_default_qconfig_mapping("x86"), (x,),
-                                      backend="x86", leaf_modules=[fz.UserLeaf])
-        prepared(x)
-        converted = fxquant.convert_fx(prepared, fuse_sums=True, fuse_activations=True)
+        converted = _converted_x86(model, fuse_sums=True, fuse_activations=True)
         seen |= {m.activation for m in converted.modules() if isinstance(m, ConvAct2d)}
     assert seen == {"silu", "hardswish"}, seen
 

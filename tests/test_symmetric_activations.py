@@ -17,7 +17,7 @@ from torch import nn
 import fxquant
 from fxquant.observers import HistogramObserver, MinMaxObserver
 from tests.test_fuse_activations import MBBlocks
-from tests.util import output_scale
+from tests.util import calibrated, output_scale
 
 
 @pytest.mark.parametrize("cls", [MinMaxObserver, HistogramObserver])
@@ -49,18 +49,10 @@ def test_signed_by_range_needs_symmetric_unsigned() -> None:
 
 def _prepared(seed: int, symmetric: bool = True) -> tuple[nn.Module, torch.Tensor, nn.Module]:
     torch.manual_seed(seed)
-    model = MBBlocks().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    example = torch.randn(2, 3, 16, 16)
+    model = MBBlocks()
     mapping = fxquant.get_default_qconfig_mapping("x86", symmetric_activations=symmetric)
-    prepared = fxquant.prepare_fx(copy.deepcopy(model), mapping, (example,), backend="x86")
-    torch.manual_seed(100 + seed)
-    with torch.no_grad():
-        for _ in range(4):
-            prepared(torch.randn(4, 3, 16, 16))
+    # a copy is prepared: the float model (its BatchNorm statistics set) is returned too
+    prepared, example = calibrated(model, mapping, calib_seed=100 + seed, copy_model=True)
     return prepared, example, model
 
 

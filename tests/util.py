@@ -129,3 +129,32 @@ def inductor_or_skip() -> None:
     why = inductor_available()
     if why:
         pytest.skip(why)
+
+
+def calibrated(model: nn.Module, mapping: object, backend: str = "x86",
+               shape: tuple[int, ...] = (2, 3, 16, 16), calib_seed: int | None = None,
+               copy_model: bool = False) -> tuple[nn.Module, torch.Tensor]:
+    """``model`` in eval mode with trained-looking BatchNorm statistics (means in [-0.2, 0.2],
+    variances in [0.5, 1.5]), prepared with ``mapping`` (a QConfigMapping) for ``backend`` and
+    calibrated on 4 random batches of 4 (after ``torch.manual_seed(calib_seed)`` when given);
+    returns (prepared, example input of ``shape``). ``copy_model``: prepare a deep copy (the
+    caller keeps ``model`` as its float reference). Draws from torch's global generator: seed
+    it before building the model."""
+    import copy
+
+    import fxquant
+
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    example = torch.randn(shape)
+    prepared = fxquant.prepare_fx(copy.deepcopy(model) if copy_model else model, mapping,
+                                  (example,), backend=backend)
+    if calib_seed is not None:
+        torch.manual_seed(calib_seed)
+    with torch.no_grad():
+        for _ in range(4):
+            prepared(torch.randn(4, *shape[1:]))
+    return prepared, example
