@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch.fx as fx
-import torch.nn.functional as F
 
 from fxquant.backends.reference_ops import is_quantize
 from fxquant.meta import qinfo, record
@@ -33,9 +32,8 @@ from fxquant.records import Action
 
 PASS = "fuse_activations"
 RULE = "conv2d_act"  # the rule (fxquant.backends.native) the group's root is lowered by
-# the activation's fxquant rule -> its function (ConvAct2d's name for it:
-# fxquant.nn.conv_add.ACTIVATION_FUNCTIONS)
-ACTIVATIONS = {"silu": F.silu, "hardswish": F.hardswish}
+# the activation's fxquant rule -> its function (the rules are named as ConvAct2d names them)
+ACTIVATIONS = {name: function for function, name in ACTIVATION_FUNCTIONS.items()}
 
 
 def fuse_activations(gm: fx.GraphModule, act_fusion: bool) -> int:

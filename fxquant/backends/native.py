@@ -72,7 +72,6 @@ def lower_conv_add(ctx: LowerCtx) -> Lowered:
     """conv -> add(·, other) [-> relu], a group ``convert_fx(..., fuse_sums=True)`` formed
     (fxquant.passes.fuse_sums), as one module: oneDNN's int8 conv with a sum post-op, the
     conv's output added unrounded (fxquant.nn.conv_add)."""
-    from fxquant.backends.base import _sample_quantized
     from fxquant.backends.reference_ops import is_dequantize
     from fxquant.nn.conv_add import ACTIVATION_DTYPES, ConvAdd2d
 
@@ -84,14 +83,9 @@ def lower_conv_add(ctx: LowerCtx) -> Lowered:
         return NoMatch("the fused conv + add kernel takes a plain Conv2d and quint8 output")
     qmod = ConvAdd2d.from_reference_add(core, ctx.out_scale, ctx.out_zero_point,
                                         relu=len(ctx.group) == 3)
-    samples = (_sample_quantized(ctx.qinputs[0]), _sample_quantized(other))
-    if all(t is not None for t in samples):
-        try:
-            with torch.no_grad():
-                qmod(*samples)
-        except Exception as e:  # noqa: BLE001 - no such kernel here: keep the reference
-            return NoMatch(f"oneDNN's conv with a sum post-op does not run here: "
-                           f"{str(e).strip().splitlines()[0][:200]}")
+    refused = _runs_or_why(qmod, (ctx.qinputs[0], other), "a sum post-op")
+    if refused is not None:
+        return refused
     ctx.set_module(qmod)
     ctx.kernel = "onednn::qconv2d_pointwise.binary (conv + sum" + (
         " + relu)" if qmod.relu else ")")
@@ -102,7 +96,6 @@ def lower_conv_act(ctx: LowerCtx) -> Lowered:
     """conv -> SiLU / hardswish, a group ``convert_fx(..., fuse_activations=True)`` formed
     (fxquant.passes.fuse_activations), as one module: oneDNN's int8 conv with the activation
     as a post-op, the conv's output not rounded before it (fxquant.nn.conv_add.ConvAct2d)."""
-    from fxquant.backends.base import _sample_quantized
     from fxquant.nn.conv_add import ACTIVATION_DTYPES, ACTIVATION_FUNCTIONS, ConvAct2d
 
     act = ctx.group[-1]
@@ -114,17 +107,30 @@ def lower_conv_act(ctx: LowerCtx) -> Lowered:
         return NoMatch("the fused conv + activation kernel takes a plain Conv2d and quint8 "
                        "output")
     qmod = ConvAct2d.from_reference_act(core, ctx.out_scale, ctx.out_zero_point, name)
-    sample = _sample_quantized(ctx.qinputs[0])
-    if sample is not None:
-        try:
-            with torch.no_grad():
-                qmod(sample)
-        except Exception as e:  # noqa: BLE001 - no such kernel here: keep the reference
-            return NoMatch(f"oneDNN's conv with a {name} post-op does not run here: "
-                           f"{str(e).strip().splitlines()[0][:200]}")
+    refused = _runs_or_why(qmod, (ctx.qinputs[0],), f"a {name} post-op")
+    if refused is not None:
+        return refused
     ctx.set_module(qmod)
     ctx.kernel = f"onednn::qconv2d_pointwise (conv + {name})"
     return ctx.gm.graph.call_module(ctx.node.target, (ctx.qinputs[0],))
+
+
+def _runs_or_why(qmod: nn.Module, inputs: tuple, post_op: str) -> Optional[NoMatch]:
+    """None when a fused oneDNN conv module (fxquant.nn.conv_add) runs on samples of its
+    quantized ``inputs`` (or there are none to try), else the NoMatch that keeps the reference
+    (the kernel is missing from this torch build or CPU)."""
+    from fxquant.backends.base import _sample_quantized
+
+    samples = tuple(_sample_quantized(t) for t in inputs)
+    if any(t is None for t in samples):
+        return None
+    try:
+        with torch.no_grad():
+            qmod(*samples)
+    except Exception as e:  # noqa: BLE001 - no such kernel here: keep the reference
+        return NoMatch(f"oneDNN's conv with {post_op} does not run here: "
+                       f"{str(e).strip().splitlines()[0][:200]}")
+    return None
 
 
 def _never(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:

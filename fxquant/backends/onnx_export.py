@@ -1111,7 +1111,7 @@ def build_model(gm: fx.GraphModule, example_inputs: tuple, onnx: Any, bias: str 
     """The ONNX ModelProto of a converted GraphModule run on ``example_inputs``; ``bias``:
     "int32" (what ONNX Runtime's QLinearConv / QGemm fusion needs), "float", or "auto" (int32
     where it is exact, see :func:`_bias_initializer`); ``round_sum_inputs``: see
-    :meth:`Builder.sum_input` (for OpenVINO); ``int8_midpoint``: see :func:`int8_midpoint`."""
+    :meth:`Builder.sum_input` (for OpenVINO); ``int8_midpoint``: see :func:`int8_midpoint_values`."""
     if bias not in ("int32", "float", "auto"):
         raise OnnxExportError(f"bias={bias!r}: use 'int32', 'float' or 'auto'")
     values = record(gm, example_inputs)
